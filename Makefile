@@ -1,0 +1,34 @@
+# The commands the README shows. Everything installs itself into .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# served from local disk on our machines; pyproject declares the ranges (torch>=2.4)
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test demo demo-quick bench clean fashion-mnist
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Fashion-MNIST from Debian, for the demo and its end-to-end test
+fashion-mnist:
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null); fi
+
+test: install fashion-mnist
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+bench: install
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/head_finetune.py
+	$(PY) benchmarks/inference.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,188 @@
+"""Typed configuration: the preprocessing contract, the training options, YAML loading and CLI overrides.
+
+No torch import here. A config is built once (defaults < YAML file < command-line flags) and never mutated.
+Each field's `help` metadata is its `--help` text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mobilenetv2.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _help(text: str, **kwargs) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What an image must go through before the network sees it; travels inside every checkpoint and export."""
+
+    image_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    resize_mode: str = "short"  # "short": shorter side to resize_size then centre crop; "squash": resize_size square
+
+    def __post_init__(self):
+        if self.image_size < 8 or self.resize_size < self.image_size:
+            raise UserError(f"image size {self.image_size} / resize size {self.resize_size} are not usable")
+        if self.resize_mode not in ("short", "squash"):
+            raise UserError(f"resize mode must be 'short' or 'squash', got {self.resize_mode!r}")
+        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise UserError(f"interpolation must be bilinear, bicubic or nearest, got {self.interpolation!r}")
+
+    @classmethod
+    def for_image_size(cls, image_size: int, **kwargs) -> Preprocess:
+        """The seed's ratio: resize to 256/224 of the crop size."""
+        return cls(image_size=image_size, resize_size=int(round(image_size * 256 / 224)), **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Preprocess:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of `mobilenetv2 train`. Defaults are the seed's GPU recipe (configs/seed_gpu.yaml)."""
+
+    data: str = _help("dataset root holding train/<class>/... and optionally val/ (or validation_preprocess/)", default="")
+    output: str = _help("run folder for logs and checkpoints (default runs/<date-time>)", default="")
+    device: str = _help("auto | cpu | cuda | cuda:N", default="auto")
+    # schedule
+    epochs: int = _help("epochs to train", default=200)
+    batch_size: int = _help("images per step per process (the global batch is this times the world size)", default=150)
+    lr_init: float = _help("learning rate at the first warmup step", default=0.0)
+    lr_max: float = _help("learning rate after warmup (per process batch, as in the seed)", default=0.8)
+    lr_end: float = _help("learning rate the cosine decays to", default=0.0)
+    warmup_epochs: float = _help("epochs of linear warmup from lr-init to lr-max", default=0.0)
+    max_steps: int = _help("stop after this many optimizer steps in total (0: no limit)", default=0)
+    # optimizer and loss
+    momentum: float = _help("SGD momentum", default=0.9)
+    weight_decay: float = _help("L2 weight decay", default=4e-5)
+    decay_bn_bias: bool = _help("apply weight decay to BatchNorm parameters and biases too (the seed's GPU path)", default=True)
+    label_smoothing: float = _help("label smoothing epsilon: targets are 1-eps and eps/(K-1)", default=0.1)
+    # model
+    width_mult: float = _help("width multiplier (channels rounded to multiples of 8)", default=1.0)
+    num_classes: int = _help("classifier outputs (0: the number of class folders)", default=0)
+    dropout: float = _help("dropout before the classifier", default=0.0)
+    image_size: int = _help("training and eval crop size in pixels", default=224)
+    pretrained: str = _help("checkpoint to start from (any format load_model reads)", default="")
+    filter_head: bool = _help("load everything but the head from --pretrained (full fine-tune)", default=False)
+    freeze: str = _help("none | backbone (train only the head, from cached backbone features)", default="none")
+    extend_classes: bool = _help("class-incremental: keep the checkpoint's head rows, add rows for new classes", default=False)
+    feature_cache: str = _help("folder for cached backbone features (default OUTPUT/feature_cache)", default="")
+    feature_views: int = _help("augmented views per image in the feature cache (1: eval transform only)", default=1)
+    # data
+    color_jitter: float = _help("brightness/contrast/saturation jitter of the train transform", default=0.4)
+    min_scale: float = _help("smallest RandomResizedCrop area fraction", default=0.08)
+    workers: int = _help("data loader worker processes", default=4)
+    # precision, speed, tracking
+    amp: str = _help("auto | off | bf16 | fp16 (auto: bf16 on GPUs that support it, fp32 on CPU)", default="auto")
+    channels_last: bool = _help("run convolutions in channels-last memory format", default=True)
+    ema: float = _help("exponential moving average decay of the weights (0: off)", default=0.0)
+    seed: int = _help("random seed", default=1)
+    # checkpoints and eval
+    resume: str = _help("checkpoint to resume from, or 'auto' for OUTPUT/checkpoints/last.pt", default="")
+    save_every: int = _help("save a numbered checkpoint every N epochs", default=1)
+    keep_max: int = _help("numbered checkpoints kept (oldest deleted first)", default=10)
+    eval_every: int = _help("evaluate on val every N epochs (0: never)", default=1)
+    tensorboard: bool = _help("also write TensorBoard event files", default=False)
+
+    def __post_init__(self):
+        checks = [
+            (self.epochs >= 1, "--epochs must be >= 1"),
+            (self.batch_size >= 1, "--batch-size must be >= 1"),
+            (self.width_mult > 0, "--width-mult must be > 0"),
+            (self.num_classes >= 0, "--num-classes must be >= 0"),
+            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+            (self.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
+            (self.warmup_epochs <= self.epochs, "--warmup-epochs must not exceed --epochs"),
+            (self.freeze in ("none", "backbone"), f"--freeze must be none or backbone, got {self.freeze!r}"),
+            (self.amp in ("auto", "off", "bf16", "fp16"), f"--amp must be auto, off, bf16 or fp16, got {self.amp!r}"),
+            (not self.filter_head or bool(self.pretrained), "--filter-head needs --pretrained"),
+            (not self.extend_classes or bool(self.pretrained), "--extend-classes needs --pretrained"),
+            (not (self.extend_classes and self.filter_head), "--extend-classes keeps the head; it conflicts with --filter-head"),
+            (self.freeze == "none" or bool(self.pretrained), "--freeze backbone needs --pretrained (a trained backbone)"),
+            (0 <= self.ema < 1, "--ema must be in [0, 1)"),
+            (self.save_every >= 1 and self.keep_max >= 1, "--save-every and --keep-max must be >= 1"),
+            (self.eval_every >= 0 and self.workers >= 0 and self.max_steps >= 0, "counts must be >= 0"),
+            (self.feature_views >= 1, "--feature-views must be >= 1"),
+            (self.image_size >= 16, "--image-size must be >= 16"),
+            (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess.for_image_size(self.image_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_type(cls, name: str) -> type:
+    hint = typing.get_type_hints(cls)[name]
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def build_config(cls, file: str | Path | None = None, overrides: dict[str, Any] | None = None):
+    """Defaults, then the YAML file's values, then `overrides` (from flags). Unknown keys are refused."""
+    values: dict[str, Any] = {}
+    if file:
+        values.update(read_yaml(file))
+    values.update(overrides or {})
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise UserError(f"unknown option(s) {', '.join(unknown)} in {file or 'overrides'}")
+    typed = {}
+    for key, value in values.items():
+        wanted = _field_type(cls, key)
+        try:
+            if wanted is bool and not isinstance(value, bool):
+                raise ValueError
+            typed[key] = wanted(value) if wanted is not bool else value
+        except (TypeError, ValueError):
+            raise UserError(f"option {key!r}: {value!r} is not a {wanted.__name__}") from None
+    return cls(**typed)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def write_yaml(values: dict[str, Any], path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))

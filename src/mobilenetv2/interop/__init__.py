@@ -1,0 +1,1 @@
+"""Reading (and writing) the checkpoint formats our users already have: MindSpore, torchvision, timm."""

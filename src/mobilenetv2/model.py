@@ -1,0 +1,166 @@
+"""The seed's MobileNetV2 network: a `backbone` (image -> feature map) and a `head` (pool -> logits).
+
+Nothing but the network lives here; it imports torch only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+# t (expansion), c (output channels), n (repeats), s (first stride)
+SEED_INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+STEM_CHANNELS = 32
+LAST_CHANNELS = 1280
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round `value` to a multiple of `divisor`, never more than 10 % below it (the seed's `_make_divisible`)."""
+    min_value = divisor if min_value is None else min_value
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+class ConvBNReLU(nn.Sequential):
+    """Convolution, BatchNorm, ReLU6; `groups == in_channels` makes it depthwise."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, groups: int = 1):
+        padding = (kernel_size - 1) // 2
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False),
+            nn.BatchNorm2d(out_channels, eps=1e-5, momentum=0.1),
+            nn.ReLU6(inplace=True),
+        )
+
+
+class InvertedResidual(nn.Module):
+    """Expand (1x1) -> depthwise (3x3) -> linear project (1x1), with a skip when shapes allow."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int):
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        hidden = int(round(in_channels * expand_ratio))
+        self.use_residual = stride == 1 and in_channels == out_channels
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers.append(ConvBNReLU(in_channels, hidden, kernel_size=1))
+        layers += [
+            ConvBNReLU(hidden, hidden, stride=stride, groups=hidden),
+            nn.Conv2d(hidden, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels, eps=1e-5, momentum=0.1),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_residual:
+            return x + self.conv(x)
+        return self.conv(x)
+
+
+class Backbone(nn.Sequential):
+    """Image (N, 3, H, W) -> feature map (N, out_channels, H/32, W/32)."""
+
+    def __init__(
+        self,
+        width_mult: float = 1.0,
+        round_nearest: int = 8,
+        inverted_residual_setting: Sequence[Sequence[int]] | None = None,
+    ):
+        setting = SEED_INVERTED_RESIDUAL_SETTING if inverted_residual_setting is None else inverted_residual_setting
+        if not setting or any(len(row) != 4 for row in setting):
+            raise ValueError("inverted_residual_setting must be a non-empty list of (t, c, n, s) rows")
+        in_channels = make_divisible(STEM_CHANNELS * width_mult, round_nearest)
+        out_channels = make_divisible(LAST_CHANNELS * max(1.0, width_mult), round_nearest)
+        layers: list[nn.Module] = [ConvBNReLU(3, in_channels, stride=2)]
+        for t, c, n, s in setting:
+            block_channels = make_divisible(c * width_mult, round_nearest)
+            for i in range(n):
+                layers.append(InvertedResidual(in_channels, block_channels, s if i == 0 else 1, t))
+                in_channels = block_channels
+        layers.append(ConvBNReLU(in_channels, out_channels, kernel_size=1))
+        super().__init__(*layers)
+        self.out_channels = out_channels
+
+
+class Head(nn.Module):
+    """Global average pool, optional dropout, linear classifier. Returns logits (no softmax)."""
+
+    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Linear(in_features, num_classes)
+
+    def pooled(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(feature_map), 1)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits from pooled features (the cached-feature path trains through this)."""
+        return self.classifier(self.dropout(pooled))
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.pooled(feature_map))
+
+
+class MobileNetV2(nn.Module):
+    """The seed's MobileNetV2: `backbone` then `head`."""
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        width_mult: float = 1.0,
+        round_nearest: int = 8,
+        dropout: float = 0.0,
+        inverted_residual_setting: Sequence[Sequence[int]] | None = None,
+    ):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if width_mult <= 0:
+            raise ValueError(f"width_mult must be > 0, got {width_mult}")
+        self.num_classes = num_classes
+        self.width_mult = width_mult
+        self.backbone = Backbone(width_mult, round_nearest, inverted_residual_setting)
+        self.head = Head(self.backbone.out_channels, num_classes, dropout)
+        self.reset_parameters()
+
+    @property
+    def num_features(self) -> int:
+        return self.backbone.out_channels
+
+    def reset_parameters(self) -> None:
+        """The seed's init: conv N(0, sqrt(2 / (k*k*out))), BN gamma 1 beta 0, head N(0, 0.01), zero biases."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, 0.01)
+                nn.init.zeros_(module.bias)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The pooled feature vector (N, num_features) that the head's classifier consumes."""
+        return self.head.pooled(self.backbone(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
