@@ -103,6 +103,7 @@ class TrainConfig:
     keep_max: int = _help("numbered checkpoints kept (oldest deleted first)", default=10)
     eval_every: int = _help("evaluate on val every N epochs (0: never)", default=1)
     tensorboard: bool = _help("also write TensorBoard event files", default=False)
+    log_every: int = _help("write the seed's step line every N steps (the last step of an epoch always)", default=1)
 
     def __post_init__(self):
         checks = [
@@ -123,6 +124,7 @@ class TrainConfig:
             (self.save_every >= 1 and self.keep_max >= 1, "--save-every and --keep-max must be >= 1"),
             (self.eval_every >= 0 and self.workers >= 0 and self.max_steps >= 0, "counts must be >= 0"),
             (self.feature_views >= 1, "--feature-views must be >= 1"),
+            (self.log_every >= 1, "--log-every must be >= 1"),
             (self.image_size >= 16, "--image-size must be >= 16"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
         ]
