@@ -425,13 +425,14 @@ def _resume_path(config: TrainConfig, output: Path) -> Path | None:
 def run_training(config: TrainConfig) -> LoopState:
     """Validate everything, then build the task for the mode and run the loop. Nothing is written on bad input."""
     splits = data_module.find_splits(config.data)
+    runtime_module.seed_everything(config.seed)  # the same initial weights on every rank and every run
     loaded = read_weights(config.pretrained) if config.pretrained else None
     setup = build_model(config, splits.classes, loaded)
     runtime = runtime_module.setup(config.device, config.amp, config.channels_last)
     try:
         output = _output_folder(config, runtime)
         resume = _resume_path(config, output)
-        runtime_module.seed_everything(config.seed + runtime.rank)
+        runtime_module.seed_everything(config.seed + runtime.rank)  # augmentation differs across ranks
         model = runtime.prepare_model(setup.model)
         if config.freeze == "backbone":
             from mobilenetv2.features import feature_task
