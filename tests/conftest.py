@@ -52,3 +52,41 @@ def dataset(tmp_path_factory) -> Path:
     write_image_folder(root / "train", per_class=8, seed=0)
     write_image_folder(root / "val", per_class=5, seed=1)
     return root
+
+
+FASHION_FILES = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+@pytest.fixture(scope="session")
+def fashion(tmp_path_factory) -> Path:
+    """Real Fashion-MNIST: 10 classes, 40 train and 20 val images each (`make test` installs the Debian package)."""
+    from mobilenetv2.datasets import write_fashion_mnist
+
+    assert FASHION_FILES.is_file(), "install dataset-fashion-mnist (make test does it as root)"
+    return write_fashion_mnist(tmp_path_factory.mktemp("fashion"), per_class=40, val_per_class=20)
+
+
+def subset(source: Path, target: Path, classes: list[str]) -> Path:
+    import shutil
+
+    for split in ("train", "val"):
+        for name in classes:
+            shutil.copytree(source / split / name, target / split / name)
+    return target
+
+
+FIVE_CLASSES = ["Bag", "Sandal", "Sneaker", "T-shirt_top", "Trouser"]
+TINY_TRAIN = ["--width-mult", "0.25", "--image-size", "32", "--workers", "0", "--log-every", "1000"]
+
+
+@pytest.fixture(scope="session")
+def pretrained_five(fashion, tmp_path_factory) -> Path:
+    """A network trained from scratch on five Fashion-MNIST classes (its checkpoint carries the class names)."""
+    from mobilenetv2.cli import main
+
+    root = tmp_path_factory.mktemp("pretrained")
+    data = subset(fashion, root / "data", FIVE_CLASSES)
+    assert main(["train", "--data", str(data), "--output", str(root / "run"), *TINY_TRAIN, "--batch-size", "20",
+                 "--epochs", "12", "--lr-max", "0.03", "--min-scale", "0.5", "--color-jitter", "0",
+                 "--eval-every", "12"]) == 0
+    return root / "run" / "checkpoints" / "last.pt"

@@ -176,6 +176,7 @@ class TrainTask:
     train_batches: Callable[[int, int], Iterable]  # (epoch, batches to skip) -> (inputs, labels, skipped)
     steps_per_epoch: int
     evaluate: Callable[[nn.Module], EvalResult] | None  # full network (or its EMA) -> metrics on val
+    notes: list[str] = field(default_factory=list)
 
 
 class _SkipSampler(Sampler[int]):
@@ -296,6 +297,20 @@ def _restore(path: Path, task: TrainTask, ema, optimizer, scaler) -> LoopState:
 
 # ---------------------------------------------------------------- the loop
 
+def train_step(trainable: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, runtime: Runtime) -> tuple[torch.Tensor, bool]:
+    """One optimizer step; returns the loss and whether fp16 overflow made the scaler skip the step."""
+    inputs, labels = runtime.to_input(inputs), labels.to(runtime.device, non_blocking=True)
+    with runtime.autocast():
+        loss = criterion(trainable(inputs), labels)
+    optimizer.zero_grad(set_to_none=True)
+    scale_before = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), scale_before is not None and scaler.get_scale() < scale_before
+
+
 def fit(task: TrainTask, config: TrainConfig, runtime: Runtime, monitor: RunMonitor, output: Path | None,
         class_names: list[str], resume: Path | None = None) -> LoopState:
     """The one training loop."""
@@ -334,19 +349,11 @@ def fit(task: TrainTask, config: TrainConfig, runtime: Runtime, monitor: RunMoni
             lr = schedule(state.global_step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            inputs, labels = runtime.to_input(inputs), labels.to(runtime.device, non_blocking=True)
-            with runtime.autocast():
-                loss = criterion(task.trainable(inputs), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scale_before = scaler.get_scale() if scaler.is_enabled() else None
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if scale_before is not None and scaler.get_scale() < scale_before:
-                skipped_steps += 1  # fp16 overflow: the scaler skipped this step
+            loss, overflowed = train_step(task.trainable, inputs, labels, criterion, optimizer, scaler, runtime)
+            skipped_steps += overflowed
             if ema is not None:
                 ema.update_parameters(model)
-            losses += loss.detach()
+            losses += loss
             steps_run += 1
             state.global_step += 1
             step_seconds = time.perf_counter() - wait_start
@@ -437,13 +444,15 @@ def run_training(config: TrainConfig) -> LoopState:
         if config.freeze == "backbone":
             from mobilenetv2.features import feature_task
 
-            task = feature_task(config, model, splits, setup.class_names, runtime, output)
+            task, runtime = feature_task(config, model, splits, setup.class_names, runtime, output)
+            if task is None:  # other ranks helped extract features; the head trains on rank 0
+                return LoopState()
         else:
             task = image_task(config, model, splits, setup.class_names, runtime)
         monitor = RunMonitor(output, enabled=runtime.is_main, tensorboard=config.tensorboard)
         if runtime.is_main:
             write_yaml(config.to_dict(), output / "config.yaml")
-        for note in setup.notes:
+        for note in setup.notes + task.notes:
             monitor.line(note)
         monitor.line(f"device {runtime.device}, world size {runtime.world_size}, amp {runtime.amp_dtype or 'off'}, "
                      f"{task.steps_per_epoch} steps per epoch")

@@ -1,0 +1,227 @@
+"""Head-only training from cached backbone features (the seed's `--freeze_layer backbone`, made reusable).
+
+The frozen backbone runs once per image (eval transforms, or K augmented views) and its pooled output is stored as
+one memory-mapped array per split in a cache folder named by a key over the backbone weights, the file list
+(paths, sizes, mtimes), the preprocessing and the transforms. A cache is built in a temp folder and renamed into
+place only when complete, so a killed extraction is never reused. The head then trains from the arrays through
+the same loop as every other mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mobilenetv2 import data as data_module
+from mobilenetv2.config import TrainConfig
+from mobilenetv2.model import MobileNetV2
+from mobilenetv2.runtime import Runtime
+from mobilenetv2.train import TrainTask, evaluate
+
+CACHE_FORMAT = 1
+
+
+class HeadOnFeatures(nn.Module):
+    """Pooled features -> logits through the network's own head (what the loop trains in this mode)."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.head.classify(pooled)
+
+
+def freeze_backbone(model: MobileNetV2) -> None:
+    """No gradients and BatchNorm statistics held: the backbone stays bit-identical."""
+    model.backbone.requires_grad_(False)
+    model.backbone.eval()
+
+
+def _hash_backbone(model: MobileNetV2, digest) -> None:
+    for name, tensor in sorted(model.backbone.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _hash_files(samples, digest) -> None:
+    for path, label in samples:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+
+
+def cache_key(model: MobileNetV2, splits: dict[str, data_module.SafeImageFolder], config: TrainConfig) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format": CACHE_FORMAT, "preprocess": config.preprocess.to_dict(),
+                              "views": config.feature_views, "min_scale": config.min_scale,
+                              "color_jitter": config.color_jitter, "seed": config.seed,
+                              "splits": sorted(splits)}, sort_keys=True).encode())
+    _hash_backbone(model, digest)
+    for name, dataset in sorted(splits.items()):
+        digest.update(name.encode())
+        _hash_files(dataset.samples, digest)
+    return digest.hexdigest()[:32]
+
+
+@torch.no_grad()
+def _extract(model: MobileNetV2, dataset, rows: np.ndarray, labels: np.ndarray, valid: np.ndarray, view: int,
+             views: int, runtime: Runtime, batch_size: int, workers: int, description: str) -> None:
+    """Fill this rank's rows (view `view` of every image) of the memory-mapped arrays."""
+    from tqdm import tqdm
+
+    loader = data_module.eval_loader(_Indexed(dataset), batch_size, workers, runtime.rank, runtime.world_size,
+                                     pin_memory=runtime.device.type == "cuda")
+    quiet = not (runtime.is_main and sys.stderr.isatty())
+    for batch in tqdm(loader, desc=description, disable=quiet, leave=False):
+        inputs, labels_and_index, _skipped = batch
+        if len(labels_and_index) == 0:
+            continue
+        with runtime.autocast():
+            pooled = model.features(runtime.to_input(inputs)).float().cpu().numpy()
+        index = labels_and_index[:, 1].numpy() * views + view
+        rows[index] = pooled
+        labels[index] = labels_and_index[:, 0].numpy()
+        valid[index] = 1
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Wraps a dataset so each item also carries its index (to place rows in the cache)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        if item is None:
+            return None
+        image, label = item
+        return image, torch.tensor([label, index])
+
+
+def build_cache(model: MobileNetV2, splits: dict[str, data_module.SafeImageFolder],
+                augmented: data_module.SafeImageFolder | None, config: TrainConfig, runtime: Runtime,
+                root: Path) -> Path:
+    """The complete cache folder for these inputs: reused when its key matches, built otherwise."""
+    key = cache_key(model, splits, config)
+    final = root / key
+    if (final / "complete.json").is_file():
+        return final
+    partial = root / f"{key}.partial"
+    if runtime.is_main:
+        shutil.rmtree(partial, ignore_errors=True)  # a killed extraction's leftovers are never reused
+        partial.mkdir(parents=True)
+    runtime.barrier()
+    features = model.num_features
+    counts = {}
+    for name, dataset in splits.items():
+        views = config.feature_views if name == "train" else 1
+        count = len(dataset) * views
+        if runtime.is_main:
+            arrays = _open_arrays(partial, name, count, features, create=True)
+        runtime.barrier()  # the files exist before the other ranks open them
+        if not runtime.is_main:
+            arrays = _open_arrays(partial, name, count, features, create=False)
+        for view in range(views):
+            source = dataset if (name != "train" or views == 1) else augmented
+            if source is augmented:  # each view draws its own augmentation, reproducibly
+                torch.manual_seed(config.seed * 1000 + view * 17 + runtime.rank)
+            _extract(model, source, *arrays, view, views, runtime, config.batch_size, config.workers,
+                     f"features {name} view {view + 1}/{views}")
+        for array in arrays:
+            array.flush()
+        counts[name] = count
+        del arrays
+    runtime.barrier()
+    if runtime.is_main:
+        (partial / "complete.json").write_text(json.dumps({"counts": counts, "features": features,
+                                                           "views": config.feature_views}))
+        os.replace(partial, final) if not final.exists() else shutil.rmtree(partial)
+    runtime.barrier()
+    return final
+
+
+def _open_arrays(folder: Path, name: str, count: int, features: int, create: bool):
+    mode = "w+" if create else "r+"
+    rows = np.lib.format.open_memmap(folder / f"{name}_features.npy", mode=mode, dtype=np.float32,
+                                     shape=(count, features) if create else None)
+    labels = np.lib.format.open_memmap(folder / f"{name}_labels.npy", mode=mode, dtype=np.int64,
+                                       shape=(count,) if create else None)
+    valid = np.lib.format.open_memmap(folder / f"{name}_valid.npy", mode=mode, dtype=np.uint8,
+                                      shape=(count,) if create else None)
+    return rows, labels, valid
+
+
+def load_split(folder: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and labels of one cached split, without the rows of images that could not be decoded."""
+    rows = np.load(folder / f"{name}_features.npy", mmap_mode="r")
+    labels = np.load(folder / f"{name}_labels.npy", mmap_mode="r")
+    valid = np.load(folder / f"{name}_valid.npy").astype(bool)
+    if valid.all():
+        return rows, np.asarray(labels)
+    return rows[valid], np.asarray(labels)[valid]
+
+
+def _batches(rows: np.ndarray, labels: np.ndarray, batch_size: int, order: np.ndarray):
+    for start in range(0, len(order), batch_size):
+        index = np.sort(order[start:start + batch_size])  # sorted reads are sequential in the memmap
+        yield torch.from_numpy(np.ascontiguousarray(rows[index])), torch.from_numpy(labels[index]), 0
+
+
+def feature_task(config: TrainConfig, model: MobileNetV2, splits, class_names, runtime: Runtime,
+                 output: Path) -> tuple[TrainTask | None, Runtime]:
+    """Extract (split across ranks) or reuse the cache, then train the head on the main process only."""
+    freeze_backbone(model)
+    preprocess = config.preprocess
+    known = class_names[: len(splits.classes)]
+    datasets = {"train": data_module.image_folder(splits.train, data_module.eval_transform(preprocess), known)}
+    if splits.val is not None and config.eval_every:
+        datasets["val"] = data_module.image_folder(splits.val, data_module.eval_transform(preprocess), known)
+    augmented = None
+    if config.feature_views > 1:
+        augmented = data_module.image_folder(splits.train, data_module.train_transform(
+            preprocess, config.min_scale, config.color_jitter), known)
+    root = Path(config.feature_cache) if config.feature_cache else output / "feature_cache"
+    reused = (root / cache_key(model, datasets, config) / "complete.json").is_file()
+    folder = build_cache(model, datasets, augmented, config, runtime, root)
+    if not runtime.is_main:
+        return None, runtime
+    local = dataclasses.replace(runtime, rank=0, world_size=1)  # the head is trained once, here
+    rows, labels = load_split(folder, "train")
+    views = config.feature_views
+    images = len(labels) // views if views > 1 else len(labels)
+    steps = max(images // config.batch_size, 1)
+
+    def batches(epoch: int, skip: int):
+        generator = np.random.default_rng([config.seed, epoch])
+        if views > 1:  # one random view of each image per epoch
+            choice = np.arange(images) * views + generator.integers(0, views, images)
+            order = generator.permutation(choice)
+        else:
+            order = generator.permutation(len(labels))
+        order = order[: steps * config.batch_size] if len(order) >= config.batch_size else order
+        return _batches(rows, labels, config.batch_size, order[skip * config.batch_size:])
+
+    evaluate_fn = None
+    if "val" in datasets:
+        val_rows, val_labels = load_split(folder, "val")
+
+        def evaluate_fn(network: MobileNetV2):
+            batches_val = _batches(val_rows, val_labels, config.batch_size, np.arange(len(val_labels)))
+            return evaluate(network.head.classify, batches_val, local, model.num_classes)
+
+    task = TrainTask(HeadOnFeatures(model.head), model, batches, steps, evaluate_fn)
+    task.notes = [f"feature cache {'reused' if reused else 'built'}: {folder} ({len(labels)} train rows)"]
+    return task, local
