@@ -69,6 +69,95 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    import dataclasses as dc
+    import json
+    from pathlib import Path
+
+    from mobilenetv2 import data, predict, runtime
+    from mobilenetv2.train import evaluate
+
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    folder = predict.eval_folder(args.data)
+    state = runtime.setup(args.device, "off")
+    try:
+        classifier = predict.load_classifier(args.checkpoint, state.device)
+        preprocess = dc.replace(classifier.preprocess, resize_mode=args.resize) if args.resize else classifier.preprocess
+        dataset = predict.labelled_dataset(classifier, folder, data.eval_transform(preprocess))
+        loader = data.eval_loader(dataset, args.batch_size, args.workers, state.rank, state.world_size)
+        result = evaluate(classifier.forward, loader, state, classifier.num_classes)
+    finally:
+        runtime.teardown()
+    if state.is_main:
+        print(f"result:{{'acc': {result.top1}, 'top5': {result.top5}}} ckpt={args.checkpoint}")
+        print(f"evaluated {result.count} images" + (f", skipped {result.skipped} unreadable" if result.skipped else ""))
+        if args.json:
+            report = {"checkpoint": str(args.checkpoint), "data": str(folder), **result.to_dict(dataset.classes)}
+            Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    import json
+
+    from mobilenetv2 import predict
+
+    if args.topk < 1:
+        raise UserError("--topk must be >= 1")
+    classifier = predict.load_classifier(args.checkpoint)
+    results = predict.predict(classifier, args.images, args.topk)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for result in results:
+        print(result["image"])
+        for item in result["predictions"]:
+            print(f"  {item['probability']:7.2%}  {item['class']}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from pathlib import Path
+
+    from mobilenetv2.checkpoint import load_model
+    from mobilenetv2.export import FORMATS, ExportCheckError, export
+
+    if args.format not in FORMATS:
+        raise UserError(f"unknown export format {args.format!r}; choose one of {', '.join(FORMATS)}")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    model = load_model(args.checkpoint)
+    suffix = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "mindspore": ".ckpt"}[args.format]
+    output = Path(args.output or Path(args.checkpoint).with_suffix("").as_posix() + suffix)
+    try:
+        reports = export(model, args.format, output, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch,
+                         with_softmax=args.with_softmax)
+    except ExportCheckError as exc:
+        print(f"mobilenetv2 export: check failed: {exc}", file=sys.stderr)
+        return 1
+    for line in reports:
+        print(line)
+    print(f"wrote {output}")
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from mobilenetv2.datasets import write_fashion_mnist
+
+    out = write_fashion_mnist(args.output, per_class=args.per_class, val_per_class=args.val_per_class,
+                              source=args.source, download=args.download)
+    print(f"Fashion-MNIST ImageFolder ready in {out}")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from mobilenetv2.monitor import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.output)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mobilenetv2 import __version__
     from mobilenetv2.config import TrainConfig
@@ -87,6 +176,46 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--output", "-o", required=True, help="destination .pt or .safetensors")
     convert.add_argument("--class-names", help="text file with one class name per line, stored in the output")
     convert.set_defaults(handler=_cmd_convert)
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint (or .onnx) on a folder; prints the seed's result line")
+    evaluate.add_argument("--data", required=True, help="dataset root (uses val/ or validation_preprocess/) or a class-folder root")
+    evaluate.add_argument("--checkpoint", required=True, help="any format load_model reads, or an exported .onnx")
+    evaluate.add_argument("--batch-size", type=int, default=100)
+    evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    evaluate.add_argument("--workers", type=int, default=2)
+    evaluate.add_argument("--json", metavar="FILE", help="write top-1/top-5, loss, count, per-class accuracy, confusion matrix")
+    evaluate.add_argument("--resize", choices=["short", "squash"], help="short: shorter side then centre crop "
+                          "(torchvision/timm); squash: square resize as the seed (default: the checkpoint's)")
+    evaluate.set_defaults(handler=_cmd_eval)
+
+    predict = commands.add_parser("predict", help="classify images: class names and probabilities")
+    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.add_argument("--topk", type=int, default=5)
+    predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    predict.set_defaults(handler=_cmd_predict)
+
+    export = commands.add_parser("export", help="export to ONNX / TorchScript / MindSpore, checked against eager")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--format", required=True, help="onnx | torchscript | mindspore")
+    export.add_argument("--output", "-o", help="output file (default: next to the checkpoint)")
+    export.add_argument("--batch-size", type=int, default=1)
+    export.add_argument("--dynamic-batch", action="store_true", help="any batch size at run time")
+    export.add_argument("--with-softmax", action="store_true", help="also output probabilities ('probs')")
+    export.set_defaults(handler=_cmd_export)
+
+    data = commands.add_parser("data", help="write a real dataset as an ImageFolder tree")
+    data.add_argument("name", choices=["fashion-mnist"])
+    data.add_argument("output", help="folder to write train/ and val/ into")
+    data.add_argument("--per-class", type=int, help="train images per class (default: all)")
+    data.add_argument("--val-per-class", type=int, help="val images per class (default: all)")
+    data.add_argument("--source", help="folder with the *-ubyte.gz files (default /usr/share/datasets/fashion-mnist)")
+    data.add_argument("--download", action="store_true", help="download with torchvision when the files are missing")
+    data.set_defaults(handler=_cmd_data)
+
+    plot = commands.add_parser("plot", help="draw loss, accuracy and learning-rate curves of a run")
+    plot.add_argument("run_dir")
+    plot.add_argument("--output", help="PNG path (default RUN_DIR/curves.png)")
+    plot.set_defaults(handler=_cmd_plot)
     return parser
 
 

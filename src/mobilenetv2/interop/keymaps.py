@@ -65,6 +65,33 @@ MINDSPORE = KeyLayout(
 )
 
 
+# Our keys -> the seed's MindSpore keys (for exporting back to MindSpore). BatchNorm renames apply to 1-D tensors
+# outside the classifier; BatchNorm's step counter has no MindSpore counterpart.
+MINDSPORE_EXPORT = KeyLayout(
+    name="mindspore-export",
+    rename=(
+        (r"^backbone\.(\d+)\.conv\.(\d+)\.(\d+)\.", r"features.\1.conv.\2.features.\3."),
+        (r"^backbone\.(\d+)\.(\d+)\.", r"features.\1.features.\2."),
+        (r"^backbone\.(\d+)\.conv\.(\d+)\.", r"features.\1.conv.\2."),
+        (r"^head\.classifier\.", "dense."),
+    ),
+    ignore=(r"\.num_batches_tracked$",),
+)
+_MINDSPORE_BN_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
+
+
+def to_mindspore_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict in the seed's key layout (`features.*`, `dense.*`)."""
+    renamed = rename_keys(state, MINDSPORE_EXPORT).state_dict
+    result = {}
+    for key, value in renamed.items():
+        prefix, _, leaf = key.rpartition(".")
+        if not key.startswith("dense.") and (value.dim() == 1 or leaf.startswith("running_")):
+            key = f"{prefix}.{_MINDSPORE_BN_NAMES[leaf]}"
+        result[key] = value
+    return result
+
+
 def timm_layout(setting=SEED_INVERTED_RESIDUAL_SETTING) -> KeyLayout:
     """timm's `mobilenetv2_*` names its blocks by stage and repeat; ours are numbered flat."""
     exact: dict[str, str] = {}

@@ -1,0 +1,135 @@
+"""Classify images and evaluate a checkpoint (ours, any format load_model reads, or an exported .onnx file)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mobilenetv2.checkpoint import load_model
+from mobilenetv2.config import Preprocess
+from mobilenetv2.errors import CheckpointError, DataError
+
+
+def imagenet_class_names() -> list[str]:
+    text = resources.files("mobilenetv2").joinpath("resources/imagenet_classes.txt").read_text()
+    return [line for line in text.splitlines() if line]
+
+
+@dataclass
+class Classifier:
+    """A forward function over normalised batches, with the contract and names that go with it."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    num_classes: int
+    preprocess: Preprocess
+    class_names: list[str] | None
+    source: str
+
+
+def load_classifier(path: str | Path, device: torch.device | None = None) -> Classifier:
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return _onnx_classifier(path)
+    model = load_model(path)
+    if device is not None:
+        model = model.to(device)
+    names = model.class_names or (imagenet_class_names() if model.num_classes == 1000 else None)
+    return Classifier(model, model.num_classes, model.preprocess, names, str(path))
+
+
+def _onnx_classifier(path: Path) -> Classifier:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise CheckpointError("reading .onnx files needs onnx and onnxruntime: pip install 'mobilenetv2[export]'") from None
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others for foreign bytes
+        raise CheckpointError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+    metadata = {entry.key: entry.value for entry in proto.metadata_props}
+    if "mobilenetv2" not in metadata:
+        raise CheckpointError(f"{path}: an ONNX file without mobilenetv2 metadata (export it with 'mobilenetv2 export')")
+    meta = json.loads(metadata["mobilenetv2"])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch_dim = session.get_inputs()[0].shape[0]
+    static_batch = batch_dim if isinstance(batch_dim, int) else None
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        images = images.cpu().numpy()
+        if static_batch is None:
+            return torch.from_numpy(session.run(["logits"], {"input": images})[0])
+        chunks = []  # a fixed-batch export runs chunk by chunk, the last one zero-padded
+        for start in range(0, len(images), static_batch):
+            chunk = images[start:start + static_batch]
+            padded = np.concatenate([chunk, np.zeros((static_batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            chunks.append(session.run(["logits"], {"input": padded})[0][: len(chunk)])
+        return torch.from_numpy(np.concatenate(chunks))
+
+    names = meta.get("class_names") or (imagenet_class_names() if meta["num_classes"] == 1000 else None)
+    return Classifier(forward, meta["num_classes"], Preprocess.from_dict(meta["preprocess"]), names, str(path))
+
+
+def read_image(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+
+
+@torch.no_grad()
+def predict(classifier: Classifier, images: list[str | Path], topk: int = 5) -> list[dict]:
+    """Top-k classes with probabilities for each image, most likely first."""
+    from mobilenetv2.data import eval_transform
+
+    transform = eval_transform(classifier.preprocess)
+    batch = torch.stack([transform(read_image(path)) for path in images])
+    probabilities = torch.softmax(classifier.forward(batch).float(), dim=1)
+    k = min(topk, classifier.num_classes)
+    values, indices = probabilities.topk(k, dim=1)
+    names = classifier.class_names or [str(i) for i in range(classifier.num_classes)]
+    return [{"image": str(path), "predictions": [{"class": names[i], "index": int(i), "probability": float(p)}
+                                                 for p, i in zip(row_values.tolist(), row_indices.tolist())]}
+            for path, row_values, row_indices in zip(images, values, indices)]
+
+
+def eval_folder(root: str | Path) -> Path:
+    """The folder of class folders to evaluate: DIR/val (or the seed's validation_preprocess), else DIR itself."""
+    from mobilenetv2.data import VAL_FOLDER_NAMES
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    return next((root / name for name in VAL_FOLDER_NAMES if (root / name).is_dir()), root)
+
+
+def labelled_dataset(classifier: Classifier, folder: Path, transform):
+    """The folder's images, labelled with the classifier's own class indices (by name when it has names)."""
+    from mobilenetv2.data import _class_folders, image_folder
+
+    classes = _class_folders(folder)
+    names = classifier.class_names
+    if names:
+        unknown = [c for c in classes if c not in names]
+        if unknown:
+            raise DataError(f"{folder} has classes the model does not know: {', '.join(unknown[:5])}")
+        return image_folder(folder, transform, names)
+    if len(classes) > classifier.num_classes:
+        raise DataError(f"{folder} has {len(classes)} classes, the model {classifier.num_classes}")
+    return image_folder(folder, transform, classes + [f"class_{i}" for i in range(len(classes), classifier.num_classes)])
+
+
