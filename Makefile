@@ -22,6 +22,12 @@ fashion-mnist:
 		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 		(apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null); fi
 
+demo: install fashion-mnist
+	$(PY) -m mobilenetv2 demo
+
+demo-quick: install fashion-mnist
+	$(PY) -m mobilenetv2 demo --quick --per-class 300 --val-per-class 100 --output runs/demo-quick
+
 test: install fashion-mnist
 	$(PY) -m pytest -q -n 2 --dist loadfile
 

@@ -151,6 +151,19 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from pathlib import Path
+
+    from mobilenetv2.demo import DemoOptions, run_demo
+
+    options = DemoOptions(output=Path(args.output), config=Path(args.config), data=Path(args.data), quick=args.quick,
+                          per_class=args.per_class, val_per_class=args.val_per_class, device=args.device)
+    summary = run_demo(options)
+    print(f"demo: top-1 {summary['top1']:.2%} on {summary['count']} test images, ONNX top-1 {summary['onnx_top1']:.2%}, "
+          f"{summary['seconds']['total']:.0f} s in all; report in {options.output / 'report.md'}")
+    return 0
+
+
 def _cmd_plot(args) -> int:
     from mobilenetv2.monitor import plot_run
 
@@ -211,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--source", help="folder with the *-ubyte.gz files (default /usr/share/datasets/fashion-mnist)")
     data.add_argument("--download", action="store_true", help="download with torchvision when the files are missing")
     data.set_defaults(handler=_cmd_data)
+
+    demo = commands.add_parser("demo", help="the main job on Fashion-MNIST: train, evaluate, export, predict, report")
+    demo.add_argument("--quick", action="store_true", help="a smoke run in about a minute (tiny settings)")
+    demo.add_argument("--output", default="runs/demo")
+    demo.add_argument("--config", default="configs/fashion_mnist.yaml", help="the recipe")
+    demo.add_argument("--data", default="data/fashion-mnist", help="where the ImageFolder tree is written once")
+    demo.add_argument("--per-class", type=int, help="train images per class (default: all 6,000)")
+    demo.add_argument("--val-per-class", type=int, help="test images per class (default: all 1,000)")
+    demo.add_argument("--device", default="auto")
+    demo.set_defaults(handler=_cmd_demo)
 
     plot = commands.add_parser("plot", help="draw loss, accuracy and learning-rate curves of a run")
     plot.add_argument("run_dir")

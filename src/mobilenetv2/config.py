@@ -82,6 +82,7 @@ class TrainConfig:
     num_classes: int = _help("classifier outputs (0: the number of class folders)", default=0)
     dropout: float = _help("dropout before the classifier", default=0.0)
     image_size: int = _help("training and eval crop size in pixels", default=224)
+    resize_size: int = _help("eval resize before the centre crop (0: image_size * 256 / 224, the seed's ratio)", default=0)
     pretrained: str = _help("checkpoint to start from (any format load_model reads)", default="")
     filter_head: bool = _help("load everything but the head from --pretrained (full fine-tune)", default=False)
     freeze: str = _help("none | backbone (train only the head, from cached backbone features)", default="none")
@@ -92,6 +93,8 @@ class TrainConfig:
     color_jitter: float = _help("brightness/contrast/saturation jitter of the train transform", default=0.4)
     min_scale: float = _help("smallest RandomResizedCrop area fraction", default=0.08)
     workers: int = _help("data loader worker processes", default=4)
+    in_memory: bool = _help("decode the dataset once into memory and augment whole batches (small datasets such as "
+                            "Fashion-MNIST; refused above 8 GiB)", default=False)
     # precision, speed, tracking
     amp: str = _help("auto | off | bf16 | fp16 (auto: bf16 on GPUs that support it, fp32 on CPU)", default="auto")
     channels_last: bool = _help("run convolutions in channels-last memory format", default=True)
@@ -126,6 +129,7 @@ class TrainConfig:
             (self.feature_views >= 1, "--feature-views must be >= 1"),
             (self.log_every >= 1, "--log-every must be >= 1"),
             (self.image_size >= 16, "--image-size must be >= 16"),
+            (self.resize_size == 0 or self.resize_size >= self.image_size, "--resize-size must be >= --image-size"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
         ]
         for ok, message in checks:
@@ -134,6 +138,8 @@ class TrainConfig:
 
     @property
     def preprocess(self) -> Preprocess:
+        if self.resize_size:
+            return Preprocess(image_size=self.image_size, resize_size=self.resize_size)
         return Preprocess.for_image_size(self.image_size)
 
     def to_dict(self) -> dict[str, Any]:

@@ -229,6 +229,46 @@ def image_task(config: TrainConfig, model: MobileNetV2, splits, class_names, run
     return TrainTask(trainable, model, batches, steps, evaluate_fn)
 
 
+def memory_task(config: TrainConfig, model: MobileNetV2, splits, class_names, runtime: Runtime) -> TrainTask:
+    """Train on a dataset decoded once into memory, augmenting whole batches (no per-image DataLoader work)."""
+    preprocess = config.preprocess
+    known = class_names[: len(splits.classes)]
+    images, labels, skipped = data_module.decode_all(
+        data_module.image_folder(splits.train, None, known), preprocess.resize_size, config.workers)
+    augment = data_module.BatchAugment(preprocess, config.min_scale, config.color_jitter)
+    sampler = DistributedSampler(range(len(labels)), num_replicas=runtime.world_size, rank=runtime.rank,
+                                 shuffle=True, seed=config.seed, drop_last=False)
+    drop_last = len(sampler) >= config.batch_size
+    steps = len(sampler) // config.batch_size if drop_last else 1
+
+    def batches(epoch: int, skip: int):
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler))
+        for start in range(skip * config.batch_size, steps * config.batch_size if drop_last else len(order),
+                           config.batch_size):
+            index = order[start:start + config.batch_size]
+            yield augment(images[index]), labels[index], skipped if start == 0 else 0
+
+    trainable = model
+    if runtime.distributed:
+        trainable = nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    evaluate_fn = None
+    if splits.val is not None and config.eval_every:
+        val_set = data_module.image_folder(splits.val, data_module.eval_transform(preprocess), known)
+        val_images, val_labels, val_skipped = data_module.eval_tensors(val_set, config.workers)
+        shard = torch.arange(runtime.rank, len(val_labels), runtime.world_size)
+
+        def evaluate_fn(network: nn.Module) -> EvalResult:
+            chunks = ((val_images[i], val_labels[i], 0) for i in shard.split(max(config.batch_size, 256)))
+            result = evaluate(network, chunks, runtime, model.num_classes)
+            result.skipped += val_skipped
+            return result
+
+    return TrainTask(trainable, model, batches, steps, evaluate_fn,
+                     notes=[f"{len(labels)} training images decoded into memory at {preprocess.resize_size} px"])
+
+
 # ---------------------------------------------------------------- checkpoints
 
 CHECKPOINT_PATTERN = re.compile(r"^mobilenetv2-(\d+)_(\d+)\.pt$")
@@ -447,6 +487,8 @@ def run_training(config: TrainConfig) -> LoopState:
             task, runtime = feature_task(config, model, splits, setup.class_names, runtime, output)
             if task is None:  # other ranks helped extract features; the head trains on rank 0
                 return LoopState()
+        elif config.in_memory:
+            task = memory_task(config, model, splits, setup.class_names, runtime)
         else:
             task = image_task(config, model, splits, setup.class_names, runtime)
         monitor = RunMonitor(output, enabled=runtime.is_main, tensorboard=config.tensorboard)
