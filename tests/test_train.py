@@ -145,7 +145,8 @@ def test_atomic_write_never_destroys_the_last_good_file(tmp_path):
     assert list(tmp_path.iterdir()) == [target]
 
 
-@pytest.mark.parametrize("case", ["missing", "no_classes", "empty_class", "width", "conflict", "freeze_alone", "bad_amp"])
+@pytest.mark.parametrize("case", ["missing", "no_classes", "empty_class", "width", "conflict", "freeze_alone", "bad_amp",
+                                  "no_gpu", "bad_config"])
 def test_bad_input_one_line_exit_2_nothing_written(dataset, tmp_path, capsys, case):
     data = dataset
     extra = []
@@ -166,6 +167,13 @@ def test_bad_input_one_line_exit_2_nothing_written(dataset, tmp_path, capsys, ca
         extra = ["--freeze", "backbone"]
     elif case == "bad_amp":
         extra = ["--amp", "fp8"]
+    elif case == "no_gpu":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        extra = ["--device", "cuda"]
+    elif case == "bad_config":
+        (tmp_path / "recipe.yaml").write_text("epochs: 3\nlearning_rate: 0.1\n")
+        extra = ["--config", str(tmp_path / "recipe.yaml")]
     run = tmp_path / "run"
     assert train(data, run, *extra) == 2
     err = capsys.readouterr().err

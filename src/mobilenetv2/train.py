@@ -213,10 +213,7 @@ def image_task(config: TrainConfig, model: MobileNetV2, splits, class_names, run
                             drop_last=drop_last, persistent_workers=False)
         return loader
 
-    trainable = model
-    if runtime.distributed:
-        trainable = nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    trainable = runtime.wrap_distributed(model)
     evaluate_fn = None
     if splits.val is not None and config.eval_every:
         val_set = data_module.image_folder(splits.val, data_module.eval_transform(preprocess), class_names[: len(splits.classes)])
@@ -249,10 +246,7 @@ def memory_task(config: TrainConfig, model: MobileNetV2, splits, class_names, ru
             index = order[start:start + config.batch_size]
             yield augment(images[index]), labels[index], skipped if start == 0 else 0
 
-    trainable = model
-    if runtime.distributed:
-        trainable = nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    trainable = runtime.wrap_distributed(model)
     evaluate_fn = None
     if splits.val is not None and config.eval_every:
         val_set = data_module.image_folder(splits.val, data_module.eval_transform(preprocess), known)
