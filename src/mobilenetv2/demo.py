@@ -63,12 +63,18 @@ def run_demo(options: DemoOptions) -> dict:
         "top1": evaluation["top1"], "top5": evaluation["top5"], "count": evaluation["count"],
         "onnx_top1": onnx_eval["top1"], "onnx_check": onnx_report,
         "seconds": {"data": prepared - started, "train": trained - prepared, "total": finished - started},
-        "config": config.to_dict(), "per_class_accuracy": evaluation["per_class_accuracy"],
+        "device": str(runtime_device(options.device)), "config": config.to_dict(), "per_class_accuracy": evaluation["per_class_accuracy"],
         "predictions": predictions, "curves": str(curves),
     }
     (options.output / "summary.json").write_text(json.dumps(summary, indent=2))
     _write_report(options.output / "report.md", summary, options)
     return summary
+
+
+def runtime_device(name: str) -> torch.device:
+    from mobilenetv2.runtime import resolve_device
+
+    return resolve_device(name)
 
 
 def _evaluate(checkpoint: Path, data_dir: Path, options: DemoOptions, device: str | None = None) -> dict:
@@ -108,7 +114,7 @@ def _write_report(path: Path, summary: dict, options: DemoOptions) -> None:
         "",
         f"MobileNetV2 (width {config['width_mult']}, {config['image_size']} px) trained from scratch for "
         f"{config['epochs']} epochs on {platform.machine()} with {torch.get_num_threads()} threads "
-        f"(device {config['device']}).",
+        f"(device {summary['device']}).",
         "",
         "| metric | value |",
         "|---|---|",
