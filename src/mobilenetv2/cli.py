@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(handler=_cmd_data)
 
     demo = commands.add_parser("demo", help="the main job on Fashion-MNIST: train, evaluate, export, predict, report")
-    demo.add_argument("--quick", action="store_true", help="a smoke run in about a minute (tiny settings)")
+    demo.add_argument("--quick", action="store_true", help="a smoke run in seconds (tiny settings)")
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--config", default="configs/fashion_mnist.yaml", help="the recipe")
     demo.add_argument("--data", default="data/fashion-mnist", help="where the ImageFolder tree is written once")
