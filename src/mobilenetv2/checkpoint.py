@@ -109,7 +109,8 @@ class LoadedWeights:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_torch_file(path: Path) -> Any:
+def read_torch_file(path: Path) -> Any:
+    """A torch file's contents, plain data only: a pickle that carries code is refused before anything runs."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -163,7 +164,7 @@ def read_weights(path: str | os.PathLike) -> LoadedWeights:
         ours = json.loads(meta["mobilenetv2"]) if "mobilenetv2" in meta else None
         return _from_tensors(tensors, ours, path)
     if magic.startswith(b"PK") or path.suffix in (".pt", ".pth", ".bin", ".tar"):
-        obj = _read_torch_file(path)
+        obj = read_torch_file(path)
         ours = obj if isinstance(obj, dict) and obj.get("format") == FORMAT_NAME else None
         return _from_tensors(_as_tensor_dict(obj, path), ours, path, extra=obj if ours else None)
     arrays = mindspore.read_checkpoint(path)

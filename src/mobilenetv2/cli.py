@@ -33,9 +33,8 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip=()) -> Non
 
 
 def _cmd_convert(args) -> int:
-    from mobilenetv2.checkpoint import read_weights, save_model
+    from mobilenetv2.checkpoint import load_state_into, read_weights, save_model
     from mobilenetv2.model import MobileNetV2
-    from mobilenetv2.checkpoint import load_state_into
 
     loaded = read_weights(args.source)
     model = MobileNetV2(num_classes=loaded.num_classes, width_mult=loaded.width_mult)

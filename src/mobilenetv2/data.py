@@ -88,7 +88,7 @@ class DatasetSplits:
     classes: list[str]
 
 
-def _class_folders(folder: Path) -> list[str]:
+def class_folders(folder: Path) -> list[str]:
     classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
         raise DataError(f"{folder} holds no class folders (expected {folder}/<class>/<image>)")
@@ -110,9 +110,9 @@ def find_splits(root: str | Path, require_train: bool = True) -> DatasetSplits:
             raise DataError(f"{root} has no train/ folder (expected {root}/train/<class>/<image>)")
         train = None
     val = next((root / name for name in VAL_FOLDER_NAMES if (root / name).is_dir()), None)
-    classes = _class_folders(train) if train else _class_folders(val or root)
+    classes = class_folders(train) if train else class_folders(val or root)
     if val is not None:
-        val_classes = _class_folders(val)
+        val_classes = class_folders(val)
         if train is not None and not set(val_classes) <= set(classes):
             extra = sorted(set(val_classes) - set(classes))
             raise DataError(f"{val} has classes the train folder lacks: {', '.join(extra[:5])}")

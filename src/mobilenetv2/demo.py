@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from mobilenetv2.config import TrainConfig, build_config
-from mobilenetv2.errors import UserError
 
 QUICK = {"epochs": 6, "image_size": 32, "resize_size": 32, "width_mult": 0.35, "batch_size": 50, "lr_max": 0.05, "warmup_epochs": 0.5,
          "eval_every": 2, "save_every": 6, "ema": 0.0}

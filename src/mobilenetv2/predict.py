@@ -119,9 +119,9 @@ def eval_folder(root: str | Path) -> Path:
 
 def labelled_dataset(classifier: Classifier, folder: Path, transform):
     """The folder's images, labelled with the classifier's own class indices (by name when it has names)."""
-    from mobilenetv2.data import _class_folders, image_folder
+    from mobilenetv2.data import class_folders, image_folder
 
-    classes = _class_folders(folder)
+    classes = class_folders(folder)
     names = classifier.class_names
     if names:
         unknown = [c for c in classes if c not in names]

@@ -21,8 +21,8 @@ from torch.utils.data.distributed import DistributedSampler
 from mobilenetv2 import data as data_module
 from mobilenetv2 import runtime as runtime_module
 from mobilenetv2.checkpoint import (LoadedWeights, atomic_write_bytes, channel_plan, load_state_into, model_metadata,
-                                    read_weights, unwrap)
-from mobilenetv2.config import Preprocess, TrainConfig, write_yaml
+                                    read_weights)
+from mobilenetv2.config import TrainConfig, write_yaml
 from mobilenetv2.errors import CheckpointError, UserError
 from mobilenetv2.model import MobileNetV2
 from mobilenetv2.monitor import RunMonitor, epoch_line, step_line
@@ -307,9 +307,9 @@ def save_training_checkpoint(payload: dict, folder: Path, names: list[str], keep
 
 
 def _restore(path: Path, task: TrainTask, ema, optimizer, scaler) -> LoopState:
-    from mobilenetv2.checkpoint import _read_torch_file
+    from mobilenetv2.checkpoint import read_torch_file
 
-    payload = _read_torch_file(path)
+    payload = read_torch_file(path)
     if not isinstance(payload, dict) or "optimizer" not in payload or "global_step" not in payload:
         raise CheckpointError(f"{path} is not a training checkpoint (no optimizer state); use --pretrained instead")
     weights = payload.get("train_model") or payload["model"]
