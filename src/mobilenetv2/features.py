@@ -113,12 +113,12 @@ class _Indexed(torch.utils.data.Dataset):
 
 def build_cache(model: MobileNetV2, splits: dict[str, data_module.SafeImageFolder],
                 augmented: data_module.SafeImageFolder | None, config: TrainConfig, runtime: Runtime,
-                root: Path) -> Path:
-    """The complete cache folder for these inputs: reused when its key matches, built otherwise."""
+                root: Path) -> tuple[Path, bool]:
+    """The complete cache folder for these inputs, and whether it was reused (its key matched) or built."""
     key = cache_key(model, splits, config)
     final = root / key
     if (final / "complete.json").is_file():
-        return final
+        return final, True
     partial = root / f"{key}.partial"
     if runtime.is_main:
         shutil.rmtree(partial, ignore_errors=True)  # a killed extraction's leftovers are never reused
@@ -148,9 +148,11 @@ def build_cache(model: MobileNetV2, splits: dict[str, data_module.SafeImageFolde
     if runtime.is_main:
         (partial / "complete.json").write_text(json.dumps({"counts": counts, "features": features,
                                                            "views": config.feature_views}))
-        os.replace(partial, final) if not final.exists() else shutil.rmtree(partial)
+        if final.exists():  # an incomplete folder under the final name (an older layout): replace it
+            shutil.rmtree(final)
+        os.replace(partial, final)
     runtime.barrier()
-    return final
+    return final, False
 
 
 def _open_arrays(folder: Path, name: str, count: int, features: int, create: bool):
@@ -194,8 +196,7 @@ def feature_task(config: TrainConfig, model: MobileNetV2, splits, class_names, r
         augmented = data_module.image_folder(splits.train, data_module.train_transform(
             preprocess, config.min_scale, config.color_jitter), known)
     root = Path(config.feature_cache) if config.feature_cache else output / "feature_cache"
-    reused = (root / cache_key(model, datasets, config) / "complete.json").is_file()
-    folder = build_cache(model, datasets, augmented, config, runtime, root)
+    folder, reused = build_cache(model, datasets, augmented, config, runtime, root)
     if not runtime.is_main:
         return None, runtime
     local = dataclasses.replace(runtime, rank=0, world_size=1)  # the head is trained once, here
