@@ -1,0 +1,94 @@
+"""Device / precision decisions, the seed's loss and schedule, and the fp16 overflow path — all on CPU."""
+
+import math
+
+import pytest
+import torch
+
+from mobilenetv2 import runtime
+from mobilenetv2.errors import UserError
+from mobilenetv2.runtime import Runtime, resolve_amp, resolve_device
+from mobilenetv2.schedule import SeedSchedule
+from mobilenetv2.train import SeedLabelSmoothingLoss, train_step
+
+
+def test_amp_auto_is_fp32_on_cpu_and_bf16_on_capable_gpus(monkeypatch):
+    assert resolve_amp("auto", torch.device("cpu")) is None
+    assert resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(UserError):
+        resolve_amp("fp16", torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_amp("auto", torch.device("cuda", 0)) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_amp("auto", torch.device("cuda", 0)) is None
+    assert resolve_amp("fp16", torch.device("cuda", 0)) is torch.float16
+
+
+def test_device_resolution(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(UserError):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto", local_rank=1) == torch.device("cuda", 1)
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="only 2 GPU"):
+        resolve_device("cuda:5")
+
+
+def test_grad_scaler_only_for_fp16():
+    assert not Runtime(torch.device("cpu"), None).grad_scaler().is_enabled()
+    assert not Runtime(torch.device("cpu"), torch.bfloat16).grad_scaler().is_enabled()
+    assert Runtime(torch.device("cpu"), torch.float16).grad_scaler().is_enabled()
+
+
+def test_fp16_overflow_skips_the_step_and_is_counted():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    state = Runtime(torch.device("cpu"), torch.float16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = state.grad_scaler()
+    criterion = SeedLabelSmoothingLoss(0.1)
+    before = model.weight.detach().clone()
+    _, overflowed = train_step(model, torch.full((2, 4), float("inf")), torch.tensor([0, 1]), criterion, optimizer,
+                               scaler, state)
+    assert overflowed and torch.equal(model.weight, before)
+    _, overflowed = train_step(model, torch.randn(2, 4), torch.tensor([0, 1]), criterion, optimizer, scaler, state)
+    assert not overflowed and not torch.equal(model.weight, before)
+
+
+def test_seed_label_smoothing_matches_the_formula():
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    labels = torch.tensor([0, 3])
+    eps, k = 0.1, 4
+    log_p = torch.log_softmax(logits, 1)
+    expected = 0.0
+    for row, label in enumerate(labels):
+        for c in range(k):
+            target = 1 - eps if c == label else eps / (k - 1)
+            expected -= target * log_p[row, c].item()
+    assert SeedLabelSmoothingLoss(eps)(logits, labels).item() == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_schedule_warmup_cosine_and_floor():
+    schedule = SeedSchedule(lr_init=0.1, lr_max=1.0, lr_end=0.0, warmup_epochs=2, total_epochs=10, steps_per_epoch=5)
+    assert schedule(0) == pytest.approx(0.1)
+    assert schedule(5) == pytest.approx(0.1 + 0.9 * 5 / 10)
+    assert schedule(10) == pytest.approx(1.0)
+    assert schedule(30) == pytest.approx((1 + math.cos(math.pi * 20 / 40)) / 2)
+    assert schedule(49) > 0 and schedule(49) < 0.01
+    negative = SeedSchedule(0.0, 0.5, -1.0, 0, 1, 10)
+    assert negative(9) == 0.0  # floored
+
+
+def test_rng_state_round_trips_as_plain_data(tmp_path):
+    runtime.seed_everything(3)
+    state = runtime.rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    first = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    runtime.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    second = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    assert torch.equal(first[0], second[0]) and first[1:] == second[1:]
