@@ -93,6 +93,15 @@ def test_resume_gives_identical_weights(dataset, tmp_path):
         for key, value in straight[part].items():
             assert torch.equal(value, split[part][key]), (part, key)
     assert records(tmp_path / "split", "step")[-1]["global_step"] == 8
+    assert [r["global_step"] for r in records(tmp_path / "split", "step")] == list(range(9))
+
+
+def test_metrics_have_every_step_while_log_lines_are_thinned(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(dataset, run, "--epochs", "2", "--log-every", "2") == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch: [")]
+    assert [line.split("step:[")[1][:5].strip() for line in lines] == ["0", "2", "0", "2"]
+    assert len(records(run, "step")) == 6
 
 
 def test_full_finetune_from_mindspore_with_filter_head(dataset, tmp_path):

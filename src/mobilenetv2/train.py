@@ -391,14 +391,14 @@ def fit(task: TrainTask, config: TrainConfig, runtime: Runtime, monitor: RunMoni
             steps_run += 1
             state.global_step += 1
             step_seconds = time.perf_counter() - wait_start
-            if monitor.enabled and (step_in_epoch % config.log_every == 0 or step_in_epoch == task.steps_per_epoch - 1):
+            if monitor.enabled:  # metrics.jsonl gets every step; the seed's line every log_every steps
                 value = loss.item()
-                mean = losses.item() / steps_run
-                monitor.line(step_line(epoch, config.epochs, step_in_epoch, task.steps_per_epoch, value, mean,
-                                       step_seconds * 1000, lr))
                 monitor.record("step", epoch=epoch, step=step_in_epoch, global_step=state.global_step - 1, loss=value,
                                lr=lr, images_per_s=len(labels) * runtime.world_size / max(step_seconds, 1e-9),
                                data_wait_s=data_wait)
+                if step_in_epoch % config.log_every == 0 or step_in_epoch == task.steps_per_epoch - 1:
+                    monitor.line(step_line(epoch, config.epochs, step_in_epoch, task.steps_per_epoch, value,
+                                           losses.item() / steps_run, step_seconds * 1000, lr))
             monitor.advance()
             wait_start = time.perf_counter()
             if config.max_steps and state.global_step >= config.max_steps:
