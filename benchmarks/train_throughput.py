@@ -25,6 +25,7 @@ def baseline_step(images, labels, device):
     criterion = torch.nn.CrossEntropyLoss()
 
     def step():
+        torch.set_flush_denormal(False)  # a plain loop runs with PyTorch's defaults
         loss = criterion(model(images.to(device)), labels.to(device))
         optimizer.zero_grad()
         loss.backward()
@@ -38,7 +39,13 @@ def our_step(images, labels, device_name, amp):
     model = runtime.prepare_model(MobileNetV2()).train()
     optimizer, scaler = make_optimizer(model, TrainConfig(lr_init=0.01, amp=amp)), runtime.grad_scaler()
     criterion = SeedLabelSmoothingLoss(0.1)
-    return lambda: train_step(model, images, labels, criterion, optimizer, scaler, runtime)
+    flush_denormal = runtime.device.type == "cpu"  # what runtime.setup decided; the baseline resets it each step
+
+    def step():
+        torch.set_flush_denormal(flush_denormal)
+        return train_step(model, images, labels, criterion, optimizer, scaler, runtime)
+
+    return step
 
 
 def main() -> None:

@@ -39,6 +39,16 @@ def test_device_resolution(monkeypatch):
         resolve_device("cuda:5")
 
 
+def test_cpu_runtime_flushes_denormals():
+    try:
+        torch.set_flush_denormal(False)
+        assert torch.tensor([1e-323], dtype=torch.float64).item() != 0
+        runtime.setup("cpu", "off")
+        assert torch.tensor([1e-323], dtype=torch.float64).item() == 0
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_grad_scaler_only_for_fp16():
     assert not Runtime(torch.device("cpu"), None).grad_scaler().is_enabled()
     assert not Runtime(torch.device("cpu"), torch.bfloat16).grad_scaler().is_enabled()

@@ -105,6 +105,10 @@ def setup(device: str = "auto", amp: str = "auto", channels_last: bool = False) 
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
+    if resolved.type == "cpu":
+        # Denormal floats (tiny gradients and momenta) take a slow path in CPU kernels; flushing them to zero
+        # costs nothing in accuracy and ~20 % in CPU training speed (benchmarks/train_throughput.py).
+        torch.set_flush_denormal(True)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         if resolved.type == "cuda":
