@@ -133,6 +133,22 @@ def test_unreadable_image_is_skipped_and_counted(dataset, tmp_path, capsys):
     assert "skipped 1 unreadable image" in capsys.readouterr().out
 
 
+def test_a_batch_of_only_unreadable_images_keeps_the_schedule(tmp_path, capsys):
+    from conftest import write_image_folder
+
+    data = tmp_path / "data"
+    write_image_folder(data / "train", per_class=3, seed=3, classes=["chelsea", "coffee"])
+    for folder in (data / "train").iterdir():
+        for image in sorted(folder.iterdir())[1:]:
+            image.write_bytes(b"not an image")  # 4 of 6 unreadable: some batches of 2 hold none that decode
+    assert main(["train", "--data", str(data), "--output", str(tmp_path / "run"), *TINY, "--batch-size", "2",
+                 "--epochs", "2", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 8 unreadable image" in out  # 4 per epoch
+    payload = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert payload["epoch"] == 2 and payload["global_step"] == 6
+
+
 def test_fp16_on_cpu_and_lr_finite(dataset, tmp_path):
     assert train(dataset, tmp_path / "bf16", "--epochs", "1", "--amp", "bf16", "--max-steps", "2") == 0
     losses = [r["loss"] for r in records(tmp_path / "bf16", "step")]

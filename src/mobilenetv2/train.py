@@ -377,7 +377,11 @@ def fit(task: TrainTask, config: TrainConfig, runtime: Runtime, monitor: RunMoni
         wait_start = time.perf_counter()
         for step_in_epoch, (inputs, labels, skipped) in enumerate(task.train_batches(epoch, done_in_epoch), done_in_epoch):
             skipped_total += skipped
-            if len(labels) == 0:
+            # unreadable images left nothing to learn from (or one image, which BatchNorm cannot normalise at
+            # small sizes): the batch's place in the schedule passes without a step
+            if len(labels) == 0 or (len(labels) == 1 and config.batch_size > 1):
+                state.global_step += 1
+                wait_start = time.perf_counter()
                 continue
             data_wait = time.perf_counter() - wait_start
             lr = schedule(state.global_step)
