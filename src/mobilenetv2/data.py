@@ -99,21 +99,19 @@ def class_folders(folder: Path) -> list[str]:
     return classes
 
 
-def find_splits(root: str | Path, require_train: bool = True) -> DatasetSplits:
+def find_splits(root: str | Path) -> DatasetSplits:
     """A dataset root with train/ (and val/ or validation_preprocess/), checked before anything runs."""
     root = Path(root)
     if not str(root) or not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
     train = root / "train"
     if not train.is_dir():
-        if require_train:
-            raise DataError(f"{root} has no train/ folder (expected {root}/train/<class>/<image>)")
-        train = None
+        raise DataError(f"{root} has no train/ folder (expected {root}/train/<class>/<image>)")
     val = next((root / name for name in VAL_FOLDER_NAMES if (root / name).is_dir()), None)
-    classes = class_folders(train) if train else class_folders(val or root)
+    classes = class_folders(train)
     if val is not None:
         val_classes = class_folders(val)
-        if train is not None and not set(val_classes) <= set(classes):
+        if not set(val_classes) <= set(classes):
             extra = sorted(set(val_classes) - set(classes))
             raise DataError(f"{val} has classes the train folder lacks: {', '.join(extra[:5])}")
     return DatasetSplits(train, val, classes)
@@ -162,15 +160,8 @@ def decode_all(dataset: SafeImageFolder, size: int, workers: int) -> tuple[torch
     if needed > MAX_IN_MEMORY_BYTES:
         raise DataError(f"--in-memory would need {needed / 2**30:.1f} GiB for {len(dataset)} images at {size} px "
                         f"(limit {MAX_IN_MEMORY_BYTES / 2**30:.0f} GiB); train from disk instead")
-    dataset = _with_transform(dataset, T.Compose([T.ToImage(), T.Resize((size, size), antialias=True)]))
-    loader = DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=collate_skipping)
-    images, labels, skipped = [], [], 0
-    for batch, batch_labels, batch_skipped in loader:
-        skipped += batch_skipped
-        if len(batch_labels):
-            images.append(batch)
-            labels.append(batch_labels)
-    return torch.cat(images), torch.cat(labels), skipped
+    return collect_tensors(_with_transform(dataset, T.Compose([T.ToImage(), T.Resize((size, size), antialias=True)])),
+                           workers)
 
 
 def _with_transform(dataset: SafeImageFolder, transform) -> SafeImageFolder:
@@ -224,9 +215,13 @@ class BatchAugment:
 
 
 @torch.no_grad()
-def eval_tensors(dataset: SafeImageFolder, workers: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The eval transform applied once to every image, kept as one float tensor."""
+def collect_tensors(dataset: SafeImageFolder, workers: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every image through the dataset's own transform, stacked into one tensor, with labels and a skip count."""
     loader = DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=collate_skipping)
-    parts = [(x, y, s) for x, y, s in loader]
-    return (torch.cat([x for x, y, _ in parts if len(y)]), torch.cat([y for _, y, _ in parts if len(y)]),
-            sum(s for *_, s in parts))
+    images, labels, skipped = [], [], 0
+    for batch, batch_labels, batch_skipped in loader:
+        skipped += batch_skipped
+        if len(batch_labels):
+            images.append(batch)
+            labels.append(batch_labels)
+    return torch.cat(images), torch.cat(labels), skipped

@@ -250,7 +250,7 @@ def memory_task(config: TrainConfig, model: MobileNetV2, splits, class_names, ru
     evaluate_fn = None
     if splits.val is not None and config.eval_every:
         val_set = data_module.image_folder(splits.val, data_module.eval_transform(preprocess), known)
-        val_images, val_labels, val_skipped = data_module.eval_tensors(val_set, config.workers)
+        val_images, val_labels, val_skipped = data_module.collect_tensors(val_set, config.workers)
         shard = torch.arange(runtime.rank, len(val_labels), runtime.world_size)
 
         def evaluate_fn(network: nn.Module) -> EvalResult:
