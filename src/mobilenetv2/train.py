@@ -195,15 +195,23 @@ class _SkipSampler(Sampler[int]):
         return max(len(self.sampler) - self.skip, 0)
 
 
+def _train_sampler(length: int, config: TrainConfig, runtime: Runtime) -> tuple[DistributedSampler, bool, int]:
+    """This rank's shuffled share of `length` items, whether to drop the remainder, and the steps per epoch.
+
+    The seed drops the remainder; a set smaller than one batch keeps its single batch.
+    """
+    sampler = DistributedSampler(range(length), num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True,
+                                 seed=config.seed, drop_last=False)
+    drop_last = len(sampler) >= config.batch_size
+    return sampler, drop_last, len(sampler) // config.batch_size if drop_last else 1
+
+
 def image_task(config: TrainConfig, model: MobileNetV2, splits, class_names, runtime: Runtime) -> TrainTask:
     """Train the whole network (or what requires grad) on images through a DataLoader."""
     preprocess = config.preprocess
     train_set = data_module.image_folder(splits.train, data_module.train_transform(
         preprocess, config.min_scale, config.color_jitter), class_names[: len(splits.classes)])
-    sampler = DistributedSampler(train_set, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True,
-                                 seed=config.seed, drop_last=False)
-    drop_last = len(sampler) >= config.batch_size  # the seed drops the remainder; a tiny set keeps one batch
-    steps = len(sampler) // config.batch_size if drop_last else 1
+    sampler, drop_last, steps = _train_sampler(len(train_set), config, runtime)
     pin = runtime.device.type == "cuda"
 
     def batches(epoch: int, skip: int):
@@ -233,10 +241,7 @@ def memory_task(config: TrainConfig, model: MobileNetV2, splits, class_names, ru
     images, labels, skipped = data_module.decode_all(
         data_module.image_folder(splits.train, None, known), preprocess.resize_size, config.workers)
     augment = data_module.BatchAugment(preprocess, config.min_scale, config.color_jitter)
-    sampler = DistributedSampler(range(len(labels)), num_replicas=runtime.world_size, rank=runtime.rank,
-                                 shuffle=True, seed=config.seed, drop_last=False)
-    drop_last = len(sampler) >= config.batch_size
-    steps = len(sampler) // config.batch_size if drop_last else 1
+    sampler, drop_last, steps = _train_sampler(len(labels), config, runtime)
 
     def batches(epoch: int, skip: int):
         sampler.set_epoch(epoch)
