@@ -95,16 +95,23 @@ def _check_onnx(model, output, batch_size, dynamic_batch, with_softmax) -> list[
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    return _check_against_eager(model, lambda images: session.run(None, {"input": images.numpy()}), batch_size,
+                                dynamic_batch, with_softmax, "onnxruntime", "ONNX")
+
+
+def _check_against_eager(model: MobileNetV2, run, batch_size: int, dynamic_batch: bool, with_softmax: bool,
+                         runner: str, what: str) -> list[str]:
+    """Run the written file (`run(images)` -> outputs, logits first) on real photos and compare with eager."""
     reports = []
     for batch in sorted({batch_size, 3} if dynamic_batch else {batch_size}):
         images = check_images(model, batch)
         with torch.no_grad():
             expected = model(images)
-        results = session.run(None, {"input": images.numpy()})
-        difference = _compare(expected, results[0], f"ONNX logits at batch {batch}")
+            results = run(images)
+        difference = _compare(expected, results[0], f"{what} logits at batch {batch}")
         if with_softmax:
-            _compare(torch.softmax(expected, 1), results[1], f"ONNX probs at batch {batch}")
-        reports.append(f"onnxruntime vs eager, batch {batch}: max abs difference {difference:.3g}")
+            _compare(torch.softmax(expected, 1), results[1], f"{what} probs at batch {batch}")
+        reports.append(f"{runner} vs eager, batch {batch}: max abs difference {difference:.3g}")
     return reports
 
 
@@ -119,15 +126,12 @@ def export_torchscript(model: MobileNetV2, output: Path, *, batch_size: int = 1,
         torch.jit.save(scripted, str(temp), _extra_files={"mobilenetv2.json": json.dumps(export_metadata(model))})
         temp.replace(output)
         loaded = torch.jit.load(str(output))
-    reports = []
-    for batch in sorted({batch_size, 3} if dynamic_batch else {batch_size}):
-        images = check_images(model, batch)
-        with torch.no_grad():
-            expected, actual = model(images), loaded(images)
-        actual = actual[0] if with_softmax else actual
-        difference = _compare(expected, actual, f"TorchScript logits at batch {batch}")
-        reports.append(f"torch.jit.load vs eager, batch {batch}: max abs difference {difference:.3g}")
-    return reports
+
+    def run(images):
+        outputs = loaded(images)
+        return [output.detach() for output in outputs] if with_softmax else [outputs.detach()]
+
+    return _check_against_eager(model, run, batch_size, dynamic_batch, with_softmax, "torch.jit.load", "TorchScript")
 
 
 def export_mindspore(model: MobileNetV2, output: Path, **_unused) -> list[str]:
