@@ -69,30 +69,25 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    import dataclasses as dc
     import json
     from pathlib import Path
 
-    from mobilenetv2 import data, predict, runtime
-    from mobilenetv2.train import evaluate
+    from mobilenetv2 import predict, runtime
 
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     folder = predict.eval_folder(args.data)
     state = runtime.setup(args.device, "off")
     try:
-        classifier = predict.load_classifier(args.checkpoint, state.device)
-        preprocess = dc.replace(classifier.preprocess, resize_mode=args.resize) if args.resize else classifier.preprocess
-        dataset = predict.labelled_dataset(classifier, folder, data.eval_transform(preprocess))
-        loader = data.eval_loader(dataset, args.batch_size, args.workers, state.rank, state.world_size)
-        result = evaluate(classifier.forward, loader, state, classifier.num_classes)
+        result, classes = predict.evaluate_checkpoint(args.checkpoint, folder, state, batch_size=args.batch_size,
+                                                      workers=args.workers, resize_mode=args.resize)
     finally:
         runtime.teardown()
     if state.is_main:
         print(f"result:{{'acc': {result.top1}, 'top5': {result.top5}}} ckpt={args.checkpoint}")
         print(f"evaluated {result.count} images" + (f", skipped {result.skipped} unreadable" if result.skipped else ""))
         if args.json:
-            report = {"checkpoint": str(args.checkpoint), "data": str(folder), **result.to_dict(dataset.classes)}
+            report = {"checkpoint": str(args.checkpoint), "data": str(folder), **result.to_dict(classes)}
             Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 

@@ -77,14 +77,11 @@ def runtime_device(name: str) -> torch.device:
 
 
 def _evaluate(checkpoint: Path, data_dir: Path, options: DemoOptions, device: str | None = None) -> dict:
-    from mobilenetv2 import data, predict, runtime
-    from mobilenetv2.train import evaluate
+    from mobilenetv2 import predict, runtime
 
     state = runtime.setup(device or options.device, "off")
-    classifier = predict.load_classifier(checkpoint, state.device)
-    dataset = predict.labelled_dataset(classifier, data_dir / "val", data.eval_transform(classifier.preprocess))
-    result = evaluate(classifier.forward, data.eval_loader(dataset, 500, 2), state, classifier.num_classes)
-    return result.to_dict(dataset.classes)
+    result, classes = predict.evaluate_checkpoint(checkpoint, data_dir / "val", state, batch_size=500)
+    return result.to_dict(classes)
 
 
 def _export(checkpoint: Path, output: Path) -> list[str]:

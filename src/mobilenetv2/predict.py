@@ -133,3 +133,21 @@ def labelled_dataset(classifier: Classifier, folder: Path, transform):
     return image_folder(folder, transform, classes + [f"class_{i}" for i in range(len(classes), classifier.num_classes)])
 
 
+
+
+def evaluate_checkpoint(checkpoint: str | Path, folder: Path, runtime, *, batch_size: int = 100, workers: int = 2,
+                        resize_mode: str | None = None):
+    """Top-1/top-5/confusion of a checkpoint (or .onnx) on a folder of class folders; this rank's shard under
+    torchrun, counts summed over ranks. Returns the result and the class names its rows follow."""
+    import dataclasses
+
+    from mobilenetv2.data import eval_loader, eval_transform
+    from mobilenetv2.train import evaluate
+
+    classifier = load_classifier(checkpoint, runtime.device)
+    preprocess = classifier.preprocess
+    if resize_mode:
+        preprocess = dataclasses.replace(preprocess, resize_mode=resize_mode)
+    dataset = labelled_dataset(classifier, folder, eval_transform(preprocess))
+    loader = eval_loader(dataset, batch_size, workers, runtime.rank, runtime.world_size)
+    return evaluate(classifier.forward, loader, runtime, classifier.num_classes), dataset.classes
