@@ -106,7 +106,6 @@ class LoadedWeights:
     class_names: list[str] | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
     ignored: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def read_torch_file(path: Path) -> Any:
@@ -122,8 +121,7 @@ def read_torch_file(path: Path) -> Any:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     with path.open("rb") as handle:
         head = handle.read(8)
@@ -131,11 +129,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     if header_size < 2 or header_size > min(MAX_SAFETENSORS_HEADER, path.stat().st_size - 8):
         raise CheckpointError(f"{path}: not a readable safetensors file (bad header size)")
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        return load_file(str(path)), metadata
+        with safe_open(str(path), framework="pt") as handle:  # one open: metadata and tensors
+            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
@@ -166,14 +161,14 @@ def read_weights(path: str | os.PathLike) -> LoadedWeights:
     if magic.startswith(b"PK") or path.suffix in (".pt", ".pth", ".bin", ".tar"):
         obj = read_torch_file(path)
         ours = obj if isinstance(obj, dict) and obj.get("format") == FORMAT_NAME else None
-        return _from_tensors(_as_tensor_dict(obj, path), ours, path, extra=obj if ours else None)
+        return _from_tensors(_as_tensor_dict(obj, path), ours, path)
     arrays = mindspore.read_checkpoint(path)
     tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
     mapped = keymaps.rename_keys(tensors, keymaps.MINDSPORE)
     return _with_inferred_shape(LoadedWeights(mapped.state_dict, "mindspore", ignored=mapped.ignored))
 
 
-def _from_tensors(tensors, ours: dict | None, path: Path, extra: dict | None = None) -> LoadedWeights:
+def _from_tensors(tensors, ours: dict | None, path: Path) -> LoadedWeights:
     if ours is not None:
         if ours.get("version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{path}: written by a newer mobilenetv2 (format version {ours.get('version')})")
@@ -182,7 +177,6 @@ def _from_tensors(tensors, ours: dict | None, path: Path, extra: dict | None = N
         loaded = LoadedWeights(
             mapped.state_dict, FORMAT_NAME, width_mult=config.get("width_mult"), num_classes=config.get("num_classes"),
             class_names=ours.get("class_names"), preprocess=Preprocess.from_dict(ours.get("preprocess") or {}),
-            extra={k: v for k, v in (extra or {}).items() if k not in ("model", "config", "class_names", "preprocess")},
         )
         return _with_inferred_shape(loaded)
     layout = keymaps.detect_layout(list(tensors))
