@@ -1,15 +1,23 @@
-"""Shared fixtures: real photos from scikit-image / scikit-learn, tiny ImageFolder trees, the MindSpore fixture."""
+"""Shared fixtures and helpers: real photos from scikit-image / scikit-learn, tiny ImageFolder trees, real
+Fashion-MNIST subsets, the MindSpore fixture, and short CLI runs on tiny widths and resolutions."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from mobilenetv2.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MS_CHECKPOINT = FIXTURES / "ms_mobilenetv2_w0.5_c10.ckpt"
+MS_INPUT = np.load(FIXTURES / "ms_input_w0.5_c10.npy")
+MS_LOGITS = np.load(FIXTURES / "ms_logits_w0.5_c10.npy")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def real_photos() -> dict[str, np.ndarray]:
@@ -60,7 +68,7 @@ FASHION_FILES = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.
 @pytest.fixture(scope="session")
 def fashion(tmp_path_factory) -> Path:
     """Real Fashion-MNIST: 10 classes, 40 train and 20 val images each (`make test` installs the Debian package)."""
-    from mobilenetv2.datasets import write_fashion_mnist
+    from mobilenetv2.data.fashion_mnist import write_fashion_mnist
 
     assert FASHION_FILES.is_file(), "install dataset-fashion-mnist (make test does it as root)"
     return write_fashion_mnist(tmp_path_factory.mktemp("fashion"), per_class=40, val_per_class=20)
@@ -82,11 +90,80 @@ TINY_TRAIN = ["--width-mult", "0.25", "--image-size", "32", "--workers", "0", "-
 @pytest.fixture(scope="session")
 def pretrained_five(fashion, tmp_path_factory) -> Path:
     """A network trained from scratch on five Fashion-MNIST classes (its checkpoint carries the class names)."""
-    from mobilenetv2.cli import main
-
     root = tmp_path_factory.mktemp("pretrained")
     data = subset(fashion, root / "data", FIVE_CLASSES)
     assert main(["train", "--data", str(data), "--output", str(root / "run"), *TINY_TRAIN, "--batch-size", "20",
                  "--epochs", "12", "--lr-max", "0.03", "--min-scale", "0.5", "--color-jitter", "0",
                  "--eval-every", "12"]) == 0
     return root / "run" / "checkpoints" / "last.pt"
+
+
+def randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial BN statistics and affine parameters, so a mis-mapped BN tensor shows in the logits."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+    return model.eval()
+
+
+def logits(model, images):
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+def run_convert(capsys, source, tmp_path):
+    """`mobilenetv2 convert SOURCE` must fail: exit 2, one line, no output file. Returns the line."""
+    code = main(["convert", str(source), "--output", str(tmp_path / "out.pt")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out.pt").exists()
+    return err
+
+
+# ------------------------------------------------------------------ shared by several test modules
+
+TINY = ["--width-mult", "0.25", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--lr-max", "0.05",
+        "--color-jitter", "0.4"]
+
+
+def train(dataset, output, *extra):
+    return main(["train", "--data", str(dataset), "--output", str(output), *TINY, *extra])
+
+
+def records(run, kind):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+def head_only(data, output, pretrained, *extra):
+    return main(["train", "--data", str(data), "--output", str(output), "--pretrained", str(pretrained),
+                 "--freeze", "backbone", *TINY_TRAIN, "--batch-size", "16", "--lr-max", "0.1", *extra])
+
+
+@pytest.fixture
+def three_new(fashion, tmp_path):
+    return subset(fashion, tmp_path / "data", ["Coat", "Dress", "Ankle_boot"])
+
+
+def last_eval(run):
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in epochs if r["type"] == "epoch"][-1]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    path = tmp_path_factory.mktemp("converted") / "ms.pt"
+    assert main(["convert", str(MS_CHECKPOINT), "--output", str(path)]) == 0
+    return path
+
+
+def one_line_exit_2(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    return err

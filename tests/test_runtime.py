@@ -1,15 +1,11 @@
 """Device / precision decisions, the seed's loss and schedule, and the fp16 overflow path — all on CPU."""
 
-import math
-
 import pytest
 import torch
 
 from mobilenetv2 import runtime
 from mobilenetv2.errors import UserError
 from mobilenetv2.runtime import Runtime, resolve_amp, resolve_device
-from mobilenetv2.schedule import SeedSchedule
-from mobilenetv2.train import SeedLabelSmoothingLoss, train_step
 
 
 def test_amp_auto_is_fp32_on_cpu_and_bf16_on_capable_gpus(monkeypatch):
@@ -53,45 +49,6 @@ def test_grad_scaler_only_for_fp16():
     assert not Runtime(torch.device("cpu"), None).grad_scaler().is_enabled()
     assert not Runtime(torch.device("cpu"), torch.bfloat16).grad_scaler().is_enabled()
     assert Runtime(torch.device("cpu"), torch.float16).grad_scaler().is_enabled()
-
-
-def test_fp16_overflow_skips_the_step_and_is_counted():
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    state = Runtime(torch.device("cpu"), torch.float16)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = state.grad_scaler()
-    criterion = SeedLabelSmoothingLoss(0.1)
-    before = model.weight.detach().clone()
-    _, overflowed = train_step(model, torch.full((2, 4), float("inf")), torch.tensor([0, 1]), criterion, optimizer,
-                               scaler, state)
-    assert overflowed and torch.equal(model.weight, before)
-    _, overflowed = train_step(model, torch.randn(2, 4), torch.tensor([0, 1]), criterion, optimizer, scaler, state)
-    assert not overflowed and not torch.equal(model.weight, before)
-
-
-def test_seed_label_smoothing_matches_the_formula():
-    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
-    labels = torch.tensor([0, 3])
-    eps, k = 0.1, 4
-    log_p = torch.log_softmax(logits, 1)
-    expected = 0.0
-    for row, label in enumerate(labels):
-        for c in range(k):
-            target = 1 - eps if c == label else eps / (k - 1)
-            expected -= target * log_p[row, c].item()
-    assert SeedLabelSmoothingLoss(eps)(logits, labels).item() == pytest.approx(expected / 2, rel=1e-6)
-
-
-def test_schedule_warmup_cosine_and_floor():
-    schedule = SeedSchedule(lr_init=0.1, lr_max=1.0, lr_end=0.0, warmup_epochs=2, total_epochs=10, steps_per_epoch=5)
-    assert schedule(0) == pytest.approx(0.1)
-    assert schedule(5) == pytest.approx(0.1 + 0.9 * 5 / 10)
-    assert schedule(10) == pytest.approx(1.0)
-    assert schedule(30) == pytest.approx((1 + math.cos(math.pi * 20 / 40)) / 2)
-    assert schedule(49) > 0 and schedule(49) < 0.01
-    negative = SeedSchedule(0.0, 0.5, -1.0, 0, 1, 10)
-    assert negative(9) == 0.0  # floored
 
 
 def test_rng_state_round_trips_as_plain_data(tmp_path):

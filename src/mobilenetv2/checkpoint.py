@@ -1,17 +1,18 @@
 """Our checkpoint format and the one loader for every format users have.
 
 A `.pt` file holds plain data only (tensors, numbers, strings, lists, dicts) and is read with
-`torch.load(..., weights_only=True)`: a pickle that carries code is refused and never runs. It carries the model
-config, class names and the preprocessing contract. `.safetensors` files carry the same metadata as JSON.
-Every write goes to a temp file in the same folder, then is renamed over the target.
+`torch.load(..., weights_only=True)`: a pickle that carries code is refused and never runs. It carries the model's
+metadata (`mobilenetv2.metadata`): constructor arguments, class names, preprocessing contract. `.safetensors` files
+carry the same record as JSON. Foreign layouts (MindSpore `.ckpt`, torchvision, timm) are renamed onto our keys by
+`mobilenetv2.interop` and their width is inferred from the model's channel plan.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,57 +20,19 @@ from typing import Any
 
 import torch
 
-from mobilenetv2.config import Preprocess
+from mobilenetv2 import metadata as metadata_schema
 from mobilenetv2.errors import CheckpointError
-from mobilenetv2.interop import keymaps
-from mobilenetv2.model import SEED_INVERTED_RESIDUAL_SETTING, STEM_CHANNELS, LAST_CHANNELS, MobileNetV2, make_divisible
+from mobilenetv2.files import atomic_write_bytes
+from mobilenetv2.interop import keymaps, mindspore
+from mobilenetv2.metadata import ModelMetadata
+from mobilenetv2.model import MobileNetV2, channel_plan
 
-FORMAT_NAME = "mobilenetv2"
-FORMAT_VERSION = 1
 MAX_SAFETENSORS_HEADER = 100 << 20
 # widths users know, tried first when a checkpoint's width is inferred from its channel counts
 _COMMON_WIDTHS = (1.0, 0.5, 0.75, 0.35, 0.25, 1.4, 1.3, 0.1, 1.5, 2.0, 0.6, 0.9, 1.2, 1.1, 0.8, 0.7)
 
 
-# ---------------------------------------------------------------- atomic writes
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call `write(file)` on a temp file beside `path`, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    atomic_write(path, lambda handle: handle.write(data))
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda handle: torch.save(obj, handle))
-
-
 # ---------------------------------------------------------------- saving
-
-def model_metadata(model: MobileNetV2, class_names=None, preprocess: Preprocess | None = None) -> dict[str, Any]:
-    if class_names is not None and len(class_names) != model.num_classes:
-        raise ValueError(f"{len(class_names)} class names for a {model.num_classes}-class model")
-    return {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "config": {"num_classes": model.num_classes, "width_mult": model.width_mult},
-        "class_names": list(class_names) if class_names is not None else None,
-        "preprocess": (preprocess or Preprocess()).to_dict(),
-    }
-
 
 def unwrap(model: torch.nn.Module) -> MobileNetV2:
     """The bare network inside DDP / torch.compile wrappers."""
@@ -78,22 +41,29 @@ def unwrap(model: torch.nn.Module) -> MobileNetV2:
     return model
 
 
-def save_model(model: torch.nn.Module, path: str | os.PathLike, *, class_names=None, preprocess=None,
-               extra: dict[str, Any] | None = None) -> None:
-    """Write `model` as `.pt` (default) or `.safetensors`, with its config, class names and preprocessing."""
+def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def save_model(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Write `model` as `.pt` (default) or `.safetensors`, with everything it carries (see `MobileNetV2.metadata`)."""
     model = unwrap(model)
-    metadata = model_metadata(model, class_names, preprocess)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    record, state = model.metadata(), cpu_state(model)
     if str(path).endswith(".safetensors"):
         from safetensors.torch import save
 
-        data = save(state, metadata={"mobilenetv2": json.dumps(metadata)})
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(path, save(state, metadata={metadata_schema.FORMAT_NAME: json.dumps(record)}))
         return
-    atomic_torch_save({**metadata, "model": state, **(extra or {})}, path)
+    atomic_write_bytes(path, torch_bytes({**record, "model": state}))
 
 
-# ---------------------------------------------------------------- loading
+# ---------------------------------------------------------------- reading
 
 @dataclass
 class LoadedWeights:
@@ -101,11 +71,25 @@ class LoadedWeights:
 
     state_dict: dict[str, torch.Tensor]
     source_format: str
-    width_mult: float | None = None
-    num_classes: int | None = None
-    class_names: list[str] | None = None
-    preprocess: Preprocess = field(default_factory=Preprocess)
+    metadata: ModelMetadata = field(default_factory=lambda: ModelMetadata({}))
     ignored: list[str] = field(default_factory=list)
+
+    @property
+    def width_mult(self) -> float:
+        return self.metadata.architecture["width_mult"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.metadata.architecture["num_classes"]
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.metadata.class_names
+
+    def build(self) -> MobileNetV2:
+        """A network of this file's shape and metadata, with fresh weights."""
+        return MobileNetV2(**self.metadata.architecture, class_names=self.metadata.class_names,
+                           preprocess=self.metadata.preprocess)
 
 
 def read_torch_file(path: Path) -> Any:
@@ -147,8 +131,6 @@ def _as_tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 def read_weights(path: str | os.PathLike) -> LoadedWeights:
     """Read any supported format and rename its keys onto ours."""
-    from mobilenetv2.interop import mindspore
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -156,40 +138,30 @@ def read_weights(path: str | os.PathLike) -> LoadedWeights:
         magic = handle.read(4)
     if path.suffix == ".safetensors":
         tensors, meta = _read_safetensors(path)
-        ours = json.loads(meta["mobilenetv2"]) if "mobilenetv2" in meta else None
-        return _from_tensors(tensors, ours, path)
+        record = meta.get(metadata_schema.FORMAT_NAME)
+        if record is not None:
+            try:
+                record = json.loads(record)
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{path}: its mobilenetv2 metadata is not JSON") from None
+        return _from_tensors(tensors, record, path)
     if magic.startswith(b"PK") or path.suffix in (".pt", ".pth", ".bin", ".tar"):
         obj = read_torch_file(path)
-        ours = obj if isinstance(obj, dict) and obj.get("format") == FORMAT_NAME else None
-        return _from_tensors(_as_tensor_dict(obj, path), ours, path)
+        record = obj if metadata_schema.is_ours(obj) else None
+        return _from_tensors(_as_tensor_dict(obj, path), record, path)
     arrays = mindspore.read_checkpoint(path)
-    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
-    mapped = keymaps.rename_keys(tensors, keymaps.MINDSPORE)
+    mapped = keymaps.rename_keys({k: torch.from_numpy(v) for k, v in arrays.items()}, keymaps.MINDSPORE)
     return _with_inferred_shape(LoadedWeights(mapped.state_dict, "mindspore", ignored=mapped.ignored))
 
 
-def _from_tensors(tensors, ours: dict | None, path: Path) -> LoadedWeights:
-    if ours is not None:
-        if ours.get("version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"{path}: written by a newer mobilenetv2 (format version {ours.get('version')})")
+def _from_tensors(tensors: dict[str, torch.Tensor], record: dict | None, path: Path) -> LoadedWeights:
+    if record is not None:
         mapped = keymaps.rename_keys(tensors, keymaps.OURS)
-        config = ours.get("config", {})
-        loaded = LoadedWeights(
-            mapped.state_dict, FORMAT_NAME, width_mult=config.get("width_mult"), num_classes=config.get("num_classes"),
-            class_names=ours.get("class_names"), preprocess=Preprocess.from_dict(ours.get("preprocess") or {}),
-        )
+        loaded = LoadedWeights(mapped.state_dict, metadata_schema.FORMAT_NAME, metadata_schema.parse(record, str(path)))
         return _with_inferred_shape(loaded)
     layout = keymaps.detect_layout(list(tensors))
     mapped = keymaps.rename_keys(tensors, layout)
     return _with_inferred_shape(LoadedWeights(mapped.state_dict, layout.name, ignored=mapped.ignored))
-
-
-def channel_plan(width_mult: float, setting=SEED_INVERTED_RESIDUAL_SETTING) -> list[int]:
-    """Output channels of every conv stage: stem, each block, last."""
-    plan = [make_divisible(STEM_CHANNELS * width_mult)]
-    for _t, c, n, _s in setting:
-        plan += [make_divisible(c * width_mult)] * n
-    return plan + [make_divisible(LAST_CHANNELS * max(1.0, width_mult))]
 
 
 def _checkpoint_plan(state: dict[str, torch.Tensor]) -> list[int]:
@@ -214,16 +186,20 @@ def infer_width(state: dict[str, torch.Tensor]) -> float:
 
 
 def _with_inferred_shape(loaded: LoadedWeights) -> LoadedWeights:
-    state = loaded.state_dict
+    state, architecture = loaded.state_dict, loaded.metadata.architecture
     if "backbone.0.0.weight" not in state:
         raise CheckpointError(f"{loaded.source_format} checkpoint is missing tensor 'backbone.0.0.weight'")
-    if loaded.width_mult is None:
-        loaded.width_mult = infer_width(state)
-    if loaded.num_classes is None:
+    if architecture.get("width_mult") is None:
+        architecture["width_mult"] = infer_width(state)
+    if architecture.get("num_classes") is None:
         head = state.get("head.classifier.weight")
         if head is None:
             raise CheckpointError(f"{loaded.source_format} checkpoint is missing tensor 'head.classifier.weight'")
-        loaded.num_classes = int(head.shape[0])
+        architecture["num_classes"] = int(head.shape[0])
+    names = loaded.metadata.class_names
+    if names is not None and len(names) != architecture["num_classes"]:
+        raise CheckpointError(f"{loaded.source_format} checkpoint has {len(names)} class names for "
+                              f"{architecture['num_classes']} classes")
     return loaded
 
 
@@ -235,18 +211,21 @@ def load_state_into(model: MobileNetV2, loaded: LoadedWeights, *, skip_head: boo
     model.load_state_dict(checked, strict=not skip_head)
 
 
+def same_width(a: float, b: float) -> bool:
+    """Two widths build the same channels (0.5 and 0.51 do)."""
+    return channel_plan(a) == channel_plan(b)
+
+
 def load_model(path: str | os.PathLike, *, num_classes: int | None = None, width_mult: float | None = None) -> MobileNetV2:
-    """A MobileNetV2 in eval mode from any supported file, with `.class_names` and `.preprocess` attached.
+    """A MobileNetV2 in eval mode from any supported file, with the class names and preprocessing it carries.
 
     `num_classes` / `width_mult`, when given, must agree with the file.
     """
     loaded = read_weights(path)
-    if width_mult is not None and channel_plan(width_mult) != channel_plan(loaded.width_mult):
+    if width_mult is not None and not same_width(width_mult, loaded.width_mult):
         raise CheckpointError(f"{path}: checkpoint has width {loaded.width_mult}, asked for {width_mult}")
     if num_classes is not None and num_classes != loaded.num_classes:
         raise CheckpointError(f"{path}: checkpoint has {loaded.num_classes} classes, asked for {num_classes}")
-    model = MobileNetV2(num_classes=loaded.num_classes, width_mult=loaded.width_mult)
+    model = loaded.build()
     load_state_into(model, loaded)
-    model.class_names = loaded.class_names
-    model.preprocess = loaded.preprocess
     return model.eval()

@@ -1,15 +1,22 @@
 """The `mobilenetv2` command: subcommands mapped onto the package's functions, no logic of its own.
 
-Errors a user can cause end in one line on stderr and exit code 2.
+Errors a user can cause end in one line on stderr and exit code 2; the library names arguments in backticks
+(`batch_size`), which this module shows as the flags that set them (--batch-size). torch is imported only by the
+commands that need it, so `--help` and a wrong flag answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import typing
 
+from mobilenetv2 import __version__
+from mobilenetv2.config import TrainConfig
+from mobilenetv2.deploy.formats import FORMATS as EXPORT_FORMATS
+from mobilenetv2.deploy.formats import default_output
 from mobilenetv2.errors import UserError
 
 
@@ -34,13 +41,16 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip=()) -> Non
 
 def _cmd_convert(args) -> int:
     from mobilenetv2.checkpoint import load_state_into, read_weights, save_model
-    from mobilenetv2.model import MobileNetV2
 
     loaded = read_weights(args.source)
-    model = MobileNetV2(num_classes=loaded.num_classes, width_mult=loaded.width_mult)
+    model = loaded.build()
     load_state_into(model, loaded)
-    class_names = _read_class_names(args.class_names) if args.class_names else loaded.class_names
-    save_model(model, args.output, class_names=class_names, preprocess=loaded.preprocess)
+    if args.class_names:
+        names = _read_class_names(args.class_names)
+        if len(names) != model.num_classes:
+            raise UserError(f"{args.class_names} has {len(names)} class names; the model has {model.num_classes} classes")
+        model.class_names = names
+    save_model(model, args.output)
     if loaded.ignored:
         print(f"ignored {len(loaded.ignored)} non-weight entries: {', '.join(sorted(loaded.ignored)[:8])}"
               + (" ..." if len(loaded.ignored) > 8 else ""))
@@ -59,12 +69,14 @@ def _read_class_names(path: str) -> list[str]:
 
 
 def _cmd_train(args) -> int:
-    from mobilenetv2.config import TrainConfig, build_config
-    from mobilenetv2.train import run_training
+    from mobilenetv2.config import build_config
+    from mobilenetv2.training.run import run_training
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "config")}
-    config = build_config(TrainConfig, args.config, overrides)
-    run_training(config)
+    recipe = build_config(TrainConfig, args.config)
+    if "batch_size" in overrides and "lr_reference_batch" not in overrides:
+        overrides["lr_reference_batch"] = recipe.lr_reference_batch or recipe.batch_size  # what the rates are for
+    run_training(build_config(TrainConfig, args.config, overrides))
     return 0
 
 
@@ -72,17 +84,15 @@ def _cmd_eval(args) -> int:
     import json
     from pathlib import Path
 
-    from mobilenetv2 import predict, runtime
+    from mobilenetv2 import runtime
+    from mobilenetv2.deploy import predict
 
     if args.batch_size < 1:
-        raise UserError("--batch-size must be >= 1")
+        raise UserError("`batch_size` must be >= 1")
     folder = predict.eval_folder(args.data)
-    state = runtime.setup(args.device, "off")
-    try:
+    with runtime.session(args.device, "off") as state:
         result, classes = predict.evaluate_checkpoint(args.checkpoint, folder, state, batch_size=args.batch_size,
                                                       workers=args.workers, resize_mode=args.resize)
-    finally:
-        runtime.teardown()
     if state.is_main:
         print(f"result:{{'acc': {result.top1}, 'top5': {result.top5}}} ckpt={args.checkpoint}")
         print(f"evaluated {result.count} images" + (f", skipped {result.skipped} unreadable" if result.skipped else ""))
@@ -95,10 +105,10 @@ def _cmd_eval(args) -> int:
 def _cmd_predict(args) -> int:
     import json
 
-    from mobilenetv2 import predict
+    from mobilenetv2.deploy import predict
 
     if args.topk < 1:
-        raise UserError("--topk must be >= 1")
+        raise UserError("`topk` must be >= 1")
     classifier = predict.load_classifier(args.checkpoint)
     results = predict.predict(classifier, args.images, args.topk)
     if args.json:
@@ -112,18 +122,15 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from pathlib import Path
-
     from mobilenetv2.checkpoint import load_model
-    from mobilenetv2.export import FORMATS, ExportCheckError, export
+    from mobilenetv2.deploy.export import ExportCheckError, export
 
-    if args.format not in FORMATS:
-        raise UserError(f"unknown export format {args.format!r}; choose one of {', '.join(FORMATS)}")
+    if args.format not in EXPORT_FORMATS:
+        raise UserError(f"unknown export format {args.format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     if args.batch_size < 1:
-        raise UserError("--batch-size must be >= 1")
+        raise UserError("`batch_size` must be >= 1")
     model = load_model(args.checkpoint)
-    suffix = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "mindspore": ".ckpt"}[args.format]
-    output = Path(args.output or Path(args.checkpoint).with_suffix("").as_posix() + suffix)
+    output = args.output or default_output(args.checkpoint, args.format)
     try:
         reports = export(model, args.format, output, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch,
                          with_softmax=args.with_softmax)
@@ -137,7 +144,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_data(args) -> int:
-    from mobilenetv2.datasets import write_fashion_mnist
+    from mobilenetv2.data.fashion_mnist import write_fashion_mnist
 
     out = write_fashion_mnist(args.output, per_class=args.per_class, val_per_class=args.val_per_class,
                               source=args.source, download=args.download)
@@ -166,9 +173,6 @@ def _cmd_plot(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mobilenetv2 import __version__
-    from mobilenetv2.config import TrainConfig
-
     parser = _Parser(prog="mobilenetv2", description="Train, fine-tune, evaluate, export and serve MobileNetV2.")
     parser.add_argument("--version", action="version", version=f"mobilenetv2 {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -203,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="export to ONNX / TorchScript / MindSpore, checked against eager")
     export.add_argument("--checkpoint", required=True)
-    export.add_argument("--format", required=True, help="onnx | torchscript | mindspore")
+    export.add_argument("--format", required=True, help="; ".join(f"{name}: {fmt.description}"
+                                                                   for name, fmt in EXPORT_FORMATS.items()))
     export.add_argument("--output", "-o", help="output file (default: next to the checkpoint)")
     export.add_argument("--batch-size", type=int, default=1)
     export.add_argument("--dynamic-batch", action="store_true", help="any batch size at run time")
@@ -236,13 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def as_flags(message: str) -> str:
+    """A library message with its `argument_names` shown as the --flags that set them."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda match: "--" + match.group(1).replace("_", "-"), message)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
     except UserError as exc:
-        print(f"mobilenetv2 {args.command}: error: {exc}", file=sys.stderr)
+        print(f"mobilenetv2 {args.command}: error: {as_flags(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mobilenetv2 {args.command}: interrupted", file=sys.stderr)

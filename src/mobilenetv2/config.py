@@ -71,6 +71,10 @@ class TrainConfig:
     lr_max: float = _help("learning rate after warmup (per process batch, as in the seed)", default=0.8)
     lr_end: float = _help("learning rate the cosine decays to", default=0.0)
     warmup_epochs: float = _help("epochs of linear warmup from lr-init to lr-max", default=0.0)
+    lr_scaling: str = _help("none (the seed's way: rates as given) | linear (every rate times batch-size / "
+                            "lr-reference-batch, as timm scales by the global batch)", default="none")
+    lr_reference_batch: int = _help("per-process batch the learning rates are tuned for (0: batch-size; the command "
+                                    "line sets it to the recipe's batch when --batch-size overrides it)", default=0)
     max_steps: int = _help("stop after this many optimizer steps in total (0: no limit)", default=0)
     # optimizer and loss
     momentum: float = _help("SGD momentum", default=0.9)
@@ -78,7 +82,8 @@ class TrainConfig:
     decay_bn_bias: bool = _help("apply weight decay to BatchNorm parameters and biases too (the seed's GPU path)", default=True)
     label_smoothing: float = _help("label smoothing epsilon: targets are 1-eps and eps/(K-1)", default=0.1)
     # model
-    width_mult: float = _help("width multiplier (channels rounded to multiples of 8)", default=1.0)
+    width_mult: float = _help("width multiplier, channels rounded to multiples of 8 (0: the width of --pretrained, "
+                              "else 1.0)", default=0.0)
     num_classes: int = _help("classifier outputs (0: the number of class folders)", default=0)
     dropout: float = _help("dropout before the classifier", default=0.0)
     image_size: int = _help("training and eval crop size in pixels", default=224)
@@ -110,27 +115,31 @@ class TrainConfig:
 
     def __post_init__(self):
         checks = [
-            (self.epochs >= 1, "--epochs must be >= 1"),
-            (self.batch_size >= 1, "--batch-size must be >= 1"),
-            (self.width_mult > 0, "--width-mult must be > 0"),
-            (self.num_classes >= 0, "--num-classes must be >= 0"),
-            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-            (self.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
-            (self.warmup_epochs <= self.epochs, "--warmup-epochs must not exceed --epochs"),
-            (self.freeze in ("none", "backbone"), f"--freeze must be none or backbone, got {self.freeze!r}"),
-            (self.amp in ("auto", "off", "bf16", "fp16"), f"--amp must be auto, off, bf16 or fp16, got {self.amp!r}"),
-            (not self.filter_head or bool(self.pretrained), "--filter-head needs --pretrained"),
-            (not self.extend_classes or bool(self.pretrained), "--extend-classes needs --pretrained"),
-            (not (self.extend_classes and self.filter_head), "--extend-classes keeps the head; it conflicts with --filter-head"),
-            (self.freeze == "none" or bool(self.pretrained), "--freeze backbone needs --pretrained (a trained backbone)"),
-            (0 <= self.ema < 1, "--ema must be in [0, 1)"),
-            (self.save_every >= 1 and self.keep_max >= 1, "--save-every and --keep-max must be >= 1"),
-            (self.eval_every >= 0 and self.workers >= 0 and self.max_steps >= 0, "counts must be >= 0"),
-            (self.feature_views >= 1, "--feature-views must be >= 1"),
-            (self.log_every >= 1, "--log-every must be >= 1"),
-            (self.image_size >= 16, "--image-size must be >= 16"),
-            (self.resize_size == 0 or self.resize_size >= self.image_size, "--resize-size must be >= --image-size"),
-            (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
+            (self.epochs >= 1, "`epochs` must be >= 1"),
+            (self.batch_size >= 1, "`batch_size` must be >= 1"),
+            (self.width_mult >= 0, "`width_mult` must be > 0 (or 0: from `pretrained`)"),
+            (self.num_classes >= 0, "`num_classes` must be >= 0"),
+            (0 <= self.label_smoothing < 1, "`label_smoothing` must be in [0, 1)"),
+            (self.warmup_epochs >= 0, "`warmup_epochs` must be >= 0"),
+            (self.warmup_epochs <= self.epochs, "`warmup_epochs` must not exceed `epochs`"),
+            (self.freeze in ("none", "backbone"), f"`freeze` must be none or backbone, got {self.freeze!r}"),
+            (self.amp in ("auto", "off", "bf16", "fp16"), f"`amp` must be auto, off, bf16 or fp16, got {self.amp!r}"),
+            (not self.filter_head or bool(self.pretrained), "`filter_head` needs `pretrained`"),
+            (not self.extend_classes or bool(self.pretrained), "`extend_classes` needs `pretrained`"),
+            (not (self.extend_classes and self.filter_head), "`extend_classes` keeps the head; it conflicts with `filter_head`"),
+            (self.freeze == "none" or bool(self.pretrained), "`freeze` backbone needs `pretrained` (a trained backbone)"),
+            (0 <= self.ema < 1, "`ema` must be in [0, 1)"),
+            (self.save_every >= 1 and self.keep_max >= 1, "`save_every` and `keep_max` must be >= 1"),
+            (self.eval_every >= 0, "`eval_every` must be >= 0"),
+            (self.workers >= 0, "`workers` must be >= 0"),
+            (self.max_steps >= 0, "`max_steps` must be >= 0"),
+            (self.feature_views >= 1, "`feature_views` must be >= 1"),
+            (self.log_every >= 1, "`log_every` must be >= 1"),
+            (self.image_size >= 16, "`image_size` must be >= 16"),
+            (self.resize_size == 0 or self.resize_size >= self.image_size, "`resize_size` must be >= `image_size`"),
+            (0 <= self.dropout < 1, "`dropout` must be in [0, 1)"),
+            (self.lr_scaling in ("none", "linear"), f"`lr_scaling` must be none or linear, got {self.lr_scaling!r}"),
+            (self.lr_reference_batch >= 0, "`lr_reference_batch` must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -8,12 +8,20 @@ import dataclasses
 import json
 import platform
 import random
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from mobilenetv2 import runtime
+from mobilenetv2.checkpoint import load_model
 from mobilenetv2.config import TrainConfig, build_config
+from mobilenetv2.data.fashion_mnist import write_fashion_mnist
+from mobilenetv2.deploy import predict
+from mobilenetv2.deploy.export import export
+from mobilenetv2.monitor import plot_run
+from mobilenetv2.training.run import run_training
 
 QUICK = {"epochs": 6, "image_size": 32, "resize_size": 32, "width_mult": 0.35, "batch_size": 50, "lr_max": 0.05, "warmup_epochs": 0.5,
          "eval_every": 2, "save_every": 6, "ema": 0.0}
@@ -31,10 +39,6 @@ class DemoOptions:
 
 
 def run_demo(options: DemoOptions) -> dict:
-    from mobilenetv2.datasets import write_fashion_mnist
-    from mobilenetv2.monitor import plot_run
-    from mobilenetv2.train import run_training
-
     started = time.perf_counter()
     data_dir = options.data
     if options.per_class or options.val_per_class:
@@ -46,8 +50,6 @@ def run_demo(options: DemoOptions) -> dict:
         overrides.update(QUICK)
     config = build_config(TrainConfig, options.config, overrides)
     if options.output.exists():
-        import shutil
-
         shutil.rmtree(options.output)  # a demo run starts clean; its data folder is reused
     run_training(config)
     trained = time.perf_counter()
@@ -62,7 +64,7 @@ def run_demo(options: DemoOptions) -> dict:
         "top1": evaluation["top1"], "top5": evaluation["top5"], "count": evaluation["count"],
         "onnx_top1": onnx_eval["top1"], "onnx_check": onnx_report,
         "seconds": {"data": prepared - started, "train": trained - prepared, "total": finished - started},
-        "device": str(runtime_device(options.device)), "config": config.to_dict(), "per_class_accuracy": evaluation["per_class_accuracy"],
+        "device": str(runtime.resolve_device(options.device)), "config": config.to_dict(), "per_class_accuracy": evaluation["per_class_accuracy"],
         "predictions": predictions, "curves": str(curves),
     }
     (options.output / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -70,30 +72,17 @@ def run_demo(options: DemoOptions) -> dict:
     return summary
 
 
-def runtime_device(name: str) -> torch.device:
-    from mobilenetv2.runtime import resolve_device
-
-    return resolve_device(name)
-
-
 def _evaluate(checkpoint: Path, data_dir: Path, options: DemoOptions, device: str | None = None) -> dict:
-    from mobilenetv2 import predict, runtime
-
-    state = runtime.setup(device or options.device, "off")
-    result, classes = predict.evaluate_checkpoint(checkpoint, data_dir / "val", state, batch_size=500)
+    with runtime.session(device or options.device, "off") as state:
+        result, classes = predict.evaluate_checkpoint(checkpoint, data_dir / "val", state, batch_size=500)
     return result.to_dict(classes)
 
 
 def _export(checkpoint: Path, output: Path) -> list[str]:
-    from mobilenetv2 import load_model
-    from mobilenetv2.export import export
-
     return export(load_model(checkpoint), "onnx", output, dynamic_batch=True)
 
 
 def _predict(checkpoint: Path, data_dir: Path, count: int = 6) -> list[dict]:
-    from mobilenetv2 import predict
-
     files = sorted((data_dir / "val").glob("*/*.png"))
     chosen = random.Random(0).sample(files, min(count, len(files)))
     results = predict.predict(predict.load_classifier(checkpoint), chosen, topk=3)

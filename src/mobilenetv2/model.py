@@ -1,6 +1,6 @@
-"""The seed's MobileNetV2 network: a `backbone` (image -> feature map) and a `head` (pool -> logits).
-
-Nothing but the network lives here; it imports torch only.
+"""The seed's MobileNetV2 network: a `backbone` (image -> feature map) and a `head` (pool -> logits), the
+channel plan that weight readers match checkpoints against, and the metadata a model carries (class names and the
+preprocessing contract). Nothing from training, data or deploy is imported here.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from mobilenetv2.config import Preprocess
+from mobilenetv2.metadata import describe
 
 # t (expansion), c (output channels), n (repeats), s (first stride)
 SEED_INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
@@ -32,6 +35,15 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     if rounded < 0.9 * value:
         rounded += divisor
     return rounded
+
+
+def channel_plan(width_mult: float, setting: Sequence[Sequence[int]] = SEED_INVERTED_RESIDUAL_SETTING,
+                 round_nearest: int = 8) -> list[int]:
+    """Output channels of every backbone stage: stem, each inverted residual block, last 1x1 conv."""
+    plan = [make_divisible(STEM_CHANNELS * width_mult, round_nearest)]
+    for _t, c, n, _s in setting:
+        plan += [make_divisible(c * width_mult, round_nearest)] * n
+    return plan + [make_divisible(LAST_CHANNELS * max(1.0, width_mult), round_nearest)]
 
 
 class ConvBNReLU(nn.Sequential):
@@ -84,14 +96,15 @@ class Backbone(nn.Sequential):
         setting = SEED_INVERTED_RESIDUAL_SETTING if inverted_residual_setting is None else inverted_residual_setting
         if not setting or any(len(row) != 4 for row in setting):
             raise ValueError("inverted_residual_setting must be a non-empty list of (t, c, n, s) rows")
-        in_channels = make_divisible(STEM_CHANNELS * width_mult, round_nearest)
-        out_channels = make_divisible(LAST_CHANNELS * max(1.0, width_mult), round_nearest)
+        plan = iter(channel_plan(width_mult, setting, round_nearest))
+        in_channels = next(plan)
         layers: list[nn.Module] = [ConvBNReLU(3, in_channels, stride=2)]
-        for t, c, n, s in setting:
-            block_channels = make_divisible(c * width_mult, round_nearest)
+        for t, _c, n, s in setting:
             for i in range(n):
+                block_channels = next(plan)
                 layers.append(InvertedResidual(in_channels, block_channels, s if i == 0 else 1, t))
                 in_channels = block_channels
+        out_channels = next(plan)
         layers.append(ConvBNReLU(in_channels, out_channels, kernel_size=1))
         super().__init__(*layers)
         self.out_channels = out_channels
@@ -118,7 +131,11 @@ class Head(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """The seed's MobileNetV2: `backbone` then `head`."""
+    """The seed's MobileNetV2: `backbone` then `head`.
+
+    It carries its metadata: `class_names` (None, or one name per class) and `preprocess`, the contract an image
+    goes through before the network sees it. Both travel into every checkpoint and export.
+    """
 
     def __init__(
         self,
@@ -127,6 +144,9 @@ class MobileNetV2(nn.Module):
         round_nearest: int = 8,
         dropout: float = 0.0,
         inverted_residual_setting: Sequence[Sequence[int]] | None = None,
+        *,
+        class_names: Sequence[str] | None = None,
+        preprocess: Preprocess | None = None,
     ):
         super().__init__()
         if num_classes < 1:
@@ -135,9 +155,38 @@ class MobileNetV2(nn.Module):
             raise ValueError(f"width_mult must be > 0, got {width_mult}")
         self.num_classes = num_classes
         self.width_mult = width_mult
+        self.round_nearest = round_nearest
+        self.dropout = dropout
+        self.inverted_residual_setting = (None if inverted_residual_setting is None
+                                          else tuple(tuple(int(v) for v in row) for row in inverted_residual_setting))
         self.backbone = Backbone(width_mult, round_nearest, inverted_residual_setting)
         self.head = Head(self.backbone.out_channels, num_classes, dropout)
+        self.class_names = class_names
+        self.preprocess = preprocess if preprocess is not None else Preprocess()
         self.reset_parameters()
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self._class_names
+
+    @class_names.setter
+    def class_names(self, names: Sequence[str] | None) -> None:
+        if names is not None:
+            names = [str(name) for name in names]
+            if len(names) != self.num_classes:
+                raise ValueError(f"{len(names)} class names for a {self.num_classes}-class model")
+        self._class_names = names
+
+    def architecture(self) -> dict:
+        """The constructor arguments that rebuild this network, as plain data."""
+        setting = self.inverted_residual_setting
+        return {"num_classes": self.num_classes, "width_mult": self.width_mult, "round_nearest": self.round_nearest,
+                "dropout": self.dropout,
+                "inverted_residual_setting": None if setting is None else [list(row) for row in setting]}
+
+    def metadata(self) -> dict:
+        """The versioned metadata record every format we write carries (see `mobilenetv2.metadata`)."""
+        return describe(self.architecture(), self.class_names, self.preprocess)
 
     @property
     def num_features(self) -> int:

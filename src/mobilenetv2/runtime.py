@@ -1,4 +1,8 @@
-"""The one place that decides device, precision, process rank / world size and seeding."""
+"""The one place that decides device, precision, process rank / world size and seeding.
+
+`session(...)` decides once and undoes on exit what it set process-wide (the process group, denormal flushing);
+`preserved_rng()` gives a library call its own seeded random streams without touching the caller's.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     channels_last: bool = False
+    flushes_denormals: bool = False  # this runtime turned CPU denormal flushing on (teardown turns it off)
 
     @property
     def is_main(self) -> bool:
@@ -105,21 +110,48 @@ def setup(device: str = "auto", amp: str = "auto", channels_last: bool = False) 
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
-    if resolved.type == "cpu":
-        # Denormal floats (tiny gradients and momenta) take a slow path in CPU kernels; flushing them to zero
-        # costs nothing in accuracy and ~20 % in CPU training speed (benchmarks/train_throughput.py).
-        torch.set_flush_denormal(True)
+    # Denormal floats (tiny gradients and momenta) take a slow path in CPU kernels; flushing them to zero
+    # costs nothing in accuracy and ~20 % in CPU training speed (benchmarks/train_throughput.py).
+    flushes = resolved.type == "cpu" and not flushing_denormals() and torch.set_flush_denormal(True)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
         dist.init_process_group(backend=backend, device_id=resolved if resolved.type == "cuda" else None)
-    return Runtime(resolved, resolve_amp(amp, resolved), rank, world_size, local_rank, channels_last)
+    return Runtime(resolved, resolve_amp(amp, resolved), rank, world_size, local_rank, channels_last, flushes)
 
 
-def teardown() -> None:
+def flushing_denormals() -> bool:
+    """Whether CPU kernels flush denormal floats to zero right now (torch has no getter for it)."""
+    return float((torch.tensor([1e-40]) * 1.0).item()) == 0.0
+
+
+def teardown(runtime: Runtime | None = None) -> None:
+    """Undo what `setup` set process-wide: the process group, and denormal flushing where it turned it on."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    if runtime is not None and runtime.flushes_denormals:
+        torch.set_flush_denormal(False)
+
+
+@contextlib.contextmanager
+def session(device: str = "auto", amp: str = "auto", channels_last: bool = False):
+    """`setup` on entry, `teardown` on exit."""
+    runtime = setup(device, amp, channels_last)
+    try:
+        yield runtime
+    finally:
+        teardown(runtime)
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Inside, seed freely; on exit the Python, NumPy, torch (and CUDA) random states are what they were."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
 
 
 def seed_everything(seed: int) -> None:

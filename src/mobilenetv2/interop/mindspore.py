@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mobilenetv2.errors import CheckpointError
+from mobilenetv2.files import atomic_write_bytes
 
 MAX_CHECKPOINT_BYTES = 4 << 30  # refuse files beyond 4 GiB before reading them
 MAX_TENSOR_DIMS = 8
@@ -101,8 +102,6 @@ def _decode_tensor(path: Path, tag: str, tensor) -> np.ndarray:
 
 def write_checkpoint(tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
     """Write tensors in MindSpore's `.ckpt` layout, atomically (temp file then rename)."""
-    from mobilenetv2.checkpoint import atomic_write_bytes
-
     message = _checkpoint_message_class()()
     for tag, array in tensors.items():
         array = np.ascontiguousarray(array)

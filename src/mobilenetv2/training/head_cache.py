@@ -1,15 +1,14 @@
-"""Head-only training from cached backbone features (the seed's `--freeze_layer backbone`, made reusable).
+"""The backbone-feature cache behind head-only training (the seed's `--freeze_layer backbone`, made reusable).
 
 The frozen backbone runs once per image (eval transforms, or K augmented views) and its pooled output is stored as
 one memory-mapped array per split in a cache folder named by a key over the backbone weights, the file list
 (paths, sizes, mtimes), the preprocessing and the transforms. A cache is built in a temp folder and renamed into
 place only when complete, so a killed extraction is never reused. The head then trains from the arrays through
-the same loop as every other mode.
+the same loop as every other mode (`tasks.feature_task`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -19,26 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from mobilenetv2 import data as data_module
 from mobilenetv2.config import TrainConfig
+from mobilenetv2.data.folders import SafeImageFolder, eval_loader
 from mobilenetv2.model import MobileNetV2
 from mobilenetv2.runtime import Runtime
-from mobilenetv2.train import TrainTask, evaluate
 
 CACHE_FORMAT = 1
-
-
-class HeadOnFeatures(nn.Module):
-    """Pooled features -> logits through the network's own head (what the loop trains in this mode)."""
-
-    def __init__(self, head: nn.Module):
-        super().__init__()
-        self.head = head
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.head.classify(pooled)
 
 
 def freeze_backbone(model: MobileNetV2) -> None:
@@ -60,7 +46,7 @@ def _hash_files(samples, digest) -> None:
         digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
 
 
-def cache_key(model: MobileNetV2, splits: dict[str, data_module.SafeImageFolder], config: TrainConfig) -> str:
+def cache_key(model: MobileNetV2, splits: dict[str, SafeImageFolder], config: TrainConfig) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps({"format": CACHE_FORMAT, "preprocess": config.preprocess.to_dict(),
                               "views": config.feature_views, "min_scale": config.min_scale,
@@ -79,7 +65,7 @@ def _extract(model: MobileNetV2, dataset, rows: np.ndarray, labels: np.ndarray, 
     """Fill this rank's rows (view `view` of every image) of the memory-mapped arrays."""
     from tqdm import tqdm
 
-    loader = data_module.eval_loader(_Indexed(dataset), batch_size, workers, runtime.rank, runtime.world_size,
+    loader = eval_loader(_Indexed(dataset), batch_size, workers, runtime.rank, runtime.world_size,
                                      pin_memory=runtime.device.type == "cuda")
     quiet = not (runtime.is_main and sys.stderr.isatty())
     for batch in tqdm(loader, desc=description, disable=quiet, leave=False):
@@ -111,8 +97,8 @@ class _Indexed(torch.utils.data.Dataset):
         return image, torch.tensor([label, index])
 
 
-def build_cache(model: MobileNetV2, splits: dict[str, data_module.SafeImageFolder],
-                augmented: data_module.SafeImageFolder | None, config: TrainConfig, runtime: Runtime,
+def build_cache(model: MobileNetV2, splits: dict[str, SafeImageFolder],
+                augmented: SafeImageFolder | None, config: TrainConfig, runtime: Runtime,
                 root: Path) -> tuple[Path, bool]:
     """The complete cache folder for these inputs, and whether it was reused (its key matched) or built."""
     key = cache_key(model, splits, config)
@@ -174,55 +160,3 @@ def load_split(folder: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     if valid.all():
         return rows, np.asarray(labels)
     return rows[valid], np.asarray(labels)[valid]
-
-
-def _batches(rows: np.ndarray, labels: np.ndarray, batch_size: int, order: np.ndarray):
-    for start in range(0, len(order), batch_size):
-        index = np.sort(order[start:start + batch_size])  # sorted reads are sequential in the memmap
-        yield torch.from_numpy(np.ascontiguousarray(rows[index])), torch.from_numpy(labels[index]), 0
-
-
-def feature_task(config: TrainConfig, model: MobileNetV2, splits, class_names, runtime: Runtime,
-                 output: Path) -> tuple[TrainTask | None, Runtime]:
-    """Extract (split across ranks) or reuse the cache, then train the head on the main process only."""
-    freeze_backbone(model)
-    preprocess = config.preprocess
-    known = class_names[: len(splits.classes)]
-    datasets = {"train": data_module.image_folder(splits.train, data_module.eval_transform(preprocess), known)}
-    if splits.val is not None and config.eval_every:
-        datasets["val"] = data_module.image_folder(splits.val, data_module.eval_transform(preprocess), known)
-    augmented = None
-    if config.feature_views > 1:
-        augmented = data_module.image_folder(splits.train, data_module.train_transform(
-            preprocess, config.min_scale, config.color_jitter), known)
-    root = Path(config.feature_cache) if config.feature_cache else output / "feature_cache"
-    folder, reused = build_cache(model, datasets, augmented, config, runtime, root)
-    if not runtime.is_main:
-        return None, runtime
-    local = dataclasses.replace(runtime, rank=0, world_size=1)  # the head is trained once, here
-    rows, labels = load_split(folder, "train")
-    views = config.feature_views
-    images = len(labels) // views if views > 1 else len(labels)
-    steps = max(images // config.batch_size, 1)
-
-    def batches(epoch: int, skip: int):
-        generator = np.random.default_rng([config.seed, epoch])
-        if views > 1:  # one random view of each image per epoch
-            choice = np.arange(images) * views + generator.integers(0, views, images)
-            order = generator.permutation(choice)
-        else:
-            order = generator.permutation(len(labels))
-        order = order[: steps * config.batch_size] if len(order) >= config.batch_size else order
-        return _batches(rows, labels, config.batch_size, order[skip * config.batch_size:])
-
-    evaluate_fn = None
-    if "val" in datasets:
-        val_rows, val_labels = load_split(folder, "val")
-
-        def evaluate_fn(network: MobileNetV2):
-            batches_val = _batches(val_rows, val_labels, config.batch_size, np.arange(len(val_labels)))
-            return evaluate(network.head.classify, batches_val, local, model.num_classes)
-
-    task = TrainTask(HeadOnFeatures(model.head), model, batches, steps, evaluate_fn)
-    task.notes = [f"feature cache {'reused' if reused else 'built'}: {folder} ({len(labels)} train rows)"]
-    return task, local

@@ -1,34 +1,17 @@
 """Head-only training from cached backbone features, and class-incremental learning."""
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 
-from mobilenetv2 import features, load_model
-from mobilenetv2.cli import main
+from mobilenetv2 import load_model
+from mobilenetv2.training import head_cache
 
-from conftest import FIVE_CLASSES, TINY_TRAIN, subset
-
-
-def head_only(data, output, pretrained, *extra):
-    return main(["train", "--data", str(data), "--output", str(output), "--pretrained", str(pretrained),
-                 "--freeze", "backbone", *TINY_TRAIN, "--batch-size", "16", "--lr-max", "0.1", *extra])
-
-
-def last_eval(run):
-    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in epochs if r["type"] == "epoch"][-1]
-
-
-@pytest.fixture
-def three_new(fashion, tmp_path):
-    return subset(fashion, tmp_path / "data", ["Coat", "Dress", "Ankle_boot"])
+from conftest import TINY_TRAIN, head_only, last_eval
 
 
 def test_backbone_frozen_bit_for_bit_and_head_learns(three_new, pretrained_five, tmp_path, capsys):
@@ -62,7 +45,7 @@ def test_cache_reused_rebuilt_on_change_never_after_crash(three_new, pretrained_
     (three_new / "train" / "Coat" / "copy.png").unlink()
     shutil.rmtree(cache)
     calls = []
-    original = features._extract
+    original = head_cache._extract
 
     def crash_after_first(*args, **kwargs):
         calls.append(1)
@@ -70,10 +53,10 @@ def test_cache_reused_rebuilt_on_change_never_after_crash(three_new, pretrained_
             raise KeyboardInterrupt  # killed while extracting val
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(features, "_extract", crash_after_first)
+    monkeypatch.setattr(head_cache, "_extract", crash_after_first)
     assert head_only(three_new, tmp_path / "d", pretrained_five, *common) == 130
     assert [p.name.endswith(".partial") for p in cache.iterdir()] == [True]
-    monkeypatch.setattr(features, "_extract", original)
+    monkeypatch.setattr(head_cache, "_extract", original)
     capsys.readouterr()
     assert head_only(three_new, tmp_path / "e", pretrained_five, *common) == 0
     assert "feature cache built" in capsys.readouterr().out
@@ -87,48 +70,6 @@ def test_augmented_views(three_new, pretrained_five, tmp_path, capsys):
     rows = np.load(folder / "train_features.npy")
     assert rows.shape[0] == 360
     assert not np.allclose(rows[0], rows[1])  # two views of one image differ
-
-
-def test_class_incremental_keeps_old_rows_and_old_accuracy(fashion, pretrained_five, tmp_path):
-    from mobilenetv2 import data as data_module
-    from mobilenetv2.runtime import setup
-    from mobilenetv2.train import evaluate
-
-    classes = FIVE_CLASSES + ["Coat", "Pullover"]
-    data = subset(fashion, tmp_path / "data", classes)
-    run = tmp_path / "run"
-    assert head_only(data, run, pretrained_five, "--extend-classes", "--epochs", "6", "--lr-max", "0.05") == 0
-    old, new = load_model(pretrained_five), load_model(run / "checkpoints" / "last.pt")
-    assert new.class_names == sorted(classes)
-    # with a zero learning rate the old rows must come through exactly, at their classes' new positions
-    zero = tmp_path / "zero"
-    assert head_only(data, zero, pretrained_five, "--extend-classes", "--epochs", "1", "--lr-max", "0",
-                     "--weight-decay", "0") == 0
-    kept = load_model(zero / "checkpoints" / "last.pt")
-    for old_index, name in enumerate(old.class_names):
-        new_index = kept.class_names.index(name)
-        assert torch.equal(kept.head.classifier.weight[new_index], old.head.classifier.weight[old_index])
-        assert torch.equal(kept.head.classifier.bias[new_index], old.head.classifier.bias[old_index])
-
-    def old_class_accuracy(model):
-        val = data_module.image_folder(data / "val", data_module.eval_transform(model.preprocess), model.class_names)
-        val.samples = [s for s in val.samples if val.classes[s[1]] in FIVE_CLASSES]
-        result = evaluate(model, data_module.eval_loader(val, 50, 0), setup("cpu", "off"), model.num_classes)
-        return result.top1
-
-    before = old_class_accuracy(kept)  # the old head, inside the extended network, before training
-    after = old_class_accuracy(new)
-    assert before > 0.4
-    assert after >= before - 0.15, (before, after)
-
-
-def test_extend_classes_needs_names(three_new, tmp_path, capsys):
-    from conftest import MS_CHECKPOINT
-
-    assert main(["train", "--data", str(three_new), "--output", str(tmp_path / "run"), "--pretrained",
-                 str(MS_CHECKPOINT), "--extend-classes", "--width-mult", "0.5", "--workers", "0"]) == 2
-    assert "class names" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
 
 
 def test_torchrun_splits_extraction_and_matches_one_process(three_new, pretrained_five, tmp_path):

@@ -1,8 +1,11 @@
-"""Classify images and evaluate a checkpoint (ours, any format load_model reads, or an exported .onnx file)."""
+"""Classify images, and evaluate a model file (ours, any format `load_model` reads, or an exported .onnx) on a
+folder of class folders."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -10,11 +13,16 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from mobilenetv2.checkpoint import load_model
 from mobilenetv2.config import Preprocess
+from mobilenetv2.data.folders import (DECODE_ERRORS, class_folders, decode_rgb, eval_loader, find_val_folder,
+                                      image_folder, pad_class_names)
+from mobilenetv2.data.transforms import eval_transform
 from mobilenetv2.errors import CheckpointError, DataError
+from mobilenetv2.evaluation import EvalResult, evaluate
+from mobilenetv2.metadata import FORMAT_NAME, parse
+from mobilenetv2.model import MobileNetV2
 
 
 def imagenet_class_names() -> list[str]:
@@ -30,18 +38,25 @@ class Classifier:
     num_classes: int
     preprocess: Preprocess
     class_names: list[str] | None
-    source: str
 
 
-def load_classifier(path: str | Path, device: torch.device | None = None) -> Classifier:
+def _names_or_imagenet(names: list[str] | None, num_classes: int) -> list[str] | None:
+    return names or (imagenet_class_names() if num_classes == 1000 else None)
+
+
+def as_classifier(model: MobileNetV2) -> Classifier:
+    """A network (fresh or loaded) as a Classifier; a 1000-class one without names gets the ImageNet-1k names."""
+    model.eval()
+    return Classifier(model, model.num_classes, model.preprocess,
+                      _names_or_imagenet(model.class_names, model.num_classes))
+
+
+def load_classifier(path: str | os.PathLike, device: torch.device | None = None) -> Classifier:
     path = Path(path)
     if path.suffix == ".onnx":
         return _onnx_classifier(path)
     model = load_model(path)
-    if device is not None:
-        model = model.to(device)
-    names = model.class_names or (imagenet_class_names() if model.num_classes == 1000 else None)
-    return Classifier(model, model.num_classes, model.preprocess, names, str(path))
+    return as_classifier(model.to(device) if device is not None else model)
 
 
 def _onnx_classifier(path: Path) -> Classifier:
@@ -56,10 +71,16 @@ def _onnx_classifier(path: Path) -> Classifier:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others for foreign bytes
         raise CheckpointError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
-    metadata = {entry.key: entry.value for entry in proto.metadata_props}
-    if "mobilenetv2" not in metadata:
+    properties = {entry.key: entry.value for entry in proto.metadata_props}
+    if FORMAT_NAME not in properties:
         raise CheckpointError(f"{path}: an ONNX file without mobilenetv2 metadata (export it with 'mobilenetv2 export')")
-    meta = json.loads(metadata["mobilenetv2"])
+    try:
+        meta = parse(json.loads(properties[FORMAT_NAME]), str(path))
+    except (json.JSONDecodeError, TypeError):
+        raise CheckpointError(f"{path}: its mobilenetv2 metadata is not a JSON record") from None
+    num_classes = meta.architecture.get("num_classes")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise CheckpointError(f"{path}: its mobilenetv2 metadata has no class count")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     batch_dim = session.get_inputs()[0].shape[0]
     static_batch = batch_dim if isinstance(batch_dim, int) else None
@@ -75,27 +96,25 @@ def _onnx_classifier(path: Path) -> Classifier:
             chunks.append(session.run(["logits"], {"input": padded})[0][: len(chunk)])
         return torch.from_numpy(np.concatenate(chunks))
 
-    names = meta.get("class_names") or (imagenet_class_names() if meta["num_classes"] == 1000 else None)
-    return Classifier(forward, meta["num_classes"], Preprocess.from_dict(meta["preprocess"]), names, str(path))
+    return Classifier(forward, num_classes, meta.preprocess, _names_or_imagenet(meta.class_names, num_classes))
 
 
-def read_image(path: str | Path) -> Image.Image:
+def read_image(path: str | os.PathLike):
+    """An RGB PIL image; a missing or undecodable file is a DataError naming it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image not found: {path}")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        return decode_rgb(path)
+    except DECODE_ERRORS as exc:
         raise DataError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
 
 
 @torch.no_grad()
-def predict(classifier: Classifier, images: list[str | Path], topk: int = 5) -> list[dict]:
+def predict(classifier: Classifier | MobileNetV2, images: list[str | os.PathLike], topk: int = 5) -> list[dict]:
     """Top-k classes with probabilities for each image, most likely first."""
-    from mobilenetv2.data import eval_transform
-
+    if isinstance(classifier, MobileNetV2):
+        classifier = as_classifier(classifier)
     transform = eval_transform(classifier.preprocess)
     batch = torch.stack([transform(read_image(path)) for path in images])
     probabilities = torch.softmax(classifier.forward(batch).float(), dim=1)
@@ -107,20 +126,16 @@ def predict(classifier: Classifier, images: list[str | Path], topk: int = 5) -> 
             for path, row_values, row_indices in zip(images, values, indices)]
 
 
-def eval_folder(root: str | Path) -> Path:
+def eval_folder(root: str | os.PathLike) -> Path:
     """The folder of class folders to evaluate: DIR/val (or the seed's validation_preprocess), else DIR itself."""
-    from mobilenetv2.data import VAL_FOLDER_NAMES
-
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
-    return next((root / name for name in VAL_FOLDER_NAMES if (root / name).is_dir()), root)
+    return find_val_folder(root) or root
 
 
 def labelled_dataset(classifier: Classifier, folder: Path, transform):
     """The folder's images, labelled with the classifier's own class indices (by name when it has names)."""
-    from mobilenetv2.data import class_folders, image_folder
-
     classes = class_folders(folder)
     names = classifier.class_names
     if names:
@@ -130,24 +145,17 @@ def labelled_dataset(classifier: Classifier, folder: Path, transform):
         return image_folder(folder, transform, names)
     if len(classes) > classifier.num_classes:
         raise DataError(f"{folder} has {len(classes)} classes, the model {classifier.num_classes}")
-    return image_folder(folder, transform, classes + [f"class_{i}" for i in range(len(classes), classifier.num_classes)])
+    return image_folder(folder, transform, pad_class_names(classes, classifier.num_classes))
 
 
-
-
-def evaluate_checkpoint(checkpoint: str | Path, folder: Path, runtime, *, batch_size: int = 100, workers: int = 2,
-                        resize_mode: str | None = None):
+def evaluate_checkpoint(checkpoint: str | os.PathLike, folder: str | os.PathLike, runtime, *, batch_size: int = 100,
+                        workers: int = 2, resize_mode: str | None = None) -> tuple[EvalResult, list[str]]:
     """Top-1/top-5/confusion of a checkpoint (or .onnx) on a folder of class folders; this rank's shard under
     torchrun, counts summed over ranks. Returns the result and the class names its rows follow."""
-    import dataclasses
-
-    from mobilenetv2.data import eval_loader, eval_transform
-    from mobilenetv2.train import evaluate
-
     classifier = load_classifier(checkpoint, runtime.device)
     preprocess = classifier.preprocess
     if resize_mode:
         preprocess = dataclasses.replace(preprocess, resize_mode=resize_mode)
-    dataset = labelled_dataset(classifier, folder, eval_transform(preprocess))
+    dataset = labelled_dataset(classifier, Path(folder), eval_transform(preprocess))
     loader = eval_loader(dataset, batch_size, workers, runtime.rank, runtime.world_size)
     return evaluate(classifier.forward, loader, runtime, classifier.num_classes), dataset.classes

@@ -1,0 +1,131 @@
+"""ImageFolder trees: the dataset layout, label numbering, the bad-file policy and exact eval shards.
+
+An image that cannot be decoded is skipped with a warning and counted; the batch and the epoch go on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import datasets
+
+from mobilenetv2.errors import DataError
+
+VAL_FOLDER_NAMES = ("val", "validation_preprocess", "validation", "test")
+# what PIL raises for files that are not images, truncated or corrupt
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
+
+
+def decode_rgb(path: str | Path) -> Image.Image:
+    """The image at `path`, fully decoded, as RGB. Raises one of DECODE_ERRORS for a file that is no image."""
+    with open(path, "rb") as handle:
+        image = Image.open(handle)
+        image.load()
+    return image.convert("RGB")
+
+
+def pad_class_names(names: list[str], num_classes: int) -> list[str]:
+    """`names` followed by placeholders `class_K` up to `num_classes` (a head with more outputs than folders)."""
+    return list(names) + [f"class_{i}" for i in range(len(names), num_classes)]
+
+
+class SafeImageFolder(datasets.ImageFolder):
+    """ImageFolder that yields None for files it cannot decode (dropped by `collate_skipping`)."""
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            image = decode_rgb(path)
+        except DECODE_ERRORS as exc:
+            warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=1)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+def collate_skipping(batch):
+    """Stack the good samples; the third item counts the skipped ones."""
+    good = [item for item in batch if item is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images, labels = torch.utils.data.default_collate(good)
+    return images, labels, skipped
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    train: Path
+    val: Path | None
+    classes: list[str]
+
+
+def class_folders(folder: Path) -> list[str]:
+    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise DataError(f"{folder} holds no class folders (expected {folder}/<class>/<image>)")
+    for name in classes:
+        if not any(path.is_file() and path.suffix.lower() in datasets.folder.IMG_EXTENSIONS
+                   for path in (folder / name).rglob("*")):
+            raise DataError(f"class folder {folder / name} holds no images")
+    return classes
+
+
+def find_val_folder(root: Path) -> Path | None:
+    """DIR/val, or the seed's DIR/validation_preprocess (and two other common names), if there is one."""
+    return next((root / name for name in VAL_FOLDER_NAMES if (root / name).is_dir()), None)
+
+
+def find_splits(root: str | Path) -> DatasetSplits:
+    """A dataset root with train/ (and val/ or validation_preprocess/), checked before anything runs."""
+    root = Path(root)
+    if not str(root) or not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    train = root / "train"
+    if not train.is_dir():
+        raise DataError(f"{root} has no train/ folder (expected {root}/train/<class>/<image>)")
+    val = find_val_folder(root)
+    classes = class_folders(train)
+    if val is not None:
+        val_classes = class_folders(val)
+        if not set(val_classes) <= set(classes):
+            extra = sorted(set(val_classes) - set(classes))
+            raise DataError(f"{val} has classes the train folder lacks: {', '.join(extra[:5])}")
+    return DatasetSplits(train, val, classes)
+
+
+def image_folder(folder: Path, transform, classes: list[str] | None = None) -> SafeImageFolder:
+    """An ImageFolder whose label indices follow `classes` (so val uses train's numbering)."""
+    dataset = SafeImageFolder(str(folder), transform=transform, allow_empty=True)
+    if classes is not None and dataset.classes != classes:
+        index = {name: i for i, name in enumerate(classes)}
+        dataset.samples = [(path, index[dataset.classes[label]]) for path, label in dataset.samples]
+        dataset.targets = [label for _, label in dataset.samples]
+        dataset.classes, dataset.class_to_idx = list(classes), index
+    return dataset
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r takes items r, r+W, r+2W, ...: every item exactly once across ranks, no padding, nothing dropped."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, workers: int, rank: int = 0, world_size: int = 1,
+                pin_memory: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
+                      num_workers=workers, collate_fn=collate_skipping, pin_memory=pin_memory,
+                      persistent_workers=False)

@@ -1,0 +1,165 @@
+"""Exports: ONNX, TorchScript and MindSpore `.ckpt`, each checked against the eager model before it takes its name.
+
+Each file is written under a temp name beside the target, run (onnxruntime, `torch.jit.load`, our MindSpore reader)
+on real photos and compared with eager PyTorch; only a file that passes is renamed into place, so a failed check
+leaves no file that looks valid. ONNX and TorchScript files carry the model's metadata record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mobilenetv2.deploy.formats import FORMATS
+from mobilenetv2.errors import UserError
+from mobilenetv2.files import temp_path_beside
+from mobilenetv2.metadata import FORMAT_NAME
+from mobilenetv2.model import MobileNetV2
+
+TOLERANCE = 1e-4  # max |difference| from eager, relative to max(1, logit scale)
+
+
+class ExportCheckError(Exception):
+    """The written file disagrees with the eager model beyond the tolerance."""
+
+
+class WithSoftmax(nn.Module):
+    """Logits and probabilities, as the seed's exported graph ends in a Softmax."""
+
+    def __init__(self, model: MobileNetV2):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        logits = self.model(images)
+        return logits, torch.softmax(logits, dim=1)
+
+
+def check_images(model: MobileNetV2, batch: int) -> torch.Tensor:
+    """A batch of real photos (scikit-image, if installed) preprocessed by the model's own contract."""
+    from PIL import Image
+
+    from mobilenetv2.data.transforms import eval_transform
+
+    try:
+        from skimage import data as photos
+
+        arrays = [photos.astronaut(), photos.chelsea(), photos.coffee(), photos.rocket()]
+    except ImportError:  # a deterministic textured image when scikit-image is absent
+        grid = np.indices((300, 400)).sum(0)
+        arrays = [np.stack([(grid * k) % 255 for k in (3, 5, 7)], -1).astype(np.uint8)]
+    transform = eval_transform(model.preprocess)
+    return torch.stack([transform(Image.fromarray(arrays[i % len(arrays)])) for i in range(batch)])
+
+
+def compare(expected: torch.Tensor, actual, what: str) -> float:
+    """Max |difference|; raises ExportCheckError above TOLERANCE x max(1, max |expected|)."""
+    expected = expected.detach().numpy()
+    difference = float(np.abs(expected - np.asarray(actual)).max())
+    limit = TOLERANCE * max(1.0, float(np.abs(expected).max()))
+    if not difference <= limit:
+        raise ExportCheckError(f"{what} differs from eager PyTorch by {difference:.3g} (> {limit:.3g})")
+    return difference
+
+
+def _check_against_eager(model: MobileNetV2, run: Callable, batch_sizes: list[int], with_softmax: bool,
+                         runner: str, what: str) -> list[str]:
+    """Run the written file (`run(images)` -> outputs, logits first) on real photos and compare with eager."""
+    reports = []
+    for batch in batch_sizes:
+        images = check_images(model, batch)
+        with torch.no_grad():
+            expected = model(images)
+            results = run(images)
+        difference = compare(expected, results[0], f"{what} logits at batch {batch}")
+        if with_softmax:
+            compare(torch.softmax(expected, 1), results[1], f"{what} probs at batch {batch}")
+        reports.append(f"{runner} vs eager, batch {batch}: max abs difference {difference:.3g}")
+    return reports
+
+
+def _check_batches(batch_size: int, dynamic_batch: bool) -> list[int]:
+    return sorted({batch_size, 3} if dynamic_batch else {batch_size})
+
+
+def export_onnx(model: MobileNetV2, temp: Path, *, batch_size: int = 1, dynamic_batch: bool = False,
+                with_softmax: bool = False) -> list[str]:
+    import onnx
+    import onnxruntime
+
+    network = (WithSoftmax(model) if with_softmax else model).eval()
+    size = model.preprocess.image_size
+    outputs = ["logits", "probs"] if with_softmax else ["logits"]
+    dynamic_axes = {name: {0: "batch"} for name in ["input", *outputs]} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(network, (torch.zeros(batch_size, 3, size, size),), str(temp), input_names=["input"],
+                          output_names=outputs, dynamic_axes=dynamic_axes, opset_version=17, dynamo=False)
+    proto = onnx.load(str(temp))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = FORMAT_NAME, json.dumps(model.metadata())
+    proto.doc_string = "MobileNetV2 (mobilenetv2): input N x 3 x H x W float32, normalised as in metadata"
+    temp.write_bytes(proto.SerializeToString())
+    session = onnxruntime.InferenceSession(str(temp), providers=["CPUExecutionProvider"])
+    return _check_against_eager(model, lambda images: session.run(None, {"input": images.numpy()}),
+                                _check_batches(batch_size, dynamic_batch), with_softmax, "onnxruntime", "ONNX")
+
+
+def export_torchscript(model: MobileNetV2, temp: Path, *, batch_size: int = 1, dynamic_batch: bool = False,
+                       with_softmax: bool = False) -> list[str]:
+    network = (WithSoftmax(model) if with_softmax else model).eval()
+    size = model.preprocess.image_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.trace(network, torch.zeros(batch_size, 3, size, size))
+        torch.jit.save(scripted, str(temp), _extra_files={f"{FORMAT_NAME}.json": json.dumps(model.metadata())})
+        loaded = torch.jit.load(str(temp))
+
+    def run(images):
+        outputs = loaded(images)
+        return [output.detach() for output in outputs] if with_softmax else [outputs.detach()]
+
+    return _check_against_eager(model, run, _check_batches(batch_size, dynamic_batch), with_softmax,
+                                "torch.jit.load", "TorchScript")
+
+
+def export_mindspore(model: MobileNetV2, temp: Path, **_options) -> list[str]:
+    """The seed's key layout (`features.*`, `dense.*`) in MindSpore's protobuf format; read back and compared."""
+    from mobilenetv2.checkpoint import read_weights
+    from mobilenetv2.interop import keymaps, mindspore
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tensors = {k: v.numpy() for k, v in keymaps.to_mindspore_keys(state).items()}
+    mindspore.write_checkpoint(tensors, temp)
+    back = read_weights(temp).state_dict  # the temp name has no suffix, so the reader takes it as MindSpore
+    for key, value in state.items():
+        if not key.endswith("num_batches_tracked") and not torch.equal(back[key], value):
+            raise ExportCheckError(f"MindSpore checkpoint tensor {key} does not read back bit-exactly")
+    return [f"MindSpore checkpoint read back bit-exactly ({len(tensors)} tensors)"]
+
+
+def export(model: MobileNetV2, fmt: str, output: str | os.PathLike, **options) -> list[str]:
+    """Write `model` as `fmt` to `output`, checked against eager PyTorch; returns the check's report lines.
+
+    Options: `batch_size`, `dynamic_batch`, `with_softmax` (ONNX / TorchScript). Raises ExportCheckError (and
+    leaves no file at `output`) when the written file disagrees with the model.
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if options.get("batch_size", 1) < 1:
+        raise UserError("`batch_size` must be >= 1")
+    output = Path(output)
+    temp = temp_path_beside(output)
+    try:
+        reports = globals()[FORMATS[fmt].writer](model.eval(), temp, **options)
+        os.replace(temp, output)
+    finally:
+        temp.unlink(missing_ok=True)
+    return reports

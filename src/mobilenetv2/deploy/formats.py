@@ -1,0 +1,27 @@
+"""The export format table: each format's name, default file ending, what it is, and the function in
+`deploy.export` that writes and checks it. No torch import, so the command line can list formats at once."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    suffix: str  # the default file ending
+    writer: str  # name of the write-and-check function in mobilenetv2.deploy.export
+    description: str
+
+
+FORMATS: dict[str, ExportFormat] = {
+    "onnx": ExportFormat(".onnx", "export_onnx", "ONNX, checked with onnxruntime"),
+    "torchscript": ExportFormat(".torchscript.pt", "export_torchscript", "TorchScript trace, checked with torch.jit.load"),
+    "mindspore": ExportFormat(".ckpt", "export_mindspore", "MindSpore .ckpt in the seed's key layout, read back"),
+}
+
+
+def default_output(checkpoint: str | os.PathLike, fmt: str) -> Path:
+    """Where an export goes when no output is named: beside the checkpoint, with the format's ending."""
+    return Path(Path(checkpoint).with_suffix("").as_posix() + FORMATS[fmt].suffix)

@@ -1,0 +1,172 @@
+"""The one training loop. Modes differ only in their task (what is trainable, where batches come from); the loop
+sees batches, a module and a runtime, and writes the seed's log lines, metrics and checkpoints."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mobilenetv2.config import TrainConfig
+from mobilenetv2.evaluation import EvalResult
+from mobilenetv2.monitor import RunMonitor, epoch_line, step_line
+from mobilenetv2.runtime import Runtime
+from mobilenetv2.training import run_checkpoints
+from mobilenetv2.training.loss import SeedLabelSmoothingLoss
+from mobilenetv2.training.run_checkpoints import LoopState
+from mobilenetv2.training.schedule import SeedSchedule, schedule_for
+from mobilenetv2.training.setup import make_optimizer
+from mobilenetv2.training.tasks import TrainTask
+
+
+def train_step(trainable: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, runtime: Runtime) -> tuple[torch.Tensor, bool]:
+    """One optimizer step; returns the loss and whether fp16 overflow made the scaler skip the step."""
+    inputs, labels = runtime.to_input(inputs), labels.to(runtime.device, non_blocking=True)
+    with runtime.autocast():
+        loss = criterion(trainable(inputs), labels)
+    optimizer.zero_grad(set_to_none=True)
+    scale_before = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), scale_before is not None and scaler.get_scale() < scale_before
+
+
+@dataclass
+class _Run:
+    """What the loop holds for the whole run."""
+
+    task: TrainTask
+    config: TrainConfig
+    monitor: RunMonitor
+    checkpoints: Path | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: nn.Module | None
+    schedule: SeedSchedule
+    criterion: nn.Module
+    skipped_images: int = 0
+    skipped_steps: int = 0  # fp16 overflows
+
+    @property
+    def evaluated(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.task.model
+
+
+@dataclass
+class _Epoch:
+    """One epoch's running totals."""
+
+    index: int
+    losses: torch.Tensor
+    steps_run: int = 0
+    started: float = 0.0
+
+
+def fit(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Path | None,
+        resume: Path | None = None) -> LoopState:
+    """The one training loop: epochs of steps, then eval, log and checkpoint at each epoch's end."""
+    run = _start(task, config, monitor, output)
+    state = run_checkpoints.restore(resume, task.model, run.ema, run.optimizer, run.scaler) if resume else LoopState()
+    if resume:
+        monitor.line(f"resumed from {resume} at epoch {state.epoch}, step {state.global_step}")
+    while state.epoch < config.epochs and not _step_limit_reached(config, state):
+        epoch = _Epoch(state.epoch, torch.zeros((), dtype=torch.float64, device=task.runtime.device),
+                       started=time.perf_counter())
+        done_in_epoch = state.global_step - epoch.index * task.steps_per_epoch
+        task.trainable.train()
+        monitor.start_epoch(task.steps_per_epoch - done_in_epoch, f"epoch {epoch.index + 1}/{config.epochs}")
+        wait_start = time.perf_counter()
+        for step, (inputs, labels, skipped) in enumerate(task.train_batches(epoch.index, done_in_epoch), done_in_epoch):
+            run.skipped_images += skipped
+            # unreadable images left nothing to learn from (or one image, which BatchNorm cannot normalise at
+            # small sizes): the batch's place in the schedule passes without a step
+            if len(labels) > 1 or (len(labels) == 1 and config.batch_size == 1):
+                _step(run, state, epoch, step, inputs, labels, wait_start)
+            state.global_step += 1
+            monitor.advance()
+            wait_start = time.perf_counter()
+            if _step_limit_reached(config, state):
+                break
+        monitor.end_epoch()
+        _end_epoch(run, state, epoch)
+    if run.skipped_images:
+        monitor.line(f"skipped {run.skipped_images} unreadable image(s)")
+    return state
+
+
+def _start(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Path | None) -> _Run:
+    ema = None
+    if config.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(task.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+    return _Run(task, config, monitor, output / "checkpoints" if output else None, make_optimizer(task.model, config),
+                task.runtime.grad_scaler(), ema, schedule_for(config, task.steps_per_epoch),
+                SeedLabelSmoothingLoss(config.label_smoothing))
+
+
+def _step_limit_reached(config: TrainConfig, state: LoopState) -> bool:
+    return bool(config.max_steps) and state.global_step >= config.max_steps
+
+
+def _step(run: _Run, state: LoopState, epoch: _Epoch, step: int, inputs, labels, wait_start: float) -> None:
+    """One optimizer step at the schedule's rate, the EMA update, and its metrics (every step) and log line."""
+    task, config = run.task, run.config
+    data_wait = time.perf_counter() - wait_start
+    lr = run.schedule(state.global_step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss, overflowed = train_step(task.trainable, inputs, labels, run.criterion, run.optimizer, run.scaler, task.runtime)
+    run.skipped_steps += overflowed
+    if run.ema is not None:
+        run.ema.update_parameters(task.model)
+    epoch.losses += loss
+    epoch.steps_run += 1
+    if not run.monitor.enabled:
+        return
+    step_seconds = time.perf_counter() - wait_start
+    value = loss.item()
+    run.monitor.record("step", epoch=epoch.index, step=step, global_step=state.global_step, loss=value, lr=lr,
+                       images_per_s=len(labels) * task.runtime.world_size / max(step_seconds, 1e-9),
+                       data_wait_s=data_wait)
+    if step % config.log_every == 0 or step == task.steps_per_epoch - 1:
+        run.monitor.line(step_line(epoch.index, config.epochs, step, task.steps_per_epoch, value,
+                                   epoch.losses.item() / epoch.steps_run, step_seconds * 1000, lr))
+
+
+def _end_epoch(run: _Run, state: LoopState, epoch: _Epoch) -> None:
+    """Count the epoch finished (unless a step limit cut it), evaluate when due, log, checkpoint."""
+    task, config, runtime = run.task, run.config, run.task.runtime
+    finished = state.global_step >= (epoch.index + 1) * task.steps_per_epoch
+    if finished:
+        state.epoch += 1
+    seconds = time.perf_counter() - epoch.started
+    totals = runtime.all_reduce_sum(torch.stack([epoch.losses, torch.tensor(float(epoch.steps_run),
+                                                                            dtype=torch.float64, device=runtime.device)]))
+    mean_loss = (totals[0] / totals[1].clamp(min=1)).item()
+    result: EvalResult | None = None
+    if task.evaluate is not None and finished and (state.epoch % config.eval_every == 0 or state.epoch == config.epochs):
+        run.evaluated.eval()
+        result = task.evaluate(run.evaluated)
+        state.best_acc = max(result.top1, state.best_acc or 0.0)
+    run.monitor.line(epoch_line(seconds * 1000, seconds * 1000 / max(epoch.steps_run, 1), mean_loss,
+                                result.top1 if result else None, state.best_acc if result else None))
+    run.monitor.record("epoch", epoch=epoch.index, global_step=state.global_step, train_loss=mean_loss, time_s=seconds,
+                       lr=run.schedule(max(state.global_step - 1, 0)), steps=epoch.steps_run,
+                       eval_top1=result.top1 if result else None, eval_top5=result.top5 if result else None,
+                       eval_loss=result.loss if result else None, eval_count=result.count if result else None,
+                       skipped_images=run.skipped_images, skipped_fp16_steps=run.skipped_steps)
+    if runtime.is_main and run.checkpoints is not None:
+        names = ["last.pt"]
+        if finished and (state.epoch % config.save_every == 0 or state.epoch == config.epochs):
+            names.append(run_checkpoints.numbered_name(state.epoch, task.steps_per_epoch))
+        if result is not None and result.top1 >= state.best_acc:
+            names.append("best.pt")
+        record = run_checkpoints.payload(task.model, run.ema, run.optimizer, run.scaler, state, config)
+        run_checkpoints.save(record, run.checkpoints, names, config.keep_max)
+    runtime.barrier()

@@ -1,0 +1,60 @@
+"""`run_training`: check everything, build the mode's network and task, run the loop. Nothing is written on bad
+input, and the caller's global random state is the same afterwards as before."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from mobilenetv2 import runtime as runtime_module
+from mobilenetv2.checkpoint import read_weights
+from mobilenetv2.config import TrainConfig, write_yaml
+from mobilenetv2.data.folders import find_splits
+from mobilenetv2.monitor import RunMonitor
+from mobilenetv2.runtime import Runtime
+from mobilenetv2.training.loop import fit
+from mobilenetv2.training.run_checkpoints import LoopState, resume_path
+from mobilenetv2.training.schedule import lr_note
+from mobilenetv2.training.setup import build_model, resolve_config
+from mobilenetv2.training.tasks import build_task
+
+
+def run_training(config: TrainConfig) -> LoopState:
+    """Train as `config` says; returns where the loop stopped (epochs finished, steps, best accuracy)."""
+    splits = find_splits(config.data)
+    loaded = read_weights(config.pretrained) if config.pretrained else None
+    config = resolve_config(config, loaded)
+    with runtime_module.preserved_rng():
+        runtime_module.seed_everything(config.seed)  # the same initial weights on every rank and every run
+        setup = build_model(config, splits.classes, loaded)
+        with runtime_module.session(config.device, config.amp, config.channels_last) as runtime:
+            output = _output_folder(config, runtime)
+            resume = resume_path(config, output)
+            runtime_module.seed_everything(config.seed + runtime.rank)  # augmentation differs across ranks
+            model = runtime.prepare_model(setup.model)
+            task = build_task(config, model, splits, runtime, output)
+            if task is None:  # this rank helped extract features; the head trains on rank 0
+                return LoopState()
+            monitor = RunMonitor(output, enabled=task.runtime.is_main, tensorboard=config.tensorboard)
+            try:
+                if task.runtime.is_main:
+                    write_yaml(config.to_dict(), output / "config.yaml")
+                notes = [lr_note(config.batch_size, config.lr_reference_batch, config.lr_scaling, config.lr_max)]
+                for note in setup.notes + task.notes + [n for n in notes if n]:
+                    monitor.line(note)
+                monitor.line(f"device {task.runtime.device}, world size {task.runtime.world_size}, amp "
+                             f"{task.runtime.amp_dtype or 'off'}, {task.steps_per_epoch} steps per epoch")
+                return fit(task, config, monitor, output, resume)
+            finally:
+                monitor.close()
+
+
+def _output_folder(config: TrainConfig, runtime: Runtime) -> Path:
+    name = config.output or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if runtime.distributed:  # every rank must agree on rank 0's clock
+        holder = [name]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        name = holder[0]
+    return Path(name)

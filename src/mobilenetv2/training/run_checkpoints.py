@@ -1,0 +1,93 @@
+"""A run's checkpoints: the full training state as plain data (model, EMA, optimizer, scaler, position, RNG),
+written once and renamed into every name it goes by, keep-max pruning, and restoring it to resume."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from mobilenetv2 import runtime as runtime_module
+from mobilenetv2.checkpoint import cpu_state, read_torch_file, torch_bytes
+from mobilenetv2.config import TrainConfig
+from mobilenetv2.errors import CheckpointError, UserError
+from mobilenetv2.files import atomic_write_bytes
+from mobilenetv2.model import MobileNetV2
+
+NUMBERED = re.compile(r"^mobilenetv2-(\d+)_(\d+)\.pt$")
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # epochs finished
+    global_step: int = 0
+    best_acc: float | None = None
+
+
+def numbered_name(epoch: int, steps_per_epoch: int) -> str:
+    """The seed's checkpoint name."""
+    return f"mobilenetv2-{epoch}_{steps_per_epoch}.pt"
+
+
+def payload(model: MobileNetV2, ema, optimizer, scaler, state: LoopState, config: TrainConfig) -> dict:
+    """Everything a resume needs. `model` holds the EMA weights when there is an EMA (what eval and export use);
+    `train_model` then holds the raw weights the optimizer steps on."""
+    evaluated = ema.module if ema is not None else model
+    record = model.metadata()
+    record.update(model=cpu_state(evaluated), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                  epoch=state.epoch, global_step=state.global_step, best_acc=state.best_acc,
+                  rng=runtime_module.rng_state(), train_config=config.to_dict())
+    if ema is not None:
+        record["train_model"] = cpu_state(model)
+        record["ema_averaged"] = ema.n_averaged.cpu()
+    return record
+
+
+def save(record: dict, folder: Path, names: list[str], keep_max: int) -> None:
+    """Serialise once, write every name atomically, then prune numbered checkpoints beyond keep_max."""
+    data = torch_bytes(record)
+    for name in names:
+        atomic_write_bytes(folder / name, data)
+    numbered = sorted((p for p in folder.iterdir() if NUMBERED.match(p.name)),
+                      key=lambda p: tuple(int(x) for x in NUMBERED.match(p.name).groups()))
+    for old in numbered[:-keep_max]:
+        old.unlink(missing_ok=True)
+
+
+def restore(path: Path, model: nn.Module, ema, optimizer, scaler) -> LoopState:
+    """Load a training checkpoint into the run's objects (RNG states too) and return where it stopped."""
+    record = read_torch_file(path)
+    if not isinstance(record, dict) or "optimizer" not in record or "global_step" not in record:
+        raise CheckpointError(f"{path} is not a training checkpoint (no optimizer state); use it as `pretrained`")
+    weights = record.get("train_model") or record["model"]
+    try:
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(record["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path} does not fit this run's network or options: {str(exc).splitlines()[0]}") from None
+    scaler.load_state_dict(record["scaler"])
+    if ema is not None:
+        if "train_model" in record:
+            ema.module.load_state_dict(record["model"])
+            ema.n_averaged.copy_(record["ema_averaged"])
+        else:
+            ema.module.load_state_dict(weights)
+    runtime_module.set_rng_state(record["rng"])
+    return LoopState(record["epoch"], record["global_step"], record.get("best_acc"))
+
+
+def resume_path(config: TrainConfig, output: Path) -> Path | None:
+    """The checkpoint `resume` names: a path, or 'auto' for OUTPUT/checkpoints/last.pt (None when there is none yet)."""
+    if not config.resume:
+        return None
+    if config.resume == "auto":
+        if not config.output:
+            raise UserError("`resume` auto needs `output` (the run folder to continue)")
+        last = output / "checkpoints" / "last.pt"
+        return last if last.is_file() else None
+    path = Path(config.resume)
+    if not path.is_file():
+        raise UserError(f"`resume` checkpoint not found: {path}")
+    return path

@@ -1,0 +1,62 @@
+"""The seed's per-step learning rate (linear warmup, then cosine decay to lr_end, floored at 0) and the optional
+linear scaling of it with the batch size."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SeedSchedule:
+    lr_init: float
+    lr_max: float
+    lr_end: float
+    warmup_epochs: float
+    total_epochs: int
+    steps_per_epoch: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.total_epochs * self.steps_per_epoch
+
+    @property
+    def warmup_steps(self) -> float:
+        return self.warmup_epochs * self.steps_per_epoch
+
+    def __call__(self, step: int) -> float:
+        """Learning rate for global step `step` (0-based), as the seed's `get_lr` lists it."""
+        warmup = self.warmup_steps
+        if step < warmup:
+            lr = self.lr_init + (self.lr_max - self.lr_init) * step / warmup
+        else:
+            progress = (step - warmup) / max(self.total_steps - warmup, 1)
+            lr = self.lr_end + (self.lr_max - self.lr_end) * (1.0 + math.cos(math.pi * progress)) / 2.0
+        return max(lr, 0.0)
+
+
+def lr_scale(batch_size: int, reference_batch: int, scaling: str) -> float:
+    """The factor on every learning rate: batch / reference batch under linear scaling (as timm does with the
+    global batch; per-process batches give the same ratio at a fixed world size), else 1 (the seed's way)."""
+    if scaling == "linear" and reference_batch:
+        return batch_size / reference_batch
+    return 1.0
+
+
+def lr_note(batch_size: int, reference_batch: int, scaling: str, lr_max: float) -> str | None:
+    """A log line when the batch differs from the one the learning rates were tuned for; None when it does not."""
+    if not reference_batch or reference_batch == batch_size:
+        return None
+    scaled = lr_max * batch_size / reference_batch
+    if scaling == "linear":
+        return (f"batch size {batch_size} differs from the recipe's {reference_batch}: learning rates scaled linearly "
+                f"by {batch_size}/{reference_batch}, lr_max {lr_max:g} -> {scaled:.4g}")
+    return (f"batch size {batch_size} differs from the recipe's {reference_batch}: lr_max {lr_max:g} used as given "
+            f"(the seed's way); lr_scaling linear would use {scaled:.4g}")
+
+
+def schedule_for(config, steps_per_epoch: int) -> SeedSchedule:
+    """The run's schedule from a TrainConfig, with its learning-rate scaling applied."""
+    factor = lr_scale(config.batch_size, config.lr_reference_batch, config.lr_scaling)
+    return SeedSchedule(config.lr_init * factor, config.lr_max * factor, config.lr_end * factor, config.warmup_epochs,
+                        config.epochs, steps_per_epoch)

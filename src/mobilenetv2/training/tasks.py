@@ -1,0 +1,203 @@
+"""What the loop trains on, in one shape for every mode: a `TrainTask` holds the module that maps batch inputs to
+logits, the batches of an epoch (resumable mid-epoch), the steps per epoch and the per-epoch evaluation.
+
+Three builders, one signature `(config, model, splits, runtime, output) -> TrainTask | None`:
+`image_task` (a DataLoader over image files), `memory_task` (a small dataset decoded once, augmented per batch) and
+`feature_task` (the head alone, on cached backbone features; None on ranks that only helped extract them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+from mobilenetv2.config import TrainConfig
+from mobilenetv2.data import batched, folders
+from mobilenetv2.data.transforms import eval_transform, train_transform
+from mobilenetv2.evaluation import EvalResult, evaluate
+from mobilenetv2.model import MobileNetV2
+from mobilenetv2.runtime import Runtime
+from mobilenetv2.training import head_cache
+
+
+@dataclass
+class TrainTask:
+    """The loop's inputs."""
+
+    trainable: nn.Module  # batch inputs -> logits (DDP-wrapped where the loop runs distributed)
+    model: MobileNetV2  # the full network that checkpoints hold
+    train_batches: Callable[[int, int], Iterable]  # (epoch, batches to skip) -> (inputs, labels, skipped)
+    steps_per_epoch: int
+    evaluate: Callable[[nn.Module], EvalResult] | None  # full network (or its EMA) -> metrics on val
+    runtime: Runtime  # where the loop runs (the head-only task trains on one process)
+    notes: list[str] = field(default_factory=list)
+
+
+class _SkipSampler(Sampler[int]):
+    """Drops the first `skip` indices of a sampler's order (resuming mid-epoch)."""
+
+    def __init__(self, sampler: Sampler[int], skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        iterator = iter(self.sampler)
+        for _ in range(self.skip):
+            next(iterator, None)
+        return iterator
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
+
+
+def _train_sampler(length: int, config: TrainConfig, runtime: Runtime) -> tuple[DistributedSampler, bool, int]:
+    """This rank's shuffled share of `length` items, whether to drop the remainder, and the steps per epoch.
+
+    The seed drops the remainder; a set smaller than one batch keeps its single batch.
+    """
+    sampler = DistributedSampler(range(length), num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True,
+                                 seed=config.seed, drop_last=False)
+    drop_last = len(sampler) >= config.batch_size
+    return sampler, drop_last, len(sampler) // config.batch_size if drop_last else 1
+
+
+def _known_classes(model: MobileNetV2, splits: folders.DatasetSplits) -> list[str]:
+    """The class names that have folders (the head may have more outputs)."""
+    return model.class_names[: len(splits.classes)]
+
+
+def image_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetSplits, runtime: Runtime,
+               output: Path) -> TrainTask:
+    """Train the whole network (or what requires grad) on images through a DataLoader."""
+    known = _known_classes(model, splits)
+    train_set = folders.image_folder(splits.train, train_transform(model.preprocess, config.min_scale,
+                                                                   config.color_jitter), known)
+    sampler, drop_last, steps = _train_sampler(len(train_set), config, runtime)
+    pin = runtime.device.type == "cuda"
+
+    def batches(epoch: int, skip: int):
+        sampler.set_epoch(epoch)
+        return DataLoader(train_set, batch_size=config.batch_size, sampler=_SkipSampler(sampler, skip * config.batch_size),
+                          num_workers=config.workers, collate_fn=folders.collate_skipping, pin_memory=pin,
+                          drop_last=drop_last, persistent_workers=False)
+
+    evaluate_fn = None
+    if splits.val is not None and config.eval_every:
+        val_set = folders.image_folder(splits.val, eval_transform(model.preprocess), known)
+        val_loader = folders.eval_loader(val_set, config.batch_size, config.workers, runtime.rank, runtime.world_size,
+                                         pin)
+
+        def evaluate_fn(network: nn.Module) -> EvalResult:
+            return evaluate(network, val_loader, runtime, model.num_classes)
+
+    return TrainTask(runtime.wrap_distributed(model), model, batches, steps, evaluate_fn, runtime)
+
+
+def memory_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetSplits, runtime: Runtime,
+                output: Path) -> TrainTask:
+    """Train on a dataset decoded once into memory, augmenting whole batches (no per-image DataLoader work)."""
+    preprocess, known = model.preprocess, _known_classes(model, splits)
+    images, labels, skipped = batched.decode_all(folders.image_folder(splits.train, None, known),
+                                                 preprocess.resize_size, config.workers)
+    augment = batched.BatchAugment(preprocess, config.min_scale, config.color_jitter)
+    sampler, drop_last, steps = _train_sampler(len(labels), config, runtime)
+
+    def batches(epoch: int, skip: int):
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler))
+        for start in range(skip * config.batch_size, steps * config.batch_size if drop_last else len(order),
+                           config.batch_size):
+            index = order[start:start + config.batch_size]
+            yield augment(images[index]), labels[index], skipped if start == 0 else 0
+
+    evaluate_fn = None
+    if splits.val is not None and config.eval_every:
+        val_set = folders.image_folder(splits.val, eval_transform(preprocess), known)
+        val_images, val_labels, val_skipped = batched.collect_tensors(val_set, config.workers)
+        shard = torch.arange(runtime.rank, len(val_labels), runtime.world_size)
+
+        def evaluate_fn(network: nn.Module) -> EvalResult:
+            chunks = ((val_images[i], val_labels[i], 0) for i in shard.split(max(config.batch_size, 256)))
+            result = evaluate(network, chunks, runtime, model.num_classes)
+            result.skipped += val_skipped
+            return result
+
+    return TrainTask(runtime.wrap_distributed(model), model, batches, steps, evaluate_fn, runtime,
+                     notes=[f"{len(labels)} training images decoded into memory at {preprocess.resize_size} px"])
+
+
+class HeadOnFeatures(nn.Module):
+    """Pooled features -> logits through the network's own head (what the loop trains in head-only mode)."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.head.classify(pooled)
+
+
+def _feature_batches(rows: np.ndarray, labels: np.ndarray, batch_size: int, order: np.ndarray):
+    for start in range(0, len(order), batch_size):
+        index = np.sort(order[start:start + batch_size])  # sorted reads are sequential in the memmap
+        yield torch.from_numpy(np.ascontiguousarray(rows[index])), torch.from_numpy(labels[index]), 0
+
+
+def feature_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetSplits, runtime: Runtime,
+                 output: Path) -> TrainTask | None:
+    """Extract (split across ranks) or reuse the feature cache, then train the head on the main process only."""
+    head_cache.freeze_backbone(model)
+    preprocess, known = model.preprocess, _known_classes(model, splits)
+    datasets = {"train": folders.image_folder(splits.train, eval_transform(preprocess), known)}
+    if splits.val is not None and config.eval_every:
+        datasets["val"] = folders.image_folder(splits.val, eval_transform(preprocess), known)
+    augmented = None
+    if config.feature_views > 1:
+        augmented = folders.image_folder(splits.train, train_transform(preprocess, config.min_scale,
+                                                                       config.color_jitter), known)
+    root = Path(config.feature_cache) if config.feature_cache else output / "feature_cache"
+    folder, reused = head_cache.build_cache(model, datasets, augmented, config, runtime, root)
+    if not runtime.is_main:
+        return None
+    local = dataclasses.replace(runtime, rank=0, world_size=1)  # the head is trained once, here
+    rows, labels = head_cache.load_split(folder, "train")
+    views = config.feature_views
+    images = len(labels) // views if views > 1 else len(labels)
+    steps = max(images // config.batch_size, 1)
+
+    def batches(epoch: int, skip: int):
+        generator = np.random.default_rng([config.seed, epoch])
+        if views > 1:  # one random view of each image per epoch
+            order = generator.permutation(np.arange(images) * views + generator.integers(0, views, images))
+        else:
+            order = generator.permutation(len(labels))
+        order = order[: steps * config.batch_size] if len(order) >= config.batch_size else order
+        return _feature_batches(rows, labels, config.batch_size, order[skip * config.batch_size:])
+
+    evaluate_fn = None
+    if "val" in datasets:
+        val_rows, val_labels = head_cache.load_split(folder, "val")
+
+        def evaluate_fn(network: MobileNetV2) -> EvalResult:
+            val_batches = _feature_batches(val_rows, val_labels, config.batch_size, np.arange(len(val_labels)))
+            return evaluate(network.head.classify, val_batches, local, model.num_classes)
+
+    return TrainTask(HeadOnFeatures(model.head), model, batches, steps, evaluate_fn, local,
+                     notes=[f"feature cache {'reused' if reused else 'built'}: {folder} ({len(labels)} train rows)"])
+
+
+def build_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetSplits, runtime: Runtime,
+               output: Path) -> TrainTask | None:
+    """The task for the config's mode."""
+    if config.freeze == "backbone":
+        builder = feature_task
+    else:
+        builder = memory_task if config.in_memory else image_task
+    return builder(config, model, splits, runtime, output)

@@ -1,0 +1,63 @@
+"""eval, predict, export, torch.hub and the seed's shell scripts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mobilenetv2 import load_model
+from mobilenetv2.cli import main
+from mobilenetv2.interop import mindspore
+
+from conftest import MS_CHECKPOINT, MS_INPUT, MS_LOGITS
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exports_reproduce_the_mindspore_logits(converted, tmp_path, capsys, fmt):
+    output = tmp_path / f"model.{fmt}"
+    assert main(["export", "--checkpoint", str(converted), "--format", fmt, "--output", str(output),
+                 "--dynamic-batch"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 1: max abs difference" in out and "batch 3: max abs difference" in out
+    if fmt == "onnx":
+        import onnx
+        import onnxruntime
+
+        meta = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
+        contract = json.loads(meta["mobilenetv2"])
+        assert contract["version"] == 2 and contract["config"]["num_classes"] == 10 and contract["preprocess"]["image_size"] == 224
+        session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+        logits = session.run(None, {"input": MS_INPUT})[0]
+        for batch in (1, 3):
+            stacked = np.concatenate([MS_INPUT] * 2)[:batch]
+            assert session.run(None, {"input": stacked})[0].shape == (batch, 10)
+    else:
+        loaded = torch.jit.load(str(output))
+        logits = loaded(torch.from_numpy(MS_INPUT)).detach().numpy()
+    assert np.abs(logits - MS_LOGITS).max() <= 1e-4
+
+
+def test_onnx_with_softmax_has_probs(converted, tmp_path):
+    import onnxruntime
+
+    output = tmp_path / "soft.onnx"
+    assert main(["export", "--checkpoint", str(converted), "--format", "onnx", "--output", str(output),
+                 "--with-softmax", "--batch-size", "2"]) == 0
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", "probs"]
+    logits, probs = session.run(None, {"input": MS_INPUT})
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(probs, torch.softmax(torch.from_numpy(logits), 1).numpy(), atol=1e-6)
+
+
+def test_mindspore_export_round_trips_bit_exactly(converted, tmp_path):
+    output = tmp_path / "back.ckpt"
+    assert main(["export", "--checkpoint", str(converted), "--format", "mindspore", "--output", str(output)]) == 0
+    original, exported = mindspore.read_checkpoint(MS_CHECKPOINT), mindspore.read_checkpoint(output)
+    assert sorted(exported) == sorted(original)  # the seed's key layout, tensor for tensor
+    for key, value in original.items():
+        assert exported[key].dtype == value.dtype and np.array_equal(exported[key], value), key
+    model = load_model(output)
+    with torch.no_grad():
+        assert np.abs(model(torch.from_numpy(MS_INPUT)).numpy() - MS_LOGITS).max() <= 1e-5

@@ -1,0 +1,39 @@
+"""eval, predict, export, torch.hub and the seed's shell scripts."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mobilenetv2.config import TrainConfig, build_config
+
+from conftest import REPO
+
+
+@pytest.mark.parametrize("name,values", [("seed_gpu", {"batch_size": 150, "epochs": 200, "lr_max": 0.8, "warmup_epochs": 0}),
+                                         ("seed_ascend", {"batch_size": 256, "lr_max": 0.4, "warmup_epochs": 4, "decay_bn_bias": False}),
+                                         ("seed_cpu", {"batch_size": 150, "epochs": 15, "lr_max": 0.03, "lr_end": 0.03})])
+def test_seed_recipes(name, values):
+    config = build_config(TrainConfig, REPO / "configs" / f"{name}.yaml")
+    assert {k: getattr(config, k) for k in values} == values
+    assert (config.momentum, config.weight_decay, config.label_smoothing) == (0.9, 4e-5, 0.1)
+
+
+def test_seed_shell_scripts(dataset, tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "MOBILENETV2_ARGS": f"--epochs 1 --batch-size 8 --width-mult 0.25 --image-size 32 --workers 0 "
+                               f"--output {tmp_path / 'run'}"}
+    result = subprocess.run(["bash", str(REPO / "scripts/run_train.sh"), "CPU", str(dataset)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, (tmp_path / "train.log").read_text()[-2000:]
+    assert "epoch time:" in (tmp_path / "train.log").read_text()
+    assert "lr_max: 0.03" in (tmp_path / "run" / "config.yaml").read_text()  # the seed's CPU recipe
+    env["MOBILENETV2_ARGS"] = "--workers 0"
+    result = subprocess.run(["bash", str(REPO / "scripts/run_eval.sh"), "CPU", str(dataset),
+                             str(tmp_path / "run/checkpoints/last.pt")], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0 and "result:{'acc': " in (tmp_path / "eval.log").read_text()
+    bad = subprocess.run(["bash", str(REPO / "scripts/run_train.sh"), "TPU", str(dataset)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "CPU or GPU" in bad.stderr

@@ -1,0 +1,45 @@
+"""`mobilenetv2 train` end to end on CPU with tiny settings on real photos."""
+
+import shutil
+
+import pytest
+import torch
+
+
+from conftest import MS_CHECKPOINT, train
+
+
+@pytest.mark.parametrize("case", ["missing", "no_classes", "empty_class", "width", "conflict", "freeze_alone", "bad_amp",
+                                  "no_gpu", "bad_config"])
+def test_bad_input_one_line_exit_2_nothing_written(dataset, tmp_path, capsys, case):
+    data = dataset
+    extra = []
+    if case == "missing":
+        data = tmp_path / "nowhere"
+    elif case == "no_classes":
+        data = tmp_path / "flat"
+        (data / "train").mkdir(parents=True)
+    elif case == "empty_class":
+        data = tmp_path / "data"
+        shutil.copytree(dataset, data)
+        (data / "train" / "empty").mkdir()
+    elif case == "width":
+        extra = ["--pretrained", str(MS_CHECKPOINT), "--filter-head"]  # checkpoint is 0.5, TINY asks 0.25
+    elif case == "conflict":
+        extra = ["--filter-head"]
+    elif case == "freeze_alone":
+        extra = ["--freeze", "backbone"]
+    elif case == "bad_amp":
+        extra = ["--amp", "fp8"]
+    elif case == "no_gpu":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        extra = ["--device", "cuda"]
+    elif case == "bad_config":
+        (tmp_path / "recipe.yaml").write_text("epochs: 3\nlearning_rate: 0.1\n")
+        extra = ["--config", str(tmp_path / "recipe.yaml")]
+    run = tmp_path / "run"
+    assert train(data, run, *extra) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error" in err
+    assert not run.exists()

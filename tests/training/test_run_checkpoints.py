@@ -1,0 +1,30 @@
+"""`mobilenetv2 train` end to end on CPU with tiny settings on real photos."""
+
+
+import torch
+
+
+from conftest import records, train
+
+
+def test_training_checkpoint_is_plain_data_with_full_state(dataset, tmp_path):
+    run = tmp_path / "run"
+    assert train(dataset, run, "--epochs", "1", "--ema", "0.9") == 0
+    payload = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert {"model", "train_model", "optimizer", "scaler", "rng", "epoch", "global_step", "config", "preprocess"} <= set(payload)
+    assert payload["epoch"] == 1 and payload["global_step"] == 3
+
+
+def test_resume_gives_identical_weights(dataset, tmp_path):
+    common = ["--epochs", "3", "--ema", "0.5", "--seed", "7"]
+    assert train(dataset, tmp_path / "straight", *common) == 0
+    assert train(dataset, tmp_path / "split", *common, "--max-steps", "3") == 0
+    assert torch.load(tmp_path / "split/checkpoints/last.pt", weights_only=True)["epoch"] == 1
+    assert train(dataset, tmp_path / "split", *common, "--resume", "auto") == 0
+    straight = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)
+    split = torch.load(tmp_path / "split/checkpoints/last.pt", weights_only=True)
+    for part in ("model", "train_model"):
+        for key, value in straight[part].items():
+            assert torch.equal(value, split[part][key]), (part, key)
+    assert records(tmp_path / "split", "step")[-1]["global_step"] == 8
+    assert [r["global_step"] for r in records(tmp_path / "split", "step")] == list(range(9))
