@@ -1,4 +1,4 @@
-"""Every checkpoint format users have, loaded through `load_model`, gives the source network's logits."""
+"""Our checkpoint format: a lossless save/load round trip, older versions, and hostile or broken files refused."""
 
 import numpy as np
 import pytest

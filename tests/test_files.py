@@ -1,4 +1,4 @@
-"""`mobilenetv2 train` end to end on CPU with tiny settings on real photos."""
+"""Atomic writes."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""eval, predict, export, torch.hub and the seed's shell scripts."""
+"""The torch.hub entry."""
 
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Device / precision decisions, the seed's loss and schedule, and the fp16 overflow path — all on CPU."""
+"""Device, precision, denormal and RNG decisions, all on CPU."""
 
 import pytest
 import torch
@@ -59,3 +59,17 @@ def test_rng_state_round_trips_as_plain_data(tmp_path):
     runtime.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     second = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
     assert torch.equal(first[0], second[0]) and first[1:] == second[1:]
+
+
+def test_a_session_undoes_what_it_set():
+    torch.set_flush_denormal(False)
+    with runtime.session("cpu", "off") as state:
+        assert state.flushes_denormals and runtime.flushing_denormals()
+    assert not runtime.flushing_denormals()
+    torch.set_flush_denormal(True)  # already on before: left on
+    try:
+        with runtime.session("cpu", "off") as state:
+            assert not state.flushes_denormals
+        assert runtime.flushing_denormals()
+    finally:
+        torch.set_flush_denormal(False)

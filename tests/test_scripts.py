@@ -1,4 +1,4 @@
-"""eval, predict, export, torch.hub and the seed's shell scripts."""
+"""The seed's recipes and shell scripts."""
 
 import os
 import subprocess

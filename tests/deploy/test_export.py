@@ -1,6 +1,7 @@
-"""eval, predict, export, torch.hub and the seed's shell scripts."""
+"""Exports (ONNX, TorchScript, MindSpore) reproduce the source logits and carry the model's metadata."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,3 +62,25 @@ def test_mindspore_export_round_trips_bit_exactly(converted, tmp_path):
     model = load_model(output)
     with torch.no_grad():
         assert np.abs(model(torch.from_numpy(MS_INPUT)).numpy() - MS_LOGITS).max() <= 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "mindspore"])
+def test_a_freshly_built_model_exports_with_its_metadata(tmp_path, fmt):
+    from mobilenetv2 import MobileNetV2, export
+    from mobilenetv2.config import Preprocess
+
+    torch.manual_seed(0)
+    model = MobileNetV2(num_classes=10, width_mult=0.25, preprocess=Preprocess.for_image_size(64))
+    output = str(tmp_path / "sub" / f"m.{fmt}")  # a str path, in a folder that does not exist yet
+    reports = export(model, fmt, output)
+    assert reports and Path(output).is_file()
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == [f"m.{fmt}"]  # no temp file left beside it
+    if fmt == "onnx":
+        import onnx
+
+        meta = {p.key: p.value for p in onnx.load(output).metadata_props}
+        assert json.loads(meta["mobilenetv2"]) == model.metadata()
+    elif fmt == "torchscript":
+        files = {"mobilenetv2.json": ""}
+        torch.jit.load(output, _extra_files=files)
+        assert json.loads(files["mobilenetv2.json"]) == model.metadata()

@@ -1,4 +1,4 @@
-"""eval, predict, export, torch.hub and the seed's shell scripts."""
+"""`eval` and `predict`: exact counts alone and under torchrun, ONNX evaluation, class names and probabilities."""
 
 import json
 import os
@@ -116,3 +116,15 @@ def test_bad_input_one_line_exit_2(converted, tmp_path, capsys):
     one_line_exit_2(capsys, ["predict", "--checkpoint", str(tmp_path / "noise.onnx"), str(tmp_path / "notes.jpg")])
     assert "dataset folder not found" in one_line_exit_2(capsys, ["eval", "--data", str(tmp_path / "none"),
                                                                   "--checkpoint", str(converted)])
+
+
+def test_predict_with_a_freshly_built_model(photos, tmp_path):
+    from mobilenetv2 import MobileNetV2, predict
+
+    Image.fromarray(photos["rocket"]).save(tmp_path / "rocket.png")
+    torch.manual_seed(0)
+    results = predict(MobileNetV2(num_classes=4, width_mult=0.25, class_names=list("abcd")),
+                      [str(tmp_path / "rocket.png"), tmp_path / "rocket.png"], topk=2)
+    assert [len(r["predictions"]) for r in results] == [2, 2]
+    assert results[0]["predictions"] == results[1]["predictions"]
+    assert {p["class"] for p in results[0]["predictions"]} <= set("abcd")

@@ -1,4 +1,4 @@
-"""Every checkpoint format users have, loaded through `load_model`, gives the source network's logits."""
+"""torchvision and timm state dicts renamed onto our keys give their source network's logits."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Every checkpoint format users have, loaded through `load_model`, gives the source network's logits."""
+"""MindSpore `.ckpt` files: the seed's logits reproduced, every head layout, optimizer state ignored, damaged files refused."""
 
 import json
 

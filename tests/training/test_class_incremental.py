@@ -1,4 +1,4 @@
-"""Head-only training from cached backbone features, and class-incremental learning."""
+"""Class-incremental learning (`--extend-classes`)."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""Head-only training from cached backbone features, and class-incremental learning."""
+"""Head-only training from the backbone-feature cache: frozen backbone, cache keying and reuse, augmented views, torchrun."""
 
 import os
 import shutil

@@ -1,4 +1,4 @@
-"""`mobilenetv2 train` end to end on CPU with tiny settings on real photos."""
+"""The training loop, end to end through `mobilenetv2 train` on tiny settings and real photos."""
 
 import math
 import os

@@ -1,4 +1,4 @@
-"""Device / precision decisions, the seed's loss and schedule, and the fp16 overflow path — all on CPU."""
+"""The seed's label-smoothed loss."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""`mobilenetv2 train` end to end on CPU with tiny settings on real photos."""
+"""`run_training`: bad input refused before anything is written; the caller's random state left alone."""
 
 import shutil
 
@@ -43,3 +43,24 @@ def test_bad_input_one_line_exit_2_nothing_written(dataset, tmp_path, capsys, ca
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "error" in err
     assert not run.exists()
+
+
+def test_run_training_leaves_the_callers_random_state_alone(dataset, tmp_path):
+    import random
+
+    import numpy as np
+
+    from mobilenetv2 import TrainConfig, run_training
+
+    config = TrainConfig(data=str(dataset), output=str(tmp_path / "run"), width_mult=0.25, image_size=32,
+                         batch_size=8, workers=0, epochs=1, max_steps=2, seed=5)
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    state = run_training(config)
+    assert state.global_step == 2
+    assert torch.equal(torch.rand(3), expected[0]) and (random.random(), np.random.rand()) == expected[1:]

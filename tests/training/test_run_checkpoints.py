@@ -1,4 +1,4 @@
-"""`mobilenetv2 train` end to end on CPU with tiny settings on real photos."""
+"""Training checkpoints: plain data with the full state, and resuming gives the same weights."""
 
 
 import torch

@@ -1,10 +1,13 @@
-"""Device / precision decisions, the seed's loss and schedule, and the fp16 overflow path — all on CPU."""
+"""The seed's learning-rate schedule and its optional linear scaling."""
 
 import math
 
 import pytest
 
-from mobilenetv2.training.schedule import SeedSchedule
+from mobilenetv2.cli import main
+from mobilenetv2.training.schedule import SeedSchedule, lr_scale
+
+from conftest import records
 
 
 def test_schedule_warmup_cosine_and_floor():
@@ -16,3 +19,27 @@ def test_schedule_warmup_cosine_and_floor():
     assert schedule(49) > 0 and schedule(49) < 0.01
     negative = SeedSchedule(0.0, 0.5, -1.0, 0, 1, 10)
     assert negative(9) == 0.0  # floored
+
+
+def test_linear_scaling_is_offered_never_imposed(dataset, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("batch_size: 16\nlr_max: 0.08\nepochs: 1\nimage_size: 32\nwidth_mult: 0.25\nworkers: 0\n")
+    common = ["train", "--config", str(recipe), "--data", str(dataset), "--max-steps", "2"]
+    assert main([*common, "--output", str(tmp_path / "seed"), "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "batch size 8 differs from the recipe's 16: lr_max 0.08 used as given" in out
+    assert "would use 0.04" in out
+    assert max(r["lr"] for r in records(tmp_path / "seed", "step")) == pytest.approx(0.08)
+    assert main([*common, "--output", str(tmp_path / "linear"), "--batch-size", "8", "--lr-scaling", "linear"]) == 0
+    assert "scaled linearly by 8/16, lr_max 0.08 -> 0.04" in capsys.readouterr().out
+    assert max(r["lr"] for r in records(tmp_path / "linear", "step")) == pytest.approx(0.04)
+    # the recipe's own batch: nothing to say, nothing scaled
+    assert main([*common, "--output", str(tmp_path / "same"), "--lr-scaling", "linear"]) == 0
+    assert "differs from the recipe" not in capsys.readouterr().out
+    assert max(r["lr"] for r in records(tmp_path / "same", "step")) == pytest.approx(0.08)
+
+
+def test_lr_scale_factor():
+    assert lr_scale(256, 128, "linear") == 2.0
+    assert lr_scale(256, 128, "none") == 1.0
+    assert lr_scale(256, 0, "linear") == 1.0

@@ -1,4 +1,4 @@
-"""The main job end to end on a Fashion-MNIST subset, the in-memory data path, plots and TensorBoard."""
+"""The in-memory training task, plots and TensorBoard."""
 
 import json
 
