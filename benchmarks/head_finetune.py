@@ -14,11 +14,15 @@ from pathlib import Path
 import torch
 
 from mobilenetv2 import MobileNetV2, save_model
-from mobilenetv2 import data as data_module
 from mobilenetv2.config import TrainConfig
-from mobilenetv2.datasets import write_fashion_mnist
+from mobilenetv2.data import folders as data_module
+from mobilenetv2.data.fashion_mnist import write_fashion_mnist
+from mobilenetv2.data.transforms import eval_transform
 from mobilenetv2.runtime import setup
-from mobilenetv2.train import SeedLabelSmoothingLoss, make_optimizer, run_training, train_step
+from mobilenetv2.training.loop import train_step
+from mobilenetv2.training.loss import SeedLabelSmoothingLoss
+from mobilenetv2.training.run import run_training
+from mobilenetv2.training.setup import make_optimizer
 
 
 def naive(config: TrainConfig, pretrained: Path) -> float:
@@ -28,7 +32,7 @@ def naive(config: TrainConfig, pretrained: Path) -> float:
     runtime = setup(config.device, "off", channels_last=config.channels_last)
     model = runtime.prepare_model(load_model(pretrained))
     model.backbone.requires_grad_(False)
-    dataset = data_module.image_folder(Path(config.data) / "train", data_module.eval_transform(config.preprocess))
+    dataset = data_module.image_folder(Path(config.data) / "train", eval_transform(config.preprocess))
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
                                          num_workers=config.workers, collate_fn=data_module.collate_skipping)
     optimizer, scaler = make_optimizer(model, config), runtime.grad_scaler()

@@ -15,7 +15,7 @@ import torch
 
 from mobilenetv2 import MobileNetV2
 from mobilenetv2.config import Preprocess
-from mobilenetv2.export import export_onnx
+from mobilenetv2.deploy.export import export_onnx
 from timing import best_rates
 
 
@@ -29,9 +29,8 @@ def main() -> None:
     import onnxruntime
 
     torch.manual_seed(0)
-    model = MobileNetV2(num_classes=1000, width_mult=args.width).eval()
-    model.preprocess = Preprocess.for_image_size(args.image_size)
-    model.class_names = None
+    model = MobileNetV2(num_classes=1000, width_mult=args.width,
+                        preprocess=Preprocess.for_image_size(args.image_size)).eval()
     channels_last = MobileNetV2(num_classes=1000, width_mult=args.width).eval()
     channels_last.load_state_dict(model.state_dict())
     channels_last = channels_last.to(memory_format=torch.channels_last)

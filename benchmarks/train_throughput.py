@@ -15,7 +15,9 @@ import torchvision
 from mobilenetv2.config import TrainConfig
 from mobilenetv2.model import MobileNetV2
 from mobilenetv2.runtime import setup
-from mobilenetv2.train import SeedLabelSmoothingLoss, make_optimizer, train_step
+from mobilenetv2.training.loop import train_step
+from mobilenetv2.training.loss import SeedLabelSmoothingLoss
+from mobilenetv2.training.setup import make_optimizer
 from timing import best_rates
 
 
