@@ -18,6 +18,31 @@ MS_CHECKPOINT = FIXTURES / "ms_mobilenetv2_w0.5_c10.ckpt"
 MS_INPUT = np.load(FIXTURES / "ms_input_w0.5_c10.npy")
 MS_LOGITS = np.load(FIXTURES / "ms_logits_w0.5_c10.npy")
 REPO = Path(__file__).resolve().parents[1]
+# float32 summation order alone moves logits by ~1e-5 of their scale (fixtures/README.md)
+PARITY_TOLERANCE = 1e-4
+
+
+def parity_error(actual) -> float:
+    """Largest |actual - MindSpore's logits|, relative to max(1, logit scale)."""
+    actual = actual.detach().numpy() if isinstance(actual, torch.Tensor) else np.asarray(actual)
+    return float(np.abs(actual - MS_LOGITS).max() / max(1.0, float(np.abs(MS_LOGITS).max())))
+
+
+def fp16_rounded(path):
+    """The model at `path` with every floating-point tensor rounded through fp16 (what fp16 storage keeps)."""
+    from mobilenetv2 import load_model
+
+    model = load_model(path)
+    state = {k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    return model
+
+
+def assert_parity(actual) -> None:
+    """`actual` reproduces the seed's logits for the fixture's two photos."""
+    assert np.asarray(actual).shape == MS_LOGITS.shape
+    error = parity_error(actual)
+    assert error <= PARITY_TOLERANCE, f"relative error {error:.3g}"
 
 
 def real_photos() -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ from mobilenetv2 import load_model
 from mobilenetv2.cli import main
 from mobilenetv2.interop import mindspore
 
-from conftest import MS_CHECKPOINT, MS_INPUT, MS_LOGITS
+from conftest import MS_CHECKPOINT, MS_INPUT, MS_LOGITS, assert_parity
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -36,7 +36,7 @@ def test_exports_reproduce_the_mindspore_logits(converted, tmp_path, capsys, fmt
     else:
         loaded = torch.jit.load(str(output))
         logits = loaded(torch.from_numpy(MS_INPUT)).detach().numpy()
-    assert np.abs(logits - MS_LOGITS).max() <= 1e-4
+    assert_parity(logits)
 
 
 def test_onnx_with_softmax_has_probs(converted, tmp_path):
@@ -61,7 +61,7 @@ def test_mindspore_export_round_trips_bit_exactly(converted, tmp_path):
         assert exported[key].dtype == value.dtype and np.array_equal(exported[key], value), key
     model = load_model(output)
     with torch.no_grad():
-        assert np.abs(model(torch.from_numpy(MS_INPUT)).numpy() - MS_LOGITS).max() <= 1e-5
+        assert_parity(model(torch.from_numpy(MS_INPUT)))
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "mindspore"])
@@ -84,3 +84,39 @@ def test_a_freshly_built_model_exports_with_its_metadata(tmp_path, fmt):
         files = {"mobilenetv2.json": ""}
         torch.jit.load(output, _extra_files=files)
         assert json.loads(files["mobilenetv2.json"]) == model.metadata()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_export_that_fails_its_check_exits_1_and_leaves_no_file(converted, tmp_path, capsys, monkeypatch, fmt):
+    from mobilenetv2.deploy import export as export_module
+
+    output = tmp_path / f"model.{fmt}"
+    output.write_bytes(b"the previous, good export")
+    monkeypatch.setattr(export_module, "TOLERANCE", -1.0)  # no difference passes
+    assert main(["export", "--checkpoint", str(converted), "--format", fmt, "--output", str(output)]) == 1
+    assert "check failed" in capsys.readouterr().err
+    assert output.read_bytes() == b"the previous, good export"  # untouched
+    assert [p.name for p in tmp_path.iterdir()] == [output.name]  # and no half-checked file beside it
+
+
+def test_convert_class_names_travel_into_onnx_metadata(tmp_path, capsys):
+    import onnx
+
+    from mobilenetv2.deploy.predict import load_classifier
+
+    names = [f"kind_{i}" for i in range(10)]
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    assert main(["convert", str(MS_CHECKPOINT), "-o", str(tmp_path / "named.pt"), "--class-names",
+                 str(tmp_path / "names.txt")]) == 0
+    assert load_model(tmp_path / "named.pt").class_names == names
+    assert main(["export", "--checkpoint", str(tmp_path / "named.pt"), "--format", "onnx"]) == 0
+    exported = tmp_path / "named.onnx"  # the default output: beside the checkpoint
+    meta = {p.key: p.value for p in onnx.load(str(exported)).metadata_props}
+    assert json.loads(meta["mobilenetv2"])["class_names"] == names
+    assert load_classifier(exported).class_names == names
+    (tmp_path / "short.txt").write_text("a\nb\n")
+    capsys.readouterr()
+    assert main(["convert", str(MS_CHECKPOINT), "-o", str(tmp_path / "bad.pt"), "--class-names",
+                 str(tmp_path / "short.txt")]) == 2
+    assert "2 class names; the model has 10 classes" in capsys.readouterr().err
+    assert not (tmp_path / "bad.pt").exists()

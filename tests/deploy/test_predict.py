@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mobilenetv2 import MobileNetV2, save_model
+from mobilenetv2 import MobileNetV2, load_model, save_model
 from mobilenetv2.cli import main
 
-from conftest import FIVE_CLASSES, one_line_exit_2, subset
+from conftest import FIVE_CLASSES, MS_CHECKPOINT, one_line_exit_2, subset
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +48,57 @@ def test_eval_counts_every_image_once_alone_and_under_torchrun(five_data, pretra
     assert ddp["confusion_matrix"] == data["confusion_matrix"]
 
 
-def test_eval_squash_resize_and_validation_preprocess_folder(five_data, pretrained_five, tmp_path, capsys):
+def _wide_photos(root, photos):
+    """Non-square real photos (twice as wide as tall): squash and shorter-side resizing see different pixels."""
+    for name in ("astronaut", "chelsea", "coffee"):
+        (root / name).mkdir(parents=True)
+        photo = photos[name]
+        for i, top in enumerate((0, 40, 80)):
+            Image.fromarray(photo[top:top + 150, :300]).save(root / name / f"{i}.png")
+    return root
+
+
+def _manual_eval(model, folder, resize):
+    """Mean cross-entropy and top-1, computed here with torchvision's transforms, image by image."""
+    from torchvision.transforms import v2 as T
+
+    size = model.preprocess.resize_size
+    transform = T.Compose([T.Resize((size, size) if resize == "squash" else size, antialias=True),
+                           T.CenterCrop(model.preprocess.image_size), T.ToImage(),
+                           T.ToDtype(torch.float32, scale=True), T.Normalize(model.preprocess.mean, model.preprocess.std)])
+    losses, correct = [], 0
+    for label, name in enumerate(model.class_names[:3]):
+        for path in sorted((folder / name).iterdir()):
+            with torch.no_grad():
+                output = model(transform(Image.open(path).convert("RGB"))[None])
+            losses.append(torch.nn.functional.cross_entropy(output, torch.tensor([label])).item())
+            correct += int(output.argmax() == label)
+    return sum(losses) / len(losses), correct / len(losses)
+
+
+@pytest.mark.parametrize("contract", ["short", "squash"])
+def test_eval_resize_modes_loss_and_the_seed_folder_name(photos, tmp_path, capsys, contract):
+    from mobilenetv2.config import Preprocess
+
     root = tmp_path / "seed_layout"
-    root.mkdir()
-    (root / "validation_preprocess").symlink_to(five_data / "val")
-    assert main(["eval", "--data", str(root), "--checkpoint", str(pretrained_five), "--resize", "squash",
-                 "--workers", "0"]) == 0
-    assert "evaluated 100 images" in capsys.readouterr().out
+    _wide_photos(root / "validation_preprocess", photos)  # the seed's name for the val folder
+    model = load_model(MS_CHECKPOINT)  # BatchNorm calibrated on real photos: its logits depend on the image
+    model.class_names = ["astronaut", "chelsea", "coffee"] + [f"other_{i}" for i in range(7)]
+    model.preprocess = Preprocess(image_size=96, resize_size=110, resize_mode=contract)
+    save_model(model, tmp_path / "model.pt")
+    reports = {}
+    for mode in ("default", "short", "squash"):
+        flags = [] if mode == "default" else ["--resize", mode]
+        assert main(["eval", "--data", str(root), "--checkpoint", str(tmp_path / "model.pt"), "--workers", "0",
+                     "--batch-size", "4", "--json", str(tmp_path / f"{mode}.json"), *flags]) == 0
+        reports[mode] = json.loads((tmp_path / f"{mode}.json").read_text())
+        assert reports[mode]["count"] == 9
+    for mode in ("short", "squash"):
+        loss, top1 = _manual_eval(model, root / "validation_preprocess", mode)
+        assert reports[mode]["loss"] == pytest.approx(loss, rel=1e-5)
+        assert reports[mode]["top1"] == pytest.approx(top1)
+    assert abs(reports["short"]["loss"] - reports["squash"]["loss"]) > 1e-4  # the two modes really differ here
+    assert reports["default"] == reports[contract]  # the default is the checkpoint's own contract
 
 
 def test_eval_on_onnx_equals_eval_on_checkpoint(five_data, pretrained_five, tmp_path, capsys):
