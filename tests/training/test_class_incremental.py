@@ -17,7 +17,8 @@ def test_class_incremental_keeps_old_rows_and_old_accuracy(fashion, pretrained_f
     classes = FIVE_CLASSES + ["Coat", "Pullover"]
     data = subset(fashion, tmp_path / "data", classes)
     run = tmp_path / "run"
-    assert head_only(data, run, pretrained_five, "--extend-classes", "--epochs", "6", "--lr-max", "0.05") == 0
+    # a gentle rate: the new rows learn, the old ones move little (at 0.05 old-class accuracy fell 12 points)
+    assert head_only(data, run, pretrained_five, "--extend-classes", "--epochs", "6", "--lr-max", "0.02") == 0
     old, new = load_model(pretrained_five), load_model(run / "checkpoints" / "last.pt")
     assert new.class_names == sorted(classes)
     # with a zero learning rate the old rows must come through exactly, at their classes' new positions
@@ -30,16 +31,17 @@ def test_class_incremental_keeps_old_rows_and_old_accuracy(fashion, pretrained_f
         assert torch.equal(kept.head.classifier.weight[new_index], old.head.classifier.weight[old_index])
         assert torch.equal(kept.head.classifier.bias[new_index], old.head.classifier.bias[old_index])
 
-    def old_class_accuracy(model):
+    def old_class_accuracy(model, wanted=FIVE_CLASSES):
         val = data_module.image_folder(data / "val", eval_transform(model.preprocess), model.class_names)
-        val.samples = [s for s in val.samples if val.classes[s[1]] in FIVE_CLASSES]
+        val.samples = [s for s in val.samples if val.classes[s[1]] in wanted]
         result = evaluate(model, data_module.eval_loader(val, 50, 0), setup("cpu", "off"), model.num_classes)
         return result.top1
 
     before = old_class_accuracy(kept)  # the old head, inside the extended network, before training
     after = old_class_accuracy(new)
-    assert before > 0.4
-    assert after >= before - 0.15, (before, after)
+    assert before > 0.8
+    assert after >= before - 0.08, (before, after)  # measured: 0.89 -> 0.83
+    assert old_class_accuracy(new, ["Coat", "Pullover"]) >= 0.35  # measured 0.45; chance is 1/7
 
 
 def test_extend_classes_needs_names(three_new, tmp_path, capsys):

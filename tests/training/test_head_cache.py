@@ -1,14 +1,18 @@
 """Head-only training from the backbone-feature cache: frozen backbone, cache keying and reuse, augmented views, torchrun."""
 
+import dataclasses
+import json
 import os
 import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from mobilenetv2 import load_model
+from mobilenetv2.cli import main
 from mobilenetv2.training import head_cache
 
 from conftest import TINY_TRAIN, head_only, last_eval
@@ -25,8 +29,54 @@ def test_backbone_frozen_bit_for_bit_and_head_learns(three_new, pretrained_five,
     result = last_eval(run)
     assert result["eval_count"] == 60
     assert result["eval_top1"] >= 0.6  # chance is 1/3
-    # the written checkpoint is a full network that eval-mode inference agrees with
-    assert not torch.equal(before.head.classifier.weight[:3], after.head.classifier.weight)
+    # the written checkpoint is a full network: run on the images themselves it scores what the head scored on the
+    # cached features, image for image
+    report = run / "eval.json"
+    assert main(["eval", "--data", str(three_new), "--checkpoint", str(run / "checkpoints" / "last.pt"),
+                 "--workers", "0", "--json", str(report)]) == 0
+    full = json.loads(report.read_text())
+    assert full["count"] == 60 and full["top1"] == pytest.approx(result["eval_top1"], abs=1e-9)
+    assert full["top5"] == pytest.approx(result["eval_top5"], abs=1e-9)
+
+
+def test_cache_key_follows_every_input_it_depends_on(three_new, pretrained_five):
+    from mobilenetv2.config import TrainConfig
+    from mobilenetv2.data.folders import image_folder
+    from mobilenetv2.data.transforms import eval_transform
+
+    model = load_model(pretrained_five)
+    config = TrainConfig(data=str(three_new), pretrained=str(pretrained_five), freeze="backbone", image_size=32)
+
+    def key(model=model, config=config):
+        splits = {"train": image_folder(three_new / "train", eval_transform(config.preprocess))}
+        return head_cache.cache_key(model, splits, config)
+
+    base = key()
+    assert key() == base  # stable
+    changed = {}
+    nudged = load_model(pretrained_five)
+    with torch.no_grad():
+        nudged.backbone[5].conv[0][0].weight[0, 0, 0, 0] += 1e-3
+    changed["backbone weights"] = key(model=nudged)
+    head_only_change = load_model(pretrained_five)
+    with torch.no_grad():
+        head_only_change.head.classifier.weight.add_(1.0)
+    assert key(model=head_only_change) == base  # the head is not what the cache holds
+    for field, value in (("image_size", 48), ("resize_size", 40), ("min_scale", 0.5), ("color_jitter", 0.1),
+                         ("feature_views", 2), ("seed", 2)):
+        changed[field] = key(config=dataclasses.replace(config, **{field: value}))
+    image = sorted((three_new / "train" / "Coat").iterdir())[0]
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    changed["file mtime"] = key()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert key() == base
+    with image.open("ab") as handle:
+        handle.write(b"\0")
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime, one byte longer
+    changed["file size"] = key()
+    assert {what: k for what, k in changed.items() if k == base} == {}
+    assert len(set(changed.values())) == len(changed)
 
 
 def test_cache_reused_rebuilt_on_change_never_after_crash(three_new, pretrained_five, tmp_path, capsys, monkeypatch):
