@@ -2,6 +2,10 @@
 
 import json
 
+import numpy as np
+import pytest
+import torch
+
 from mobilenetv2.cli import main
 
 
@@ -14,6 +18,28 @@ def test_in_memory_training_matches_disk_labels_and_plots(fashion, tmp_path, cap
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["type"] == "epoch"]
     assert [r["eval_count"] for r in epochs] == [200, 200]
+    # the checkpoint, evaluated from the image files on disk, scores exactly what the in-memory eval reported:
+    # same labels, same pixels
+    assert main(["eval", "--data", str(fashion), "--checkpoint", str(run / "checkpoints" / "last.pt"), "--workers", "0",
+                 "--json", str(tmp_path / "disk.json")]) == 0
+    disk = json.loads((tmp_path / "disk.json").read_text())
+    assert disk["count"] == 200 and disk["top1"] == pytest.approx(epochs[-1]["eval_top1"], abs=1e-9)
+    assert disk["loss"] == pytest.approx(epochs[-1]["eval_loss"], rel=1e-5)
     assert list((run / "tensorboard").iterdir())
     assert main(["plot", str(run), "--output", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
+def test_decoded_dataset_keeps_each_files_label_and_pixels(fashion):
+    from PIL import Image
+
+    from mobilenetv2.data.batched import decode_all
+    from mobilenetv2.data.folders import image_folder
+
+    dataset = image_folder(fashion / "val", None)
+    images, labels, skipped = decode_all(dataset, 28, workers=0)
+    assert skipped == 0 and labels.tolist() == dataset.targets
+    for index in (0, 57, len(dataset) - 1):
+        path, label = dataset.samples[index]
+        pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(images[index], pixels) and labels[index] == label
