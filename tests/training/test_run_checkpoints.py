@@ -1,10 +1,11 @@
 """Training checkpoints: plain data with the full state, and resuming gives the same weights."""
 
 
+import pytest
 import torch
 
 
-from conftest import records, train
+from conftest import MS_CHECKPOINT, records, train
 
 
 def test_training_checkpoint_is_plain_data_with_full_state(dataset, tmp_path):
@@ -28,3 +29,22 @@ def test_resume_gives_identical_weights(dataset, tmp_path):
             assert torch.equal(value, split[part][key]), (part, key)
     assert records(tmp_path / "split", "step")[-1]["global_step"] == 8
     assert [r["global_step"] for r in records(tmp_path / "split", "step")] == list(range(9))
+
+
+@pytest.mark.parametrize("kind", ["images", "in-memory", "cached-features"])
+def test_mid_epoch_resume_gives_identical_weights(dataset, tmp_path, kind):
+    extra = {"images": [], "in-memory": ["--in-memory"],
+             "cached-features": ["--pretrained", str(MS_CHECKPOINT), "--freeze", "backbone", "--width-mult", "0.5"]}[kind]
+    common = ["--epochs", "2", "--ema", "0.5", "--seed", "3", "--dropout", "0.2", *extra]  # 3 steps per epoch
+    assert train(dataset, tmp_path / "straight", *common) == 0
+    assert train(dataset, tmp_path / "split", *common, "--max-steps", "4") == 0  # stops inside the second epoch
+    stopped = torch.load(tmp_path / "split/checkpoints/last.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["global_step"]) == (1, 4)
+    assert train(dataset, tmp_path / "split", *common, "--resume", "auto") == 0
+    straight = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)
+    split = torch.load(tmp_path / "split/checkpoints/last.pt", weights_only=True)
+    assert split["global_step"] == straight["global_step"] == 6
+    for part in ("model", "train_model"):
+        different = [key for key, value in straight[part].items() if not torch.equal(value, split[part][key])]
+        assert different == [], (part, different[:3])
+    assert [r["global_step"] for r in records(tmp_path / "split", "step")] == list(range(6))

@@ -43,3 +43,33 @@ def test_decoded_dataset_keeps_each_files_label_and_pixels(fashion):
         path, label = dataset.samples[index]
         pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
         assert torch.equal(images[index], pixels) and labels[index] == label
+
+
+def test_image_augmentation_follows_epoch_and_item_never_worker_count(dataset, tmp_path):
+    import dataclasses
+
+    from mobilenetv2 import MobileNetV2
+    from mobilenetv2.config import TrainConfig
+    from mobilenetv2.data.folders import find_splits
+    from mobilenetv2.runtime import Runtime
+    from mobilenetv2.training.tasks import image_task
+
+    config = TrainConfig(data=str(dataset), width_mult=0.25, image_size=32, batch_size=8, workers=0, seed=3)
+    splits = find_splits(dataset)
+    model = MobileNetV2(num_classes=3, width_mult=0.25, class_names=splits.classes, preprocess=config.preprocess)
+
+    def epoch_images(workers, epoch, skip=0):
+        task = image_task(dataclasses.replace(config, workers=workers), model, splits,
+                          Runtime(torch.device("cpu"), None), tmp_path)
+        return torch.cat([inputs for inputs, _labels, _skipped in task.train_batches(epoch, skip)])
+
+    first = epoch_images(0, 0)
+    torch.rand(5)  # the global stream moves on; the draws must not
+    assert torch.equal(epoch_images(0, 0), first)
+    assert torch.equal(epoch_images(2, 0), first)  # two worker processes draw the same
+    assert torch.equal(epoch_images(0, 0, skip=1), first[8:])  # a resumed epoch sees the rest unchanged
+    def drawn(images):  # the epoch's images as a set, whatever their order
+        return sorted(round(float(image.sum()), 3) for image in images)
+
+    assert drawn(epoch_images(0, 0)) == drawn(first)
+    assert drawn(epoch_images(0, 1)) != drawn(first)  # a new epoch draws new crops, not the same ones reordered

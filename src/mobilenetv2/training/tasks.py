@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from mobilenetv2.config import TrainConfig
@@ -57,6 +57,22 @@ class _SkipSampler(Sampler[int]):
         return max(len(self.sampler) - self.skip, 0)
 
 
+class _SeededSamples(Dataset):
+    """Each item's augmentation drawn from its own seed (run seed, epoch, index), without touching the global
+    random stream: the same for any worker count, and the same after a resume in the middle of an epoch."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % (1 << 63))
+            return self.dataset[index]
+
+
 def _train_sampler(length: int, config: TrainConfig, runtime: Runtime) -> tuple[DistributedSampler, bool, int]:
     """This rank's shuffled share of `length` items, whether to drop the remainder, and the steps per epoch.
 
@@ -77,16 +93,18 @@ def image_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetS
                output: Path) -> TrainTask:
     """Train the whole network (or what requires grad) on images through a DataLoader."""
     known = _known_classes(model, splits)
-    train_set = folders.image_folder(splits.train, train_transform(model.preprocess, config.min_scale,
-                                                                   config.color_jitter), known)
+    train_set = _SeededSamples(folders.image_folder(splits.train, train_transform(
+        model.preprocess, config.min_scale, config.color_jitter), known), config.seed)
     sampler, drop_last, steps = _train_sampler(len(train_set), config, runtime)
     pin = runtime.device.type == "cuda"
 
     def batches(epoch: int, skip: int):
         sampler.set_epoch(epoch)
+        train_set.epoch = epoch
         return DataLoader(train_set, batch_size=config.batch_size, sampler=_SkipSampler(sampler, skip * config.batch_size),
                           num_workers=config.workers, collate_fn=folders.collate_skipping, pin_memory=pin,
-                          drop_last=drop_last, persistent_workers=False)
+                          drop_last=drop_last, persistent_workers=False,
+                          generator=torch.Generator().manual_seed(config.seed + epoch))  # not the global stream
 
     evaluate_fn = None
     if splits.val is not None and config.eval_every:
