@@ -37,3 +37,39 @@ def test_seed_shell_scripts(dataset, tmp_path):
     bad = subprocess.run(["bash", str(REPO / "scripts/run_train.sh"), "TPU", str(dataset)], cwd=tmp_path, env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "CPU or GPU" in bad.stderr
+
+
+STUB = """#!/usr/bin/env bash
+printf '%s\\n' "$@" > "$STUB_ARGS"
+echo "${CUDA_VISIBLE_DEVICES:-}" > "$STUB_ARGS.devices"
+"""
+
+
+@pytest.mark.parametrize("argv,expected,devices", [
+    (["run_train.sh", "CPU", "DATA", "CKPT", "backbone", "True"],
+     ["-m", "mobilenetv2", "train", "--config", "configs/seed_cpu.yaml", "--data", "DATA", "--device", "cpu",
+      "--freeze", "backbone", "--pretrained", "CKPT", "--filter-head", "--epochs", "1"], ""),
+    (["run_train.sh", "CPU", "DATA"],
+     ["-m", "mobilenetv2", "train", "--config", "configs/seed_cpu.yaml", "--data", "DATA", "--device", "cpu",
+      "--freeze", "none", "--epochs", "1"], ""),
+    (["run_train.sh", "GPU", "4", "0,1,2,3", "DATA", "CKPT", "none", "False"],
+     ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m", "mobilenetv2", "train",
+      "--config", "configs/seed_gpu.yaml", "--data", "DATA", "--device", "cuda", "--freeze", "none",
+      "--pretrained", "CKPT", "--epochs", "1"], "0,1,2,3"),
+    (["run_eval.sh", "GPU", "DATA", "CKPT"],
+     ["-m", "mobilenetv2", "eval", "--data", "DATA", "--checkpoint", "CKPT", "--device", "cuda", "--epochs", "1"], ""),
+])
+def test_seed_script_arguments_map_onto_our_command(tmp_path, argv, expected, devices):
+    """The seed's positional arguments, traced through a stand-in python that records what it was asked to run."""
+    (tmp_path / "DATA").mkdir()
+    stub = tmp_path / "python"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "STUB_ARGS": str(tmp_path / "args"), "MOBILENETV2_ARGS": "--epochs 1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    result = subprocess.run(["bash", str(REPO / "scripts" / argv[0]), *argv[1:]], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    recorded = (tmp_path / "args").read_text().splitlines()
+    assert [arg.replace(str(REPO) + "/", "") for arg in recorded] == expected
+    assert (tmp_path / "args.devices").read_text().strip() == devices

@@ -41,7 +41,7 @@ class RunMonitor:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+                raise UserError("`tensorboard` needs the tensorboard package: pip install tensorboard") from None
             self._writer = SummaryWriter(str(output / "tensorboard"))
 
     def line(self, text: str) -> None:

@@ -79,16 +79,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+        raise UserError(f"`device` must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA GPU is available")
+            raise UserError("`device` cuda was asked for but no CUDA GPU is available")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         if device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) present")
+            raise UserError(f"`device` {name}: only {torch.cuda.device_count()} GPU(s) present")
     elif device.type != "cpu":
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+        raise UserError(f"`device` must be auto, cpu, cuda or cuda:N, got {name!r}")
     return device
 
 
@@ -100,7 +100,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16
         return None
     if amp == "fp16" and device.type == "cpu":
-        raise UserError("--amp fp16 needs a GPU; use --amp bf16 or off on CPU")
+        raise UserError("`amp` fp16 needs a GPU; use `amp` bf16 or off on CPU")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 

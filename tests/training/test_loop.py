@@ -95,10 +95,20 @@ def test_a_batch_of_only_unreadable_images_keeps_the_schedule(tmp_path, capsys):
     assert payload["epoch"] == 2 and payload["global_step"] == 6
 
 
-def test_fp16_on_cpu_and_lr_finite(dataset, tmp_path):
+def test_bf16_on_cpu_really_computes_in_bf16(dataset, tmp_path, capsys):
     assert train(dataset, tmp_path / "bf16", "--epochs", "1", "--amp", "bf16", "--max-steps", "2") == 0
-    losses = [r["loss"] for r in records(tmp_path / "bf16", "step")]
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert "amp torch.bfloat16" in capsys.readouterr().out
+    assert train(dataset, tmp_path / "fp32", "--epochs", "1", "--amp", "off", "--max-steps", "2") == 0
+    assert "amp off" in capsys.readouterr().out
+    bf16, fp32 = ([r["loss"] for r in records(tmp_path / run, "step")] for run in ("bf16", "fp32"))
+    assert len(bf16) == 2 and all(math.isfinite(v) for v in bf16)
+    # the same first batch and weights: bf16 rounding moves the loss a little, never much
+    assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=0.05)
+
+
+def test_fp16_on_cpu_is_refused_in_one_line(dataset, tmp_path, capsys):
+    assert train(dataset, tmp_path / "fp16", "--amp", "fp16") == 2
+    assert "--amp fp16 needs a GPU" in capsys.readouterr().err
 
 
 def test_torchrun_two_processes_train_and_evaluate_exactly(dataset, tmp_path):
@@ -138,3 +148,24 @@ def test_fp16_overflow_skips_the_step_and_is_counted():
     assert overflowed and torch.equal(model.weight, before)
     _, overflowed = train_step(model, torch.randn(2, 4), torch.tensor([0, 1]), criterion, optimizer, scaler, state)
     assert not overflowed and not torch.equal(model.weight, before)
+
+
+def test_ema_weights_are_the_hand_computed_average(dataset, tmp_path):
+    decay = 0.7
+    raw = {}
+    for steps in (1, 2, 3):  # one deterministic trajectory, stopped after each step
+        assert train(dataset, tmp_path / f"s{steps}", "--epochs", "1", "--ema", str(decay), "--max-steps",
+                     str(steps), "--eval-every", "0") == 0
+        raw[steps] = torch.load(tmp_path / f"s{steps}/checkpoints/last.pt", weights_only=True)
+    w1, w2, w3 = (raw[k]["train_model"] for k in (1, 2, 3))
+    ema = raw[3]["model"]
+    checked = 0
+    for key, value in ema.items():
+        if not value.is_floating_point():
+            continue
+        # the first update copies; each later one is decay * average + (1 - decay) * weights
+        expected = decay * (decay * w1[key] + (1 - decay) * w2[key]) + (1 - decay) * w3[key]
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7, msg=key)
+        checked += 1
+    assert checked > 200 and not torch.equal(ema["head.classifier.weight"], w3["head.classifier.weight"])
+    assert raw[3]["ema_averaged"].item() == 3

@@ -54,7 +54,7 @@ def _source_folder(source: Path | None, download: bool, out: Path) -> Path:
             raise DataError(f"could not download Fashion-MNIST ({exc})") from None
         return raw / "FashionMNIST" / "raw"
     raise DataError(f"Fashion-MNIST files not found in {folder}: install them with "
-                    "'sudo apt-get install dataset-fashion-mnist', or pass --download")
+                    "'sudo apt-get install dataset-fashion-mnist', or pass `download`")
 
 
 def write_fashion_mnist(out: str | Path, *, per_class: int | None = None, val_per_class: int | None = None,
