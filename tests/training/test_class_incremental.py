@@ -39,9 +39,9 @@ def test_class_incremental_keeps_old_rows_and_old_accuracy(fashion, pretrained_f
 
     before = old_class_accuracy(kept)  # the old head, inside the extended network, before training
     after = old_class_accuracy(new)
-    assert before > 0.8
-    assert after >= before - 0.08, (before, after)  # measured: 0.89 -> 0.83
-    assert old_class_accuracy(new, ["Coat", "Pullover"]) >= 0.35  # measured 0.45; chance is 1/7
+    assert before > 0.6
+    assert after >= before - 0.08, (before, after)  # measured: 0.85 -> 0.87 (two threads), 0.93 -> 0.87 (one)
+    assert old_class_accuracy(new, ["Coat", "Pullover"]) >= 0.35  # measured 0.42-0.48; chance is 1/7
 
 
 def test_extend_classes_needs_names(three_new, tmp_path, capsys):
