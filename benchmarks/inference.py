@@ -8,7 +8,6 @@ Timing: rotating best-of-N windows (benchmarks/timing.py).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -17,15 +16,13 @@ import torch
 from mobilenetv2 import MobileNetV2
 from mobilenetv2.config import Preprocess
 from mobilenetv2.deploy.export import export_onnx
-from timing import best_rates
+from timing import best_rates, timing_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = timing_parser(__doc__.splitlines()[0], seconds=2.0)
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--seconds", type=float, default=2.0, help="length of one timed window")
-    parser.add_argument("--rounds", type=int, default=3, help="windows per runtime")
     args = parser.parse_args()
     import onnxruntime
 

@@ -7,6 +7,7 @@ other's idle worker threads; taking turns and keeping the best window removes th
 
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Callable
 
@@ -33,3 +34,11 @@ def best_rates(runs: dict[str, Callable[[], object]], items_per_call: int, secon
         for name in names[shift:] + names[:shift]:
             rates[name] = max(rates[name], window_rate(runs[name], items_per_call, seconds, sync))
     return rates
+
+
+def timing_parser(description: str, seconds: float) -> argparse.ArgumentParser:
+    """An argument parser with the shared timing options (`--seconds` per window, `--rounds` windows)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seconds", type=float, default=seconds, help="length of one timed window")
+    parser.add_argument("--rounds", type=int, default=3, help="windows per candidate")
+    return parser

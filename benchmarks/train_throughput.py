@@ -11,7 +11,6 @@ Timing: rotating best-of-N windows (benchmarks/timing.py).
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import torch
@@ -23,7 +22,7 @@ from mobilenetv2.runtime import setup
 from mobilenetv2.training.loop import train_step
 from mobilenetv2.training.loss import SeedLabelSmoothingLoss
 from mobilenetv2.training.setup import make_optimizer
-from timing import best_rates
+from timing import best_rates, timing_parser
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat", "immunohistochemistry", "hubble_deep_field")
 
@@ -92,11 +91,9 @@ def ours(device_name: str, amp: str, batches) -> Variant:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = timing_parser(__doc__.splitlines()[0], seconds=6.0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--seconds", type=float, default=6.0, help="length of one timed window")
-    parser.add_argument("--rounds", type=int, default=3, help="windows per variant")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)

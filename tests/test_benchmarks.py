@@ -1,0 +1,35 @@
+"""The benchmark scripts run (tiny settings; their figures are not checked here, only that they are produced and
+that each training workload learns)."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def run(script, *args):
+    result = subprocess.run([sys.executable, script, *args], cwd=REPO / "benchmarks", capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_train_throughput_reports_both_baselines_and_falling_losses():
+    out = run("train_throughput.py", "--image-size", "32", "--batch-size", "8", "--seconds", "0.3", "--rounds", "1")
+    rows = [line for line in out.splitlines() if "images/s" in line]
+    assert len(rows) == 4 and "PyTorch defaults" in rows[0] and "denormals flushed" in rows[1]
+    for row in rows:
+        assert re.search(r"vs defaults \d+\.\d\dx +vs same flag \d+\.\d\dx", row), row
+
+
+@pytest.mark.parametrize("script,args,expected", [
+    ("inference.py", ["--width", "0.25", "--image-size", "32", "--seconds", "0.2", "--rounds", "1"],
+     "vs the faster torch row, channels-last"),
+    ("head_finetune.py", ["--epochs", "1", "--per-class", "10", "--image-size", "32", "--width", "0.25",
+                          "--pretrain-epochs", "1", "--workers", "0"], "the seed's way (features once, in memory)"),
+])
+def test_other_benchmarks_run(script, args, expected):
+    assert expected in run(script, *args)
