@@ -144,6 +144,12 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_data(args) -> int:
+    if args.name == "synthetic":
+        from mobilenetv2.data.synthetic import write_synthetic
+
+        out = write_synthetic(args.output, images=args.images, size=args.size)
+        print(f"synthetic JPEG ImageFolder ({args.images} images, about {args.size}) ready in {out}")
+        return 0
     from mobilenetv2.data.fashion_mnist import write_fashion_mnist
 
     out = write_fashion_mnist(args.output, per_class=args.per_class, val_per_class=args.val_per_class,
@@ -216,12 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=_cmd_export)
 
     data = commands.add_parser("data", help="write a real dataset as an ImageFolder tree")
-    data.add_argument("name", choices=["fashion-mnist"])
+    data.add_argument("name", choices=["fashion-mnist", "synthetic"],
+                      help="fashion-mnist: Debian's Fashion-MNIST; synthetic: ImageNet-like JPEGs from scikit-image's "
+                           "photos, for benchmarks")
     data.add_argument("output", help="folder to write train/ and val/ into")
     data.add_argument("--per-class", type=int, help="train images per class (default: all)")
     data.add_argument("--val-per-class", type=int, help="val images per class (default: all)")
     data.add_argument("--source", help="folder with the *-ubyte.gz files (default /usr/share/datasets/fashion-mnist)")
     data.add_argument("--download", action="store_true", help="download with torchvision when the files are missing")
+    data.add_argument("--images", type=int, default=1000, help="synthetic: how many JPEGs (a tenth go to val/)")
+    data.add_argument("--size", default="500x375", help="synthetic: typical width x height, varied by +-20 %%")
     data.set_defaults(handler=_cmd_data)
 
     demo = commands.add_parser("demo", help="the main job on Fashion-MNIST: train, evaluate, export, predict, report")
