@@ -169,3 +169,28 @@ def test_ema_weights_are_the_hand_computed_average(dataset, tmp_path):
         checked += 1
     assert checked > 200 and not torch.equal(ema["head.classifier.weight"], w3["head.classifier.weight"])
     assert raw[3]["ema_averaged"].item() == 3
+
+
+def test_the_loop_reads_values_back_once_per_log_interval(dataset, tmp_path, monkeypatch):
+    """A host-device sync per step stalls a fast GPU: the loop's own reads happen once per logged line."""
+    import sys
+
+    from mobilenetv2.training import loop
+
+    reads = []
+    for name in ("item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            if sys._getframe(1).f_code.co_filename == loop.__file__:
+                reads.append(sys._getframe(1).f_code.co_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    run = tmp_path / "run"
+    assert train(dataset, run, "--epochs", "2", "--batch-size", "2", "--log-every", "5", "--eval-every", "0") == 0
+    steps = records(run, "step")
+    assert [r["global_step"] for r in steps] == list(range(24))  # still a record for every step
+    assert len({r["loss"] for r in steps}) > 20 and all(r["images_per_s"] > 0 for r in steps)
+    # 12 steps per epoch, lines at steps 0, 5, 10 and 11: 4 reads per epoch, plus the epoch's mean loss
+    assert sorted(reads) == sorted(["_flush"] * 8 + ["_end_epoch"] * 2), reads

@@ -71,3 +71,13 @@ def test_no_decay_bn_bias_exempts_exactly_batchnorm_and_biases(dataset, tmp_path
                  "--no-decay-bn-bias"]) == 0
     saved = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["optimizer"]["param_groups"]
     assert [(g["weight_decay"], len(g["params"])) for g in saved] == [(4e-5, 53), (0.0, 105)]
+
+
+def test_the_optimizer_is_fused_on_cuda_only():
+    from mobilenetv2 import MobileNetV2
+    from mobilenetv2.config import TrainConfig
+    from mobilenetv2.training.setup import make_optimizer
+
+    model = MobileNetV2(num_classes=3, width_mult=0.25)
+    assert make_optimizer(model, TrainConfig(), torch.device("cuda", 0)).defaults["fused"] is True
+    assert not make_optimizer(model, TrainConfig(), torch.device("cpu")).defaults["fused"]

@@ -4,7 +4,7 @@ sees batches, a module and a runtime, and writes the seed's log lines, metrics a
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,6 +51,8 @@ class _Run:
     criterion: nn.Module
     skipped_images: int = 0
     skipped_steps: int = 0  # fp16 overflows
+    pending: list = field(default_factory=list)  # step records whose loss is still on the device
+    interval_start: float = 0.0
 
     @property
     def evaluated(self) -> nn.Module:
@@ -80,7 +82,7 @@ def fit(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Path 
         done_in_epoch = state.global_step - epoch.index * task.steps_per_epoch
         task.trainable.train()
         monitor.start_epoch(task.steps_per_epoch - done_in_epoch, f"epoch {epoch.index + 1}/{config.epochs}")
-        wait_start = time.perf_counter()
+        wait_start = run.interval_start = time.perf_counter()
         for step, (inputs, labels, skipped) in enumerate(task.train_batches(epoch.index, done_in_epoch), done_in_epoch):
             run.skipped_images += skipped
             # unreadable images left nothing to learn from (or one image, which BatchNorm cannot normalise at
@@ -92,6 +94,8 @@ def fit(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Path 
             wait_start = time.perf_counter()
             if _step_limit_reached(config, state):
                 break
+        if run.pending:  # a step limit cut the interval short
+            _flush(run, epoch, run.pending[-1][0]["step"])
         monitor.end_epoch()
         _end_epoch(run, state, epoch)
     if run.skipped_images:
@@ -105,9 +109,9 @@ def _start(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Pa
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(task.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
-    return _Run(task, config, monitor, output / "checkpoints" if output else None, make_optimizer(task.model, config),
-                task.runtime.grad_scaler(), ema, schedule_for(config, task.steps_per_epoch),
-                SeedLabelSmoothingLoss(config.label_smoothing))
+    return _Run(task, config, monitor, output / "checkpoints" if output else None,
+                make_optimizer(task.model, config, task.runtime.device), task.runtime.grad_scaler(), ema,
+                schedule_for(config, task.steps_per_epoch), SeedLabelSmoothingLoss(config.label_smoothing))
 
 
 def _step_limit_reached(config: TrainConfig, state: LoopState) -> bool:
@@ -115,7 +119,8 @@ def _step_limit_reached(config: TrainConfig, state: LoopState) -> bool:
 
 
 def _step(run: _Run, state: LoopState, epoch: _Epoch, step: int, inputs, labels, wait_start: float) -> None:
-    """One optimizer step at the schedule's rate, the EMA update, and its metrics (every step) and log line."""
+    """One optimizer step at the schedule's rate and the EMA update. Its metrics wait on the device until the next
+    log line, so a fast GPU is synchronised once per `log_every` steps, not once per step."""
     task, config = run.task, run.config
     data_wait = time.perf_counter() - wait_start
     lr = run.schedule(state.global_step)
@@ -129,14 +134,26 @@ def _step(run: _Run, state: LoopState, epoch: _Epoch, step: int, inputs, labels,
     epoch.steps_run += 1
     if not run.monitor.enabled:
         return
-    step_seconds = time.perf_counter() - wait_start
-    value = loss.item()
-    run.monitor.record("step", epoch=epoch.index, step=step, global_step=state.global_step, loss=value, lr=lr,
-                       images_per_s=len(labels) * task.runtime.world_size / max(step_seconds, 1e-9),
-                       data_wait_s=data_wait)
+    run.pending.append(({"epoch": epoch.index, "step": step, "global_step": state.global_step, "lr": lr,
+                         "data_wait_s": data_wait}, loss, len(labels)))
     if step % config.log_every == 0 or step == task.steps_per_epoch - 1:
-        run.monitor.line(step_line(epoch.index, config.epochs, step, task.steps_per_epoch, value,
-                                   epoch.losses.item() / epoch.steps_run, step_seconds * 1000, lr))
+        _flush(run, epoch, step)
+
+
+def _flush(run: _Run, epoch: _Epoch, step: int) -> None:
+    """Read the interval's losses back in one transfer, record every step, print the seed's line for this one."""
+    task, config = run.task, run.config
+    losses = [loss.double() for _record, loss, _count in run.pending]
+    *values, epoch_total = torch.stack([*losses, epoch.losses]).tolist()  # the one sync
+    now = time.perf_counter()
+    seconds, images = now - run.interval_start, sum(count for _record, _loss, count in run.pending)
+    rate = images * task.runtime.world_size / max(seconds, 1e-9)
+    for (record, _loss, _count), value in zip(run.pending, values):
+        run.monitor.record("step", **record, loss=value, images_per_s=rate)
+    step_ms = seconds * 1000 / len(run.pending)
+    run.monitor.line(step_line(epoch.index, config.epochs, step, task.steps_per_epoch, values[-1],
+                               epoch_total / epoch.steps_run, step_ms, run.pending[-1][0]["lr"]))
+    run.pending, run.interval_start = [], now
 
 
 def _end_epoch(run: _Run, state: LoopState, epoch: _Epoch) -> None:
