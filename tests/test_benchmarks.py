@@ -28,6 +28,8 @@ def test_train_throughput_reports_both_baselines_and_falling_losses():
 @pytest.mark.parametrize("script,args,expected", [
     ("inference.py", ["--width", "0.25", "--image-size", "32", "--seconds", "0.2", "--rounds", "1"],
      "vs the faster torch row, channels-last"),
+    ("data_pipeline.py", ["--images", "20", "--size", "120x90", "--image-size", "64", "--seconds", "0.2",
+                          "--rounds", "1"], "torchvision standard"),
     ("head_finetune.py", ["--epochs", "1", "--per-class", "10", "--image-size", "32", "--width", "0.25",
                           "--pretrain-epochs", "1", "--workers", "0"], "the seed's way (features once, in memory)"),
 ])

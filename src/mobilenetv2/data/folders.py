@@ -39,13 +39,17 @@ class SafeImageFolder(datasets.ImageFolder):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
+        pipeline = self.transform
+        decodes_itself = hasattr(pipeline, "decode")  # an ImagePipeline decodes no larger than it needs
         try:
-            image = decode_rgb(path)
+            image = pipeline.decode(path) if decodes_itself else decode_rgb(path)
         except DECODE_ERRORS as exc:
             warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=1)
             return None
-        if self.transform is not None:
-            image = self.transform(image)
+        if decodes_itself:
+            return pipeline.finish(image), label
+        if pipeline is not None:
+            image = pipeline(image)
         return image, label
 
 

@@ -1,0 +1,72 @@
+"""Images/s per core of the seed's transforms on real JPEGs, side by side in one run: torchvision's standard PIL
+pipeline (full-size decode, then v2 transforms) against ours (the crop or resize chosen first, then a DCT-scaled
+JPEG decode no larger than it needs). One process, one thread: per-core figures.
+
+    python benchmarks/data_pipeline.py [--images 400] [--size 500x375] [--seconds 4] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from torchvision import datasets
+from torchvision.transforms import v2 as T
+
+from mobilenetv2.config import Preprocess
+from mobilenetv2.data.folders import image_folder
+from mobilenetv2.data.synthetic import write_synthetic
+from mobilenetv2.data.transforms import eval_transform, train_transform
+from timing import best_rates, timing_parser
+
+
+def standard_train(preprocess: Preprocess) -> T.Compose:
+    return T.Compose([T.RandomResizedCrop(preprocess.image_size, antialias=True), T.RandomHorizontalFlip(),
+                      T.ColorJitter(0.4, 0.4, 0.4), T.ToImage(), T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(preprocess.mean, preprocess.std)])
+
+
+def standard_eval(preprocess: Preprocess) -> T.Compose:
+    return T.Compose([T.Resize(preprocess.resize_size, antialias=True), T.CenterCrop(preprocess.image_size),
+                      T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(preprocess.mean, preprocess.std)])
+
+
+def cycling(dataset):
+    """One image per call, round and round the dataset."""
+    position = [0]
+
+    def next_image():
+        dataset[position[0] % len(dataset)]
+        position[0] += 1
+
+    return next_image
+
+
+def main() -> None:
+    parser = timing_parser(__doc__.splitlines()[0], seconds=4.0)
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--size", default="500x375", help="typical JPEG size (ImageNet's average is about 500x375)")
+    parser.add_argument("--image-size", type=int, default=224)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    preprocess = Preprocess.for_image_size(args.image_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        train = write_synthetic(Path(tmp) / "jpegs", images=args.images, size=args.size, val_fraction=0) / "train"
+        runs = {
+            "standard train": cycling(datasets.ImageFolder(str(train), standard_train(preprocess))),
+            "ours train": cycling(image_folder(train, train_transform(preprocess))),
+            "standard eval": cycling(datasets.ImageFolder(str(train), standard_eval(preprocess))),
+            "ours eval": cycling(image_folder(train, eval_transform(preprocess))),
+        }
+        rates = best_rates(runs, 1, args.seconds, args.rounds)
+    print(f"{args.images} synthetic JPEGs of about {args.size}, output {args.image_size} px, one thread, "
+          f"best of {args.rounds} windows of {args.seconds:g} s")
+    for kind in ("train", "eval"):
+        standard, ours = rates[f"standard {kind}"], rates[f"ours {kind}"]
+        print(f"{kind:5s}: torchvision standard {standard:6.1f} images/s per core, ours {ours:6.1f}  "
+              f"ratio {ours / standard:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
