@@ -98,6 +98,9 @@ class TrainConfig:
     color_jitter: float = _help("brightness/contrast/saturation jitter of the train transform", default=0.4)
     min_scale: float = _help("smallest RandomResizedCrop area fraction", default=0.08)
     workers: int = _help("data loader worker processes", default=4)
+    data_backend: str = _help("pil: DataLoader workers decode and augment each image with PIL | device: workers "
+                              "only read file bytes, the training device decodes the batch (nvJPEG on CUDA) and "
+                              "augments it there", default="pil")
     in_memory: bool = _help("decode the dataset once into memory and augment whole batches (small datasets such as "
                             "Fashion-MNIST; refused above 8 GiB)", default=False)
     # precision, speed, tracking
@@ -140,6 +143,7 @@ class TrainConfig:
             (0 <= self.dropout < 1, "`dropout` must be in [0, 1)"),
             (self.lr_scaling in ("none", "linear"), f"`lr_scaling` must be none or linear, got {self.lr_scaling!r}"),
             (self.lr_reference_batch >= 0, "`lr_reference_batch` must be >= 0"),
+            (self.data_backend in ("pil", "device"), f"`data_backend` must be pil or device, got {self.data_backend!r}"),
         ]
         for ok, message in checks:
             if not ok:

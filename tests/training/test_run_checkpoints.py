@@ -31,9 +31,9 @@ def test_resume_gives_identical_weights(dataset, tmp_path):
     assert [r["global_step"] for r in records(tmp_path / "split", "step")] == list(range(9))
 
 
-@pytest.mark.parametrize("kind", ["images", "in-memory", "cached-features"])
+@pytest.mark.parametrize("kind", ["images", "in-memory", "cached-features", "device-decoded"])
 def test_mid_epoch_resume_gives_identical_weights(dataset, tmp_path, kind):
-    extra = {"images": [], "in-memory": ["--in-memory"],
+    extra = {"images": [], "in-memory": ["--in-memory"], "device-decoded": ["--data-backend", "device"],
              "cached-features": ["--pretrained", str(MS_CHECKPOINT), "--freeze", "backbone", "--width-mult", "0.5"]}[kind]
     common = ["--epochs", "2", "--ema", "0.5", "--seed", "3", "--dropout", "0.2", *extra]  # 3 steps per epoch
     assert train(dataset, tmp_path / "straight", *common) == 0

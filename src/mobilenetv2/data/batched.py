@@ -70,16 +70,21 @@ class BatchAugment:
         grid = F.affine_grid(theta, [n, 3, self.size, self.size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         if self.jitter > 0:
-            x = self._color_jitter(x, n)
+            x = color_jitter(x, self.jitter)
         return (x - self.mean) / self.std
 
-    def _color_jitter(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        def factor():
-            return torch.empty(n, 1, 1, 1).uniform_(max(0.0, 1 - self.jitter), 1 + self.jitter)
 
-        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        x = (x * factor()).clamp(0, 1)  # brightness
-        mean = (x * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-        x = ((x - mean) * factor() + mean).clamp(0, 1)  # contrast
-        gray = (x * weights).sum(1, keepdim=True)
-        return ((x - gray) * factor() + gray).clamp(0, 1)  # saturation
+def color_jitter(x: torch.Tensor, jitter: float) -> torch.Tensor:
+    """ColorJitter(brightness, contrast, saturation = jitter) on a batch in [0, 1], each image with its own factors
+    (drawn on the CPU generator, so the draws are the same whatever device the batch is on)."""
+    n = len(x)
+
+    def factor():
+        return torch.empty(n, 1, 1, 1).uniform_(max(0.0, 1 - jitter), 1 + jitter).to(x.device)
+
+    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+    x = (x * factor()).clamp(0, 1)  # brightness
+    mean = (x * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    x = ((x - mean) * factor() + mean).clamp(0, 1)  # contrast
+    gray = (x * weights).sum(1, keepdim=True)
+    return ((x - gray) * factor() + gray).clamp(0, 1)  # saturation

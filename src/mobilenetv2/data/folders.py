@@ -104,9 +104,10 @@ def find_splits(root: str | Path) -> DatasetSplits:
     return DatasetSplits(train, val, classes)
 
 
-def image_folder(folder: Path, transform, classes: list[str] | None = None) -> SafeImageFolder:
-    """An ImageFolder whose label indices follow `classes` (so val uses train's numbering)."""
-    dataset = SafeImageFolder(str(folder), transform=transform, allow_empty=True)
+def image_folder(folder: Path, transform, classes: list[str] | None = None,
+                 kind: type[SafeImageFolder] = SafeImageFolder) -> SafeImageFolder:
+    """An ImageFolder (of `kind`) whose label indices follow `classes` (so val uses train's numbering)."""
+    dataset = kind(str(folder), transform=transform, allow_empty=True)
     if classes is not None and dataset.classes != classes:
         index = {name: i for i, name in enumerate(classes)}
         dataset.samples = [(path, index[dataset.classes[label]]) for path, label in dataset.samples]
@@ -129,7 +130,6 @@ class ShardSampler(Sampler[int]):
 
 
 def eval_loader(dataset: Dataset, batch_size: int, workers: int, rank: int = 0, world_size: int = 1,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False, collate=collate_skipping) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
-                      num_workers=workers, collate_fn=collate_skipping, pin_memory=pin_memory,
-                      persistent_workers=False)
+                      num_workers=workers, collate_fn=collate, pin_memory=pin_memory, persistent_workers=False)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from mobilenetv2.config import TrainConfig
-from mobilenetv2.data import batched, folders
+from mobilenetv2.data import batched, folders, on_device
 from mobilenetv2.data.transforms import eval_transform, train_transform
 from mobilenetv2.evaluation import EvalResult, evaluate
 from mobilenetv2.model import MobileNetV2
@@ -116,6 +116,38 @@ def image_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetS
             return evaluate(network, val_loader, runtime, model.num_classes)
 
     return TrainTask(runtime.wrap_distributed(model), model, batches, steps, evaluate_fn, runtime)
+
+
+def device_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetSplits, runtime: Runtime,
+                output: Path) -> TrainTask:
+    """Train on images that DataLoader workers only read; the training device decodes and augments each batch."""
+    known = _known_classes(model, splits)
+    train_set = folders.image_folder(splits.train, None, known, kind=on_device.EncodedFolder)
+    sampler, drop_last, steps = _train_sampler(len(train_set), config, runtime)
+    augment = on_device.DeviceTrainAugment(model.preprocess, config.min_scale, config.color_jitter)
+    pin = runtime.device.type == "cuda"
+
+    def batches(epoch: int, skip: int):
+        sampler.set_epoch(epoch)
+        loader = DataLoader(train_set, batch_size=config.batch_size, sampler=_SkipSampler(sampler, skip * config.batch_size),
+                            num_workers=config.workers, collate_fn=on_device.collate_encoded, pin_memory=pin,
+                            drop_last=drop_last, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(config.seed + epoch))
+        return on_device.on_device(loader, augment, runtime.device)
+
+    evaluate_fn = None
+    if splits.val is not None and config.eval_every:
+        val_set = folders.image_folder(splits.val, None, known, kind=on_device.EncodedFolder)
+        val_loader = folders.eval_loader(val_set, config.batch_size, config.workers, runtime.rank, runtime.world_size,
+                                         pin, collate=on_device.collate_encoded)
+        transform = on_device.DeviceEvalTransform(model.preprocess)
+
+        def evaluate_fn(network: nn.Module) -> EvalResult:
+            return evaluate(network, on_device.on_device(val_loader, transform, runtime.device), runtime,
+                            model.num_classes)
+
+    return TrainTask(runtime.wrap_distributed(model), model, batches, steps, evaluate_fn, runtime,
+                     notes=[f"data backend device: batches decoded and augmented on {runtime.device}"])
 
 
 def memory_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetSplits, runtime: Runtime,
@@ -216,6 +248,8 @@ def build_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetS
     """The task for the config's mode."""
     if config.freeze == "backbone":
         builder = feature_task
+    elif config.in_memory:
+        builder = memory_task
     else:
-        builder = memory_task if config.in_memory else image_task
+        builder = device_task if config.data_backend == "device" else image_task
     return builder(config, model, splits, runtime, output)

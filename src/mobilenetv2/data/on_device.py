@@ -1,0 +1,135 @@
+"""The batched data backend: DataLoader workers only read file bytes; the training device decodes the whole batch
+(`torchvision.io.decode_jpeg`: nvJPEG on CUDA, libjpeg-turbo on CPU, so CI runs the same code) and applies the
+seed's transforms there, each image with its own draw. Files that are not JPEG, or that the batch decoder refuses,
+are decoded one by one with PIL; files nothing can decode are skipped and counted, as on the PIL path.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as classic
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from mobilenetv2.config import Preprocess
+from mobilenetv2.data.batched import color_jitter
+from mobilenetv2.data.folders import DECODE_ERRORS, SafeImageFolder
+
+MAX_FILE_BYTES = 64 << 20  # larger files are refused before they are read
+JPEG_MAGIC = b"\xff\xd8"
+
+
+class EncodedFolder(SafeImageFolder):
+    """An ImageFolder whose items are the files' bytes (uint8, 1-D); decoding waits for the device."""
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            if os.path.getsize(path) > MAX_FILE_BYTES:
+                raise OSError(f"larger than {MAX_FILE_BYTES} bytes")
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=1)
+            return None
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), label
+
+
+def collate_encoded(batch):
+    """The readable items as a list of byte tensors, their labels, and how many were skipped."""
+    good = [item for item in batch if item is not None]
+    return [data for data, _ in good], torch.tensor([label for _, label in good], dtype=torch.long), len(batch) - len(good)
+
+
+def _pil_decode(data: torch.Tensor) -> torch.Tensor:
+    with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def decode_batch(encoded: list[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], list[int]]:
+    """Decoded RGB images (uint8, 3 x H x W, on `device`) and the positions of the items that could not be decoded."""
+    jpegs = [i for i, data in enumerate(encoded) if bytes(data[:2].tolist()) == JPEG_MAGIC]
+    images: list[torch.Tensor | None] = [None] * len(encoded)
+    if jpegs:
+        try:
+            decoded = decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+            for i, image in zip(jpegs, decoded):
+                images[i] = image
+        except RuntimeError:  # one bad file fails the whole call: decode those one by one below
+            pass
+    failed = []
+    for i, data in enumerate(encoded):
+        if images[i] is not None:
+            continue
+        try:
+            images[i] = _pil_decode(data).to(device, non_blocking=True)
+        except DECODE_ERRORS:
+            failed.append(i)
+    return [image for image in images if image is not None], failed
+
+
+class DeviceTrainAugment:
+    """The seed's train transform on decoded images of any size, on their device: RandomResizedCrop drawn on each
+    full-size image (torchvision's own draw), antialiased resize, flip, ColorJitter and normalisation as batch ops."""
+
+    def __init__(self, preprocess: Preprocess, min_scale: float = 0.08, jitter: float = 0.4):
+        self.size, self.scale, self.jitter = preprocess.image_size, (min_scale, 1.0), jitter
+        self.mean, self.std = torch.tensor(preprocess.mean).view(1, 3, 1, 1), torch.tensor(preprocess.std).view(1, 3, 1, 1)
+
+    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+        crops = []
+        for image in images:
+            top, left, height, width = classic.RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
+            crop = image[None, :, top:top + height, left:left + width].float()
+            crops.append(F.interpolate(crop, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                       antialias=True))
+        batch = torch.cat(crops).clamp_(0, 255) / 255
+        flip = torch.rand(len(batch)) < 0.5
+        batch = torch.where(flip.to(batch.device).view(-1, 1, 1, 1), batch.flip(-1), batch)
+        if self.jitter > 0:
+            batch = color_jitter(batch, self.jitter)
+        return (batch - self.mean.to(batch.device)) / self.std.to(batch.device)
+
+
+class DeviceEvalTransform:
+    """Resize (shorter side, or squash) with antialiasing, centre crop, normalise: the eval transform, on the device."""
+
+    def __init__(self, preprocess: Preprocess):
+        self.preprocess = preprocess
+        self.mean, self.std = torch.tensor(preprocess.mean).view(1, 3, 1, 1), torch.tensor(preprocess.std).view(1, 3, 1, 1)
+
+    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+        size, crop = self.preprocess.resize_size, self.preprocess.image_size
+        out = []
+        for image in images:
+            height, width = image.shape[-2:]
+            if self.preprocess.resize_mode == "squash":
+                target = (size, size)
+            else:
+                target = (max(1, round(height * size / min(height, width))), max(1, round(width * size / min(height, width))))
+            resized = F.interpolate(image[None].float(), size=target, mode="bilinear", align_corners=False,
+                                    antialias=True)
+            top, left = int(round((target[0] - crop) / 2)), int(round((target[1] - crop) / 2))  # as CenterCrop
+            out.append(resized[:, :, top:top + crop, left:left + crop])
+        batch = torch.cat(out).clamp_(0, 255) / 255
+        return (batch - self.mean.to(batch.device)) / self.std.to(batch.device)
+
+
+def on_device(batches, transform, device: torch.device):
+    """(encoded list, labels, skipped) batches -> (images on `device`, labels, skipped) through `transform`."""
+    for encoded, labels, skipped in batches:
+        images, failed = decode_batch(encoded, device)
+        if failed:
+            keep = torch.ones(len(labels), dtype=torch.bool)
+            keep[failed] = False
+            labels = labels[keep]
+        if not images:
+            yield torch.empty(0), labels, skipped + len(failed)
+            continue
+        yield transform(images), labels, skipped + len(failed)
