@@ -1,6 +1,7 @@
 """Images/s per core of the seed's transforms on real JPEGs, side by side in one run: torchvision's standard PIL
 pipeline (full-size decode, then v2 transforms) against ours (the crop or resize chosen first, then a DCT-scaled
-JPEG decode no larger than it needs). One process, one thread: per-core figures.
+JPEG decode no larger than it needs) and our device backend run on the CPU (decode_jpeg on a batch of 32, batch
+transforms). One process, one thread: per-core figures.
 
     python benchmarks/data_pipeline.py [--images 400] [--size 500x375] [--seconds 4] [--rounds 3]
 """
@@ -16,6 +17,7 @@ from torchvision.transforms import v2 as T
 
 from mobilenetv2.config import Preprocess
 from mobilenetv2.data.folders import image_folder
+from mobilenetv2.data.on_device import DeviceEvalTransform, DeviceTrainAugment, EncodedFolder, decode_batch
 from mobilenetv2.data.synthetic import write_synthetic
 from mobilenetv2.data.transforms import eval_transform, train_transform
 from timing import best_rates, timing_parser
@@ -30,6 +32,19 @@ def standard_train(preprocess: Preprocess) -> T.Compose:
 def standard_eval(preprocess: Preprocess) -> T.Compose:
     return T.Compose([T.Resize(preprocess.resize_size, antialias=True), T.CenterCrop(preprocess.image_size),
                       T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(preprocess.mean, preprocess.std)])
+
+
+def device_batches(dataset, transform, batch_size: int = 32):
+    """Our device backend on the CPU: bytes read, the batch decoded by decode_jpeg, transformed as a batch."""
+    position = [0]
+
+    def next_batch():
+        items = [dataset[(position[0] + i) % len(dataset)] for i in range(batch_size)]
+        position[0] += batch_size
+        images, _failed = decode_batch([data for data, _label in items], torch.device("cpu"))
+        transform(images)
+
+    return next_batch
 
 
 def cycling(dataset):
@@ -60,12 +75,16 @@ def main() -> None:
             "ours eval": cycling(image_folder(train, eval_transform(preprocess))),
         }
         rates = best_rates(runs, 1, args.seconds, args.rounds)
+        encoded = image_folder(train, None, kind=EncodedFolder)
+        rates.update(best_rates({"device train": device_batches(encoded, DeviceTrainAugment(preprocess)),
+                                 "device eval": device_batches(encoded, DeviceEvalTransform(preprocess))},
+                                32, args.seconds, args.rounds))
     print(f"{args.images} synthetic JPEGs of about {args.size}, output {args.image_size} px, one thread, "
           f"best of {args.rounds} windows of {args.seconds:g} s")
     for kind in ("train", "eval"):
-        standard, ours = rates[f"standard {kind}"], rates[f"ours {kind}"]
-        print(f"{kind:5s}: torchvision standard {standard:6.1f} images/s per core, ours {ours:6.1f}  "
-              f"ratio {ours / standard:.2f}x")
+        standard, ours, device = rates[f"standard {kind}"], rates[f"ours {kind}"], rates[f"device {kind}"]
+        print(f"{kind:5s}: torchvision standard {standard:6.1f} images/s per core, ours pil {ours:6.1f} "
+              f"({ours / standard:.2f}x), ours device backend on CPU {device:6.1f} ({device / standard:.2f}x)")
 
 
 if __name__ == "__main__":
