@@ -35,3 +35,19 @@ def test_train_throughput_reports_both_baselines_and_falling_losses():
 ])
 def test_other_benchmarks_run(script, args, expected):
     assert expected in run(script, *args)
+
+
+def test_the_gpu_suite_runs_as_prepared_on_the_cpu(tmp_path):
+    """What a lent GPU machine runs: the shell entry, our code from src/ on PYTHONPATH, JSON into $OUT."""
+    import json
+    import os
+
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--cpu"], env=env, capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    for row in ("train, GPU tensors, torchvision plain AMP loop (baseline)", "train, GPU tensors, ours eager",
+                "train end to end from JPEG, pil", "train end to end from JPEG, device", "eval from JPEG, device"):
+        assert report[row] > 0, row
+    assert "x baseline" in result.stdout

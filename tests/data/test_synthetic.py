@@ -27,3 +27,11 @@ def test_synthetic_jpegs_look_like_imagenet_and_are_reused(tmp_path, capsys):
     capsys.readouterr()
     assert main(["data", "synthetic", str(tmp_path / "bad"), "--images", "5", "--size", "huge"]) == 2
     assert "size must look like 500x375" in capsys.readouterr().err
+
+
+def test_without_a_val_share_there_is_no_val_folder(tmp_path):
+    from mobilenetv2.data.synthetic import write_synthetic
+
+    out = write_synthetic(tmp_path / "s", images=20, size="64x48", val_fraction=0)
+    assert not (out / "val").exists() and find_splits(out).val is None
+    assert len(list(out.glob("train/*/*.jpg"))) == 20

@@ -82,11 +82,11 @@ def write_synthetic(out: str | Path, *, images: int, size: str = "500x375", val_
     photos = _photos()
     names = list(photos)
     generator = np.random.default_rng(seed)
+    val_every = round(1 / val_fraction) if val_fraction else 0
     for split in ("train", "val"):
         shutil.rmtree(out / split, ignore_errors=True)
-        for name in names:
+        for name in names if split == "train" or val_every else ():  # no val/ at all without a val share
             (out / split / name).mkdir(parents=True)
-    val_every = round(1 / val_fraction) if val_fraction else 0
     counts = {"train": 0, "val": 0}
     for index in range(images):
         name = names[index % len(names)]
