@@ -73,3 +73,17 @@ def test_a_session_undoes_what_it_set():
         assert runtime.flushing_denormals()
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_compile_wraps_what_the_loop_trains(dataset, tmp_path, monkeypatch):
+    """--compile reaches torch.compile with the training module (compiling itself is torch's; a real compile of
+    even a tiny network takes a minute on two cores, so the call is recorded here instead)."""
+    from mobilenetv2.cli import main
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module) or module)
+    assert main(["train", "--data", str(dataset), "--output", str(tmp_path / "run"), "--width-mult", "0.25",
+                 "--image-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "1", "--max-steps", "1",
+                 "--compile"]) == 0
+    assert len(compiled) == 1 and type(compiled[0]).__name__ == "MobileNetV2"
+    assert not Runtime(torch.device("cpu"), None).compile_model

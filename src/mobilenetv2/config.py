@@ -106,6 +106,8 @@ class TrainConfig:
     # precision, speed, tracking
     amp: str = _help("auto | off | bf16 | fp16 (auto: bf16 on GPUs that support it, fp32 on CPU)", default="auto")
     channels_last: bool = _help("run convolutions in channels-last memory format", default=True)
+    compile: bool = _help("torch.compile the network the loop trains (about a minute of compiling first; not used "
+                          "by head-only training)", default=False)
     ema: float = _help("exponential moving average decay of the weights (0: off)", default=0.0)
     seed: int = _help("random seed", default=1)
     # checkpoints and eval

@@ -27,6 +27,7 @@ class Runtime:
     local_rank: int = 0
     channels_last: bool = False
     flushes_denormals: bool = False  # this runtime turned CPU denormal flushing on (teardown turns it off)
+    compile_model: bool = False  # torch.compile what the loop trains
 
     @property
     def is_main(self) -> bool:
@@ -57,11 +58,12 @@ class Runtime:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     def wrap_distributed(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DistributedDataParallel around `model` under torchrun; the model itself otherwise."""
-        if not self.distributed:
-            return model
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        """What the loop trains: DistributedDataParallel around `model` under torchrun, then torch.compile when asked
+        (compiling the DDP module lets torch split graphs at its gradient buckets)."""
+        if self.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return torch.compile(model) if self.compile_model else model
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.distributed:
@@ -104,7 +106,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def setup(device: str = "auto", amp: str = "auto", channels_last: bool = False) -> Runtime:
+def setup(device: str = "auto", amp: str = "auto", channels_last: bool = False, compile_model: bool = False) -> Runtime:
     """Decide the runtime once. Under torchrun (RANK / WORLD_SIZE set) the process group is started here."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -118,7 +120,8 @@ def setup(device: str = "auto", amp: str = "auto", channels_last: bool = False) 
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
         dist.init_process_group(backend=backend, device_id=resolved if resolved.type == "cuda" else None)
-    return Runtime(resolved, resolve_amp(amp, resolved), rank, world_size, local_rank, channels_last, flushes)
+    return Runtime(resolved, resolve_amp(amp, resolved), rank, world_size, local_rank, channels_last, flushes,
+                   compile_model)
 
 
 def flushing_denormals() -> bool:
@@ -135,9 +138,9 @@ def teardown(runtime: Runtime | None = None) -> None:
 
 
 @contextlib.contextmanager
-def session(device: str = "auto", amp: str = "auto", channels_last: bool = False):
+def session(device: str = "auto", amp: str = "auto", channels_last: bool = False, compile_model: bool = False):
     """`setup` on entry, `teardown` on exit."""
-    runtime = setup(device, amp, channels_last)
+    runtime = setup(device, amp, channels_last, compile_model)
     try:
         yield runtime
     finally:
