@@ -1,10 +1,9 @@
 """The torch.hub entry."""
 
 
-import numpy as np
 import torch
 
-from conftest import MS_CHECKPOINT, MS_INPUT, MS_LOGITS, REPO, assert_parity
+from conftest import MS_CHECKPOINT, MS_INPUT, REPO, assert_parity
 
 
 def test_torch_hub_entry(tmp_path):

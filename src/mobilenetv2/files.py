@@ -6,6 +6,7 @@ under the real name and never destroys the last good one.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -41,3 +42,11 @@ def temp_path_beside(path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     return Path(tmp)
+
+
+def written_with(marker: str | os.PathLike, key: str, wanted) -> bool:
+    """Whether the JSON `marker` a writer left says it wrote with `wanted` under `key` (a folder to reuse as it is)."""
+    try:
+        return json.loads(Path(marker).read_text()).get(key) == wanted
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False

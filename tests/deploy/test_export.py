@@ -11,7 +11,7 @@ from mobilenetv2 import load_model
 from mobilenetv2.cli import main
 from mobilenetv2.interop import mindspore
 
-from conftest import MS_CHECKPOINT, MS_INPUT, MS_LOGITS, assert_parity
+from conftest import MS_CHECKPOINT, MS_INPUT, assert_parity
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mobilenetv2.errors import DataError
+from mobilenetv2.files import written_with
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -65,12 +66,8 @@ def write_fashion_mnist(out: str | Path, *, per_class: int | None = None, val_pe
     out = Path(out)
     marker = out / "fashion_mnist.json"
     wanted = {"per_class": per_class, "val_per_class": val_per_class}
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()).get("limits") == wanted:
-                return out
-        except json.JSONDecodeError:
-            pass
+    if written_with(marker, "limits", wanted):
+        return out
     folder = _source_folder(source, download, out)
     counts = {}
     for split, (images_file, labels_file) in _FILES.items():

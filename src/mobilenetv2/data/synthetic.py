@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mobilenetv2.errors import DataError
+from mobilenetv2.files import written_with
 
 SOURCE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "hubble_deep_field",
                  "immunohistochemistry", "brick", "grass")  # all shipped inside the scikit-image wheel
@@ -73,12 +74,8 @@ def write_synthetic(out: str | Path, *, images: int, size: str = "500x375", val_
     out = Path(out)
     marker = out / "synthetic.json"
     wanted = {"images": images, "size": list(dimensions), "val_fraction": val_fraction, "seed": seed}
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()).get("options") == wanted:
-                return out
-        except json.JSONDecodeError:
-            pass
+    if written_with(marker, "options", wanted):
+        return out
     photos = _photos()
     names = list(photos)
     generator = np.random.default_rng(seed)
