@@ -52,8 +52,7 @@ class BatchAugment:
         self.scale = (min_scale, 1.0)
         self.log_ratio = (math.log(3 / 4), math.log(4 / 3))
         self.jitter = color_jitter
-        self.mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(preprocess.std).view(1, 3, 1, 1)
+        self.preprocess = preprocess
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         n = len(images)
@@ -71,7 +70,14 @@ class BatchAugment:
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         if self.jitter > 0:
             x = color_jitter(x, self.jitter)
-        return (x - self.mean) / self.std
+        return normalize(x, self.preprocess)
+
+
+def normalize(x: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    """A batch in [0, 1] normalised by the contract's mean and std, on the batch's device."""
+    mean = torch.tensor(preprocess.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
 
 
 def color_jitter(x: torch.Tensor, jitter: float) -> torch.Tensor:

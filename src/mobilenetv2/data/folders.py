@@ -8,6 +8,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -21,12 +22,12 @@ VAL_FOLDER_NAMES = ("val", "validation_preprocess", "validation", "test")
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 
 
-def decode_rgb(path: str | Path) -> Image.Image:
-    """The image at `path`, fully decoded, as RGB. Raises one of DECODE_ERRORS for a file that is no image."""
-    with open(path, "rb") as handle:
-        image = Image.open(handle)
+def decode_rgb(source: str | Path | BinaryIO) -> Image.Image:
+    """The image in `source` (a path or a binary file), fully decoded, as RGB. Raises one of DECODE_ERRORS for
+    bytes that are no image."""
+    with Image.open(source) as image:
         image.load()
-    return image.convert("RGB")
+        return image.convert("RGB")
 
 
 def pad_class_names(names: list[str], num_classes: int) -> list[str]:

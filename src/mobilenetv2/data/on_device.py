@@ -13,13 +13,13 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision import transforms as classic
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mobilenetv2.config import Preprocess
-from mobilenetv2.data.batched import color_jitter
-from mobilenetv2.data.folders import DECODE_ERRORS, SafeImageFolder
+from mobilenetv2.data.batched import color_jitter, normalize
+from mobilenetv2.data.folders import DECODE_ERRORS, SafeImageFolder, decode_rgb
+from mobilenetv2.data.transforms import resize_target
 
 MAX_FILE_BYTES = 64 << 20  # larger files are refused before they are read
 JPEG_MAGIC = b"\xff\xd8"
@@ -48,8 +48,8 @@ def collate_encoded(batch):
 
 
 def _pil_decode(data: torch.Tensor) -> torch.Tensor:
-    with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+    image = decode_rgb(io.BytesIO(data.numpy().tobytes()))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
 def decode_batch(encoded: list[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], list[int]]:
@@ -79,8 +79,8 @@ class DeviceTrainAugment:
     full-size image (torchvision's own draw), antialiased resize, flip, ColorJitter and normalisation as batch ops."""
 
     def __init__(self, preprocess: Preprocess, min_scale: float = 0.08, jitter: float = 0.4):
-        self.size, self.scale, self.jitter = preprocess.image_size, (min_scale, 1.0), jitter
-        self.mean, self.std = torch.tensor(preprocess.mean).view(1, 3, 1, 1), torch.tensor(preprocess.std).view(1, 3, 1, 1)
+        self.preprocess, self.scale, self.jitter = preprocess, (min_scale, 1.0), jitter
+        self.size = preprocess.image_size
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
         crops = []
@@ -94,7 +94,7 @@ class DeviceTrainAugment:
         batch = torch.where(flip.to(batch.device).view(-1, 1, 1, 1), batch.flip(-1), batch)
         if self.jitter > 0:
             batch = color_jitter(batch, self.jitter)
-        return (batch - self.mean.to(batch.device)) / self.std.to(batch.device)
+        return normalize(batch, self.preprocess)
 
 
 class DeviceEvalTransform:
@@ -102,23 +102,17 @@ class DeviceEvalTransform:
 
     def __init__(self, preprocess: Preprocess):
         self.preprocess = preprocess
-        self.mean, self.std = torch.tensor(preprocess.mean).view(1, 3, 1, 1), torch.tensor(preprocess.std).view(1, 3, 1, 1)
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
         size, crop = self.preprocess.resize_size, self.preprocess.image_size
         out = []
         for image in images:
-            height, width = image.shape[-2:]
-            if self.preprocess.resize_mode == "squash":
-                target = (size, size)
-            else:
-                target = (max(1, round(height * size / min(height, width))), max(1, round(width * size / min(height, width))))
+            target = resize_target(*image.shape[-2:], size, self.preprocess.resize_mode)
             resized = F.interpolate(image[None].float(), size=target, mode="bilinear", align_corners=False,
                                     antialias=True)
             top, left = int(round((target[0] - crop) / 2)), int(round((target[1] - crop) / 2))  # as CenterCrop
             out.append(resized[:, :, top:top + crop, left:left + crop])
-        batch = torch.cat(out).clamp_(0, 255) / 255
-        return (batch - self.mean.to(batch.device)) / self.std.to(batch.device)
+        return normalize(torch.cat(out).clamp_(0, 255) / 255, self.preprocess)
 
 
 def on_device(batches, transform, device: torch.device):

@@ -45,6 +45,14 @@ class SeedRandomResizedCrop:
         return image.convert("RGB").resize((self.size, self.size), self.resample, box=box)
 
 
+def resize_target(height: int, width: int, size: int, mode: str) -> tuple[int, int]:
+    """(height, width) after the eval resize: the shorter side to `size` ("short"), or a square ("squash")."""
+    if mode == "squash":
+        return size, size
+    short = min(height, width)
+    return max(1, round(height * size / short)), max(1, round(width * size / short))
+
+
 class SeedResize:
     """Shorter side to `size` ("short"), or a `size` x `size` square ("squash", the seed's), from a reduced decode."""
 
@@ -53,13 +61,9 @@ class SeedResize:
 
     def __call__(self, image: Image.Image) -> Image.Image:
         width, height = image.size
-        if self.mode == "squash":
-            target = (self.size, self.size)
-        else:
-            short = min(width, height)
-            target = (max(1, round(width * self.size / short)), max(1, round(height * self.size / short)))
-        _draft(image, max(target[0] / width, target[1] / height))
-        return image.convert("RGB").resize(target, self.resample)
+        target_height, target_width = resize_target(height, width, self.size, self.mode)
+        _draft(image, max(target_width / width, target_height / height))
+        return image.convert("RGB").resize((target_width, target_height), self.resample)
 
 
 class ImagePipeline:
