@@ -16,7 +16,7 @@ import typing
 from mobilenetv2 import __version__
 from mobilenetv2.config import TrainConfig
 from mobilenetv2.deploy.formats import FORMATS as EXPORT_FORMATS
-from mobilenetv2.deploy.formats import default_output
+from mobilenetv2.deploy.formats import default_output, require_format
 from mobilenetv2.errors import UserError
 
 
@@ -125,10 +125,7 @@ def _cmd_export(args) -> int:
     from mobilenetv2.checkpoint import load_model
     from mobilenetv2.deploy.export import ExportCheckError, export
 
-    if args.format not in EXPORT_FORMATS:
-        raise UserError(f"unknown export format {args.format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    if args.batch_size < 1:
-        raise UserError("`batch_size` must be >= 1")
+    require_format(args.format)  # before the checkpoint is read; export() checks the batch size
     model = load_model(args.checkpoint)
     output = args.output or default_output(args.checkpoint, args.format)
     try:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mobilenetv2.deploy.formats import FORMATS
+from mobilenetv2.deploy.formats import FORMATS, require_format
 from mobilenetv2.errors import UserError
 from mobilenetv2.files import temp_path_beside
 from mobilenetv2.metadata import FORMAT_NAME
@@ -151,8 +151,7 @@ def export(model: MobileNetV2, fmt: str, output: str | os.PathLike, **options) -
     Options: `batch_size`, `dynamic_batch`, `with_softmax` (ONNX / TorchScript). Raises ExportCheckError (and
     leaves no file at `output`) when the written file disagrees with the model.
     """
-    if fmt not in FORMATS:
-        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    require_format(fmt)
     if options.get("batch_size", 1) < 1:
         raise UserError("`batch_size` must be >= 1")
     output = Path(output)

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mobilenetv2.errors import UserError
+
 
 @dataclass(frozen=True)
 class ExportFormat:
@@ -20,6 +22,11 @@ FORMATS: dict[str, ExportFormat] = {
     "torchscript": ExportFormat(".torchscript.pt", "export_torchscript", "TorchScript trace, checked with torch.jit.load"),
     "mindspore": ExportFormat(".ckpt", "export_mindspore", "MindSpore .ckpt in the seed's key layout, read back"),
 }
+
+
+def require_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
 def default_output(checkpoint: str | os.PathLike, fmt: str) -> Path:

@@ -1,9 +1,10 @@
 """What the loop trains on, in one shape for every mode: a `TrainTask` holds the module that maps batch inputs to
 logits, the batches of an epoch (resumable mid-epoch), the steps per epoch and the per-epoch evaluation.
 
-Three builders, one signature `(config, model, splits, runtime, output) -> TrainTask | None`:
-`image_task` (a DataLoader over image files), `memory_task` (a small dataset decoded once, augmented per batch) and
-`feature_task` (the head alone, on cached backbone features; None on ranks that only helped extract them).
+Four builders, one signature `(config, model, splits, runtime, output) -> TrainTask | None`:
+`image_task` (a DataLoader over image files, decoded and augmented with PIL), `device_task` (workers read bytes, the
+training device decodes and augments each batch), `memory_task` (a small dataset decoded once, augmented per batch)
+and `feature_task` (the head alone, on cached backbone features; None on ranks that only helped extract them).
 """
 
 from __future__ import annotations
@@ -84,6 +85,17 @@ def _train_sampler(length: int, config: TrainConfig, runtime: Runtime) -> tuple[
     return sampler, drop_last, len(sampler) // config.batch_size if drop_last else 1
 
 
+def _epoch_loader(dataset, sampler: DistributedSampler, drop_last: bool, config: TrainConfig, runtime: Runtime,
+                  collate, epoch: int, skip: int) -> DataLoader:
+    """One epoch of training batches from files, `skip` batches in (a resumed epoch); the loader's own seed comes
+    from (seed, epoch), never from the global random stream."""
+    sampler.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=config.batch_size, sampler=_SkipSampler(sampler, skip * config.batch_size),
+                      num_workers=config.workers, collate_fn=collate, pin_memory=runtime.device.type == "cuda",
+                      drop_last=drop_last, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(config.seed + epoch))
+
+
 def _known_classes(model: MobileNetV2, splits: folders.DatasetSplits) -> list[str]:
     """The class names that have folders (the head may have more outputs)."""
     return model.class_names[: len(splits.classes)]
@@ -99,12 +111,8 @@ def image_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetS
     pin = runtime.device.type == "cuda"
 
     def batches(epoch: int, skip: int):
-        sampler.set_epoch(epoch)
         train_set.epoch = epoch
-        return DataLoader(train_set, batch_size=config.batch_size, sampler=_SkipSampler(sampler, skip * config.batch_size),
-                          num_workers=config.workers, collate_fn=folders.collate_skipping, pin_memory=pin,
-                          drop_last=drop_last, persistent_workers=False,
-                          generator=torch.Generator().manual_seed(config.seed + epoch))  # not the global stream
+        return _epoch_loader(train_set, sampler, drop_last, config, runtime, folders.collate_skipping, epoch, skip)
 
     evaluate_fn = None
     if splits.val is not None and config.eval_every:
@@ -128,11 +136,7 @@ def device_task(config: TrainConfig, model: MobileNetV2, splits: folders.Dataset
     pin = runtime.device.type == "cuda"
 
     def batches(epoch: int, skip: int):
-        sampler.set_epoch(epoch)
-        loader = DataLoader(train_set, batch_size=config.batch_size, sampler=_SkipSampler(sampler, skip * config.batch_size),
-                            num_workers=config.workers, collate_fn=on_device.collate_encoded, pin_memory=pin,
-                            drop_last=drop_last, persistent_workers=False,
-                            generator=torch.Generator().manual_seed(config.seed + epoch))
+        loader = _epoch_loader(train_set, sampler, drop_last, config, runtime, on_device.collate_encoded, epoch, skip)
         return on_device.on_device(loader, augment, runtime.device)
 
     evaluate_fn = None
