@@ -80,6 +80,14 @@ def normalize(x: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
     return (x - mean) / std
 
 
+def normalize_bytes(images: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    """uint8 images (N, 3, H, W, any memory format, any device) as float32 normalised by the contract, in two passes
+    that keep the memory format."""
+    mean = torch.tensor(preprocess.mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std, device=images.device).view(1, 3, 1, 1)
+    return images.to(torch.float32).mul_(1 / (255 * std)).sub_(mean / std)
+
+
 def color_jitter(x: torch.Tensor, jitter: float) -> torch.Tensor:
     """ColorJitter(brightness, contrast, saturation = jitter) on a batch in [0, 1], each image with its own factors
     (drawn on the CPU generator, so the draws are the same whatever device the batch is on)."""

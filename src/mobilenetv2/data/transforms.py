@@ -1,11 +1,16 @@
 """The seed's image transforms: RandomResizedCrop + flip + ColorJitter for training, resize + centre crop for eval,
 both ending in the preprocessing contract's normalisation.
 
-Each is an `ImagePipeline`: a geometric first step on the PIL image, then the rest. Given a file (`decode`), the
-geometric step picks its crop first and then asks libjpeg for the smallest DCT-scaled decode (1/2, 1/4, 1/8) that
-still covers the crop at its output size, so a large crop or an eval resize does not pay for a full-size decode.
-The crop geometry is the seed's, drawn from the full image's size; only the resampling source is smaller, never
-smaller than the output.
+Each is an `ImagePipeline`: a geometric first step, then the rest. Given a file (`decode`), the geometric step picks
+its crop first and then decodes no more than it needs: libjpeg's DCT scaling (1/2, 1/4, 1/8) where the crop still
+covers its output size at that scale, otherwise a full decode (`torchvision.io.decode_jpeg` for JPEGs, which is
+faster than PIL's; PIL for everything else and for what decode_jpeg refuses). The crop geometry is the seed's, drawn
+from the full image's size; only the resampling source is smaller, never smaller than the output.
+
+The training pipeline works in uint8 from the crop on: the crop is resampled with torch's uint8 antialiased kernel,
+flip and ColorJitter run on 8-bit pixels (ColorJitter with torchvision's draws and PIL's arithmetic), and the
+float conversion and normalisation can be left to the training device (`normalized=False`, then
+`batched.normalize_bytes` on the batch), so workers hand over and copy a quarter of the bytes.
 """
 
 from __future__ import annotations
@@ -13,12 +18,16 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageStat
 from torchvision import transforms as classic
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2 as T
 
 from mobilenetv2.config import Preprocess
+from mobilenetv2.data.batched import normalize_bytes
 
 PIL_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
@@ -33,16 +42,121 @@ def _draft(image: Image.Image, scale: float) -> float:
 
 
 class SeedRandomResizedCrop:
-    """RandomResizedCrop(scale, ratio 3/4-4/3) drawn on the full image's size, resampled from a reduced decode."""
+    """RandomResizedCrop(scale, ratio 3/4-4/3) drawn on the full image's size (torchvision's draw), resampled from
+    the smallest decode that covers it. Returns uint8 (3, size, size) in channels-last memory.
+
+    A full-size decode is resampled by torch's uint8 antialiased kernel (several times faster than PIL's); a
+    DCT-reduced one by PIL's, which takes the crop box at sub-pixel precision in the reduced image."""
 
     def __init__(self, size: int, scale: tuple[float, float], interpolation: str):
-        self.size, self.scale, self.resample = size, scale, PIL_INTERPOLATION[interpolation]
+        self.size, self.scale = size, scale
+        self.mode, self.resample = interpolation, PIL_INTERPOLATION[interpolation]
 
-    def __call__(self, image: Image.Image) -> Image.Image:
-        top, left, height, width = classic.RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
+    def _draw(self, image: Image.Image) -> tuple[int, int, int, int]:
+        return classic.RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
+
+    def _resample(self, pixels: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
+        """The crop of full-size uint8 (3, H, W) pixels, resized to the output."""
+        crop = pixels[None, :, top:top + height, left:left + width].contiguous(memory_format=torch.channels_last)
+        smooth = self.mode != "nearest"
+        return F.interpolate(crop, size=(self.size, self.size), mode=self.mode, antialias=smooth,
+                             align_corners=False if smooth else None)[0]
+
+    def _from_image(self, image: Image.Image, top: int, left: int, height: int, width: int) -> torch.Tensor:
         actual = _draft(image, self.size / min(height, width))
+        if actual == 1:
+            return self._resample(_pixels(image.convert("RGB")), top, left, height, width)
         box = (left * actual, top * actual, (left + width) * actual, (top + height) * actual)
-        return image.convert("RGB").resize((self.size, self.size), self.resample, box=box)
+        return _pixels(image.convert("RGB").resize((self.size, self.size), self.resample, box=box))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self._from_image(image, *self._draw(image))
+
+    def from_file(self, path: str | os.PathLike) -> torch.Tensor:
+        with Image.open(path) as image:  # only the header is read so far
+            top, left, height, width = self._draw(image)
+            if image.format == "JPEG" and self.size / min(height, width) > 0.5:  # no DCT scaling possible
+                pixels = _decode_jpeg(path)
+                if pixels is not None and pixels.shape[-2:] == (image.height, image.width):
+                    return self._resample(pixels, top, left, height, width)
+            return self._from_image(image, top, left, height, width)
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as uint8 (3, H, W) in channels-last memory (no further copy)."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def _decode_jpeg(path: str | os.PathLike) -> torch.Tensor | None:
+    """The JPEG at `path` as uint8 (3, H, W) by libjpeg-turbo through torchvision; None where it refuses the file
+    (PIL then decodes it, or reports why it cannot)."""
+    try:
+        with open(path, "rb") as handle:
+            data = torch.frombuffer(bytearray(handle.read()), dtype=torch.uint8)
+        return decode_jpeg(data, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        return None
+
+
+LUMA = np.array([0.299, 0.587, 0.114])  # PIL's RGB -> L weights
+
+
+def _blend_values(values: np.ndarray, toward: float, factor: float) -> np.ndarray:
+    """PIL's blend of 8-bit values with a constant (`toward + factor * (v - toward)`, truncated, clipped)."""
+    return np.clip(np.floor(toward + factor * (values - toward)), 0, 255)
+
+
+def jitter_image(image: Image.Image, order: list[int], brightness: float, contrast: float,
+                 saturation: float) -> Image.Image:
+    """torchvision's ColorJitter on a PIL RGB image with given draws (`order`: torchvision's permutation of
+    brightness 0, contrast 1, saturation 2, hue 3), with the arithmetic of PIL's ImageEnhance. Brightness and
+    contrast change each 8-bit value alone, so a run of them composes into one lookup table applied once (exactly,
+    intermediate rounding included); contrast's grey level is the luma mean, read from the channel histograms
+    through the table. Saturation is PIL's own blend with the image's greyscale."""
+    table = np.arange(256, dtype=np.float64)  # value -> value, not applied yet
+    histogram = None
+    for step in order:
+        if step == 0:
+            table = _blend_values(table, 0.0, brightness)
+        elif step == 1:
+            if histogram is None:
+                histogram = np.asarray(image.histogram(), dtype=np.float64).reshape(3, 256)
+            channel_means = (histogram * table).sum(axis=1) / histogram.sum(axis=1)
+            table = _blend_values(table, float(int(channel_means @ LUMA + 0.5)), contrast)
+        elif step == 2:
+            image = _apply(image, table)
+            table, histogram = np.arange(256, dtype=np.float64), None
+            image = ImageEnhance.Color(image).enhance(saturation)
+    return _apply(image, table)
+
+
+def _apply(image: Image.Image, table: np.ndarray) -> Image.Image:
+    if (table == np.arange(256)).all():
+        return image
+    return image.point(table.astype(np.int64).tolist() * 3)
+
+
+class FlipJitter:
+    """Horizontal flip and ColorJitter(brightness, contrast, saturation = `strength`) on uint8 (3, H, W), with
+    torchvision's draws in torchvision's order (flip, then a random order of the three, then the three factors),
+    then the contract's normalisation unless `preprocess` is None (the device normalises the batch)."""
+
+    def __init__(self, strength: float, preprocess: Preprocess | None):
+        self.strength, self.preprocess = strength, preprocess
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+        if torch.rand(1) < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.strength > 0:
+            order = [int(i) for i in torch.randperm(4)]
+            low, high = max(0.0, 1 - self.strength), 1 + self.strength
+            factors = [torch.empty(1).uniform_(low, high).item() for _ in range(3)]
+            image = jitter_image(image, order, *factors)
+        out = _pixels(image)
+        if self.preprocess is None:
+            return out
+        return normalize_bytes(out[None], self.preprocess)[0]
 
 
 def resize_target(height: int, width: int, size: int, mode: str) -> tuple[int, int]:
@@ -65,17 +179,20 @@ class SeedResize:
         _draft(image, max(target_width / width, target_height / height))
         return image.convert("RGB").resize((target_width, target_height), self.resample)
 
+    def from_file(self, path: str | os.PathLike) -> Image.Image:
+        with Image.open(path) as image:  # not decoded yet: the resize may ask for a reduced decode
+            return self(image)
+
 
 class ImagePipeline:
-    """A geometric step on a PIL image, then the tensor steps. `decode(path)` runs the geometric step on the file
-    itself, so the decoder can skip what the output does not need; `finish` runs the rest."""
+    """A geometric step, then the rest. `decode(path)` runs the geometric step on the file itself, so the decoder
+    can skip what the output does not need; `finish` runs the rest; calling it runs both on a PIL image."""
 
-    def __init__(self, geometry, finish: T.Compose):
+    def __init__(self, geometry, finish):
         self.geometry, self.finish = geometry, finish
 
-    def decode(self, path: str | os.PathLike) -> Image.Image:
-        with Image.open(path) as image:  # not decoded yet: the geometric step may ask for a reduced decode
-            return self.geometry(image)
+    def decode(self, path: str | os.PathLike):
+        return self.geometry.from_file(path)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.finish(self.geometry(image))
@@ -85,13 +202,12 @@ def _normalize(preprocess: Preprocess) -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(preprocess.mean, preprocess.std)]
 
 
-def train_transform(preprocess: Preprocess, min_scale: float = 0.08, color_jitter: float = 0.4) -> ImagePipeline:
-    """The seed's: RandomResizedCrop(scale min_scale-1, ratio 3/4-4/3), horizontal flip, ColorJitter."""
-    steps = [T.RandomHorizontalFlip()]
-    if color_jitter > 0:
-        steps.append(T.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
+def train_transform(preprocess: Preprocess, min_scale: float = 0.08, color_jitter: float = 0.4,
+                    normalized: bool = True) -> ImagePipeline:
+    """The seed's: RandomResizedCrop(scale min_scale-1, ratio 3/4-4/3), horizontal flip, ColorJitter; normalised
+    floats, or uint8 with `normalized=False` (then `batched.normalize_bytes` on the batch, on the device)."""
     crop = SeedRandomResizedCrop(preprocess.image_size, (min_scale, 1.0), preprocess.interpolation)
-    return ImagePipeline(crop, T.Compose(steps + _normalize(preprocess)))
+    return ImagePipeline(crop, FlipJitter(color_jitter, preprocess if normalized else None))
 
 
 def eval_transform(preprocess: Preprocess) -> ImagePipeline:

@@ -106,13 +106,17 @@ def image_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetS
     """Train the whole network (or what requires grad) on images through a DataLoader."""
     known = _known_classes(model, splits)
     train_set = _SeededSamples(folders.image_folder(splits.train, train_transform(
-        model.preprocess, config.min_scale, config.color_jitter), known), config.seed)
+        model.preprocess, config.min_scale, config.color_jitter, normalized=False), known), config.seed)
     sampler, drop_last, steps = _train_sampler(len(train_set), config, runtime)
     pin = runtime.device.type == "cuda"
 
-    def batches(epoch: int, skip: int):
+    def batches(epoch: int, skip: int):  # uint8 from the workers, normalised on the device
         train_set.epoch = epoch
-        return _epoch_loader(train_set, sampler, drop_last, config, runtime, folders.collate_skipping, epoch, skip)
+        loader = _epoch_loader(train_set, sampler, drop_last, config, runtime, folders.collate_skipping, epoch, skip)
+        for images, labels, skipped in loader:
+            if len(labels):
+                images = batched.normalize_bytes(runtime.to_input(images), model.preprocess)
+            yield images, labels, skipped
 
     evaluate_fn = None
     if splits.val is not None and config.eval_every:
