@@ -11,3 +11,15 @@ class CheckpointError(UserError):
 
 class DataError(UserError):
     """A dataset folder or image that cannot be used."""
+
+
+class WriteError(UserError):
+    """A file the system refused to write (disk full, read-only, no permission); nothing half-written is left."""
+
+
+class TrainingStopped(Exception):
+    """Training ended early on purpose or for a reason the user must act on; `exit_code` is what the CLI returns."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

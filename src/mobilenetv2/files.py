@@ -1,7 +1,9 @@
 """Atomic file writes: a temp file in the target's folder, flushed and fsynced, then renamed over the target.
 
 Every writer of checkpoints, caches and exports goes through here, so a crash mid-write never leaves a half file
-under the real name and never destroys the last good one.
+under the real name and never destroys the last good one. A write the disk refuses (full, read-only, over quota)
+removes its temp file and ends in one `WriteError` line. Files come out with the permissions the user's umask
+gives a new file (not the 0600 of a private temp file), so a team sharing a run folder can read them.
 """
 
 from __future__ import annotations
@@ -13,21 +15,52 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from mobilenetv2.errors import WriteError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
     """Call `write(file)` on a temp file beside `path`, fsync, then rename over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = temp_path_beside(path)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _sync_folder(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, exc) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_error(path: Path, exc: OSError) -> WriteError:
+    """One line for a write the system refused, saying what became of the file that was there."""
+    kept = "; the previous file is intact" if path.exists() else ""
+    return WriteError(f"could not write {path}: {exc.strerror or exc}{kept}")
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (a power cut after it keeps the new name)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -38,9 +71,15 @@ def temp_path_beside(path: str | os.PathLike) -> Path:
     """A fresh, unused name in `path`'s folder, for writers that insist on a file name of their own (ONNX,
     TorchScript); the caller renames it over `path` with `os.replace` once it is complete and checked."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # what open() would give a new file
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from mobilenetv2.deploy.formats import FORMATS, require_format
 from mobilenetv2.errors import UserError
-from mobilenetv2.files import temp_path_beside
+from mobilenetv2.files import temp_path_beside, write_error
 from mobilenetv2.metadata import FORMAT_NAME
 from mobilenetv2.model import MobileNetV2
 
@@ -159,6 +159,8 @@ def export(model: MobileNetV2, fmt: str, output: str | os.PathLike, **options) -
     try:
         reports = globals()[FORMATS[fmt].writer](model.eval(), temp, **options)
         os.replace(temp, output)
+    except OSError as exc:  # a full disk or a read-only folder, wherever the writer met it
+        raise write_error(output, exc) from None
     finally:
         temp.unlink(missing_ok=True)
     return reports
