@@ -17,7 +17,7 @@ from mobilenetv2 import __version__
 from mobilenetv2.config import TrainConfig
 from mobilenetv2.deploy.formats import FORMATS as EXPORT_FORMATS
 from mobilenetv2.deploy.formats import default_output, require_format
-from mobilenetv2.errors import UserError
+from mobilenetv2.errors import TrainingStopped, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"mobilenetv2 {args.command}: error: {as_flags(str(exc))}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:
+        print(f"mobilenetv2 {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"mobilenetv2 {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -108,6 +108,8 @@ class TrainConfig:
     channels_last: bool = _help("run convolutions in channels-last memory format", default=True)
     compile: bool = _help("torch.compile the network the loop trains (about a minute of compiling first; not used "
                           "by head-only training)", default=False)
+    dist_timeout: int = _help("seconds a rank waits for the others in a collective before the job ends (a dead rank "
+                              "or node stops the job this long after it died)", default=300)
     ema: float = _help("exponential moving average decay of the weights (0: off)", default=0.0)
     seed: int = _help("random seed", default=1)
     # checkpoints and eval
@@ -121,6 +123,7 @@ class TrainConfig:
     def __post_init__(self):
         checks = [
             (self.epochs >= 1, "`epochs` must be >= 1"),
+            (self.dist_timeout >= 1, "`dist_timeout` must be >= 1 (seconds)"),
             (self.batch_size >= 1, "`batch_size` must be >= 1"),
             (self.width_mult >= 0, "`width_mult` must be > 0 (or 0: from `pretrained`)"),
             (self.num_classes >= 0, "`num_classes` must be >= 0"),

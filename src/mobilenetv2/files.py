@@ -83,6 +83,18 @@ def temp_path_beside(path: str | os.PathLike) -> Path:
     return Path(tmp)
 
 
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files our writers leave when a process is killed mid-write (`.NAME.XXXX.tmp`); the
+    caller must be the folder's only writer. Returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for path in folder.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def written_with(marker: str | os.PathLike, key: str, wanted) -> bool:
     """Whether the JSON `marker` a writer left says it wrote with `wanted` under `key` (a folder to reuse as it is)."""
     try:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
 from dataclasses import dataclass
@@ -106,8 +107,10 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def setup(device: str = "auto", amp: str = "auto", channels_last: bool = False, compile_model: bool = False) -> Runtime:
-    """Decide the runtime once. Under torchrun (RANK / WORLD_SIZE set) the process group is started here."""
+def setup(device: str = "auto", amp: str = "auto", channels_last: bool = False, compile_model: bool = False,
+          dist_timeout: float = 300) -> Runtime:
+    """Decide the runtime once. Under torchrun (RANK / WORLD_SIZE set) the process group is started here, with
+    collectives that give up after `dist_timeout` seconds (so a dead rank or node ends the job instead of hanging)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -119,7 +122,8 @@ def setup(device: str = "auto", amp: str = "auto", channels_last: bool = False, 
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
-        dist.init_process_group(backend=backend, device_id=resolved if resolved.type == "cuda" else None)
+        dist.init_process_group(backend=backend, device_id=resolved if resolved.type == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=dist_timeout))
     return Runtime(resolved, resolve_amp(amp, resolved), rank, world_size, local_rank, channels_last, flushes,
                    compile_model)
 
@@ -138,9 +142,10 @@ def teardown(runtime: Runtime | None = None) -> None:
 
 
 @contextlib.contextmanager
-def session(device: str = "auto", amp: str = "auto", channels_last: bool = False, compile_model: bool = False):
+def session(device: str = "auto", amp: str = "auto", channels_last: bool = False, compile_model: bool = False,
+            dist_timeout: float = 300):
     """`setup` on entry, `teardown` on exit."""
-    runtime = setup(device, amp, channels_last, compile_model)
+    runtime = setup(device, amp, channels_last, compile_model, dist_timeout)
     try:
         yield runtime
     finally:

@@ -1,8 +1,17 @@
 """The one training loop. Modes differ only in their task (what is trainable, where batches come from); the loop
-sees batches, a module and a runtime, and writes the seed's log lines, metrics and checkpoints."""
+sees batches, a module and a runtime, and writes the seed's log lines, metrics and checkpoints.
+
+Two ways out besides the end: SIGTERM (what schedulers send before preemption) writes `last.pt` at the current step
+and stops with exit code 143, so `--resume auto` continues mid-epoch; a loss that is no longer finite (outside the
+fp16 scaler's skipped steps) stops the run with exit code 3 before anything is saved, so the last checkpoint on disk
+is the last good one. Both are checked on every rank at the same steps, so ranks agree on where they stop.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +20,7 @@ import torch
 from torch import nn
 
 from mobilenetv2.config import TrainConfig
+from mobilenetv2.errors import TrainingStopped
 from mobilenetv2.evaluation import EvalResult
 from mobilenetv2.monitor import RunMonitor, epoch_line, step_line
 from mobilenetv2.runtime import Runtime
@@ -20,6 +30,34 @@ from mobilenetv2.training.run_checkpoints import LoopState
 from mobilenetv2.training.schedule import SeedSchedule, schedule_for
 from mobilenetv2.training.setup import make_optimizer
 from mobilenetv2.training.tasks import TrainTask
+
+
+DIVERGED_EXIT = 3
+PREEMPTED_EXIT = 128 + signal.SIGTERM
+STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a SIGTERM (one small collective)
+
+
+class _StopRequest:
+    """Set by SIGTERM while `watching()`; the loop reads it between steps."""
+
+    requested = False
+
+    @classmethod
+    @contextlib.contextmanager
+    def watching(cls):
+        cls.requested = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(_signum, _frame):
+            cls.requested = True
+
+        previous = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def train_step(trainable: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
@@ -53,6 +91,8 @@ class _Run:
     skipped_steps: int = 0  # fp16 overflows
     pending: list = field(default_factory=list)  # step records whose loss is still on the device
     interval_start: float = 0.0
+    first_bad: torch.Tensor | None = None  # (global step, loss) of the first non-finite loss, kept on the device
+    unchecked: bool = False  # steps ran since first_bad was last read
 
     @property
     def evaluated(self) -> nn.Module:
@@ -76,6 +116,15 @@ def fit(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Path 
     state = run_checkpoints.restore(resume, task.model, run.ema, run.optimizer, run.scaler) if resume else LoopState()
     if resume:
         monitor.line(f"resumed from {resume} at epoch {state.epoch}, step {state.global_step}")
+    with _StopRequest.watching():
+        _epochs(run, state)
+    if run.skipped_images:
+        monitor.line(f"skipped {run.skipped_images} unreadable image(s)")
+    return state
+
+
+def _epochs(run: _Run, state: LoopState) -> None:
+    task, config, monitor = run.task, run.config, run.monitor
     while state.epoch < config.epochs and not _step_limit_reached(config, state):
         epoch = _Epoch(state.epoch, torch.zeros((), dtype=torch.float64, device=task.runtime.device),
                        started=time.perf_counter())
@@ -92,15 +141,53 @@ def fit(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Path 
             state.global_step += 1
             monitor.advance()
             wait_start = time.perf_counter()
+            if _stop_requested(run, step):
+                _preempted(run, state, epoch)
             if _step_limit_reached(config, state):
                 break
         if run.pending:  # a step limit cut the interval short
             _flush(run, epoch, run.pending[-1][0]["step"])
         monitor.end_epoch()
         _end_epoch(run, state, epoch)
-    if run.skipped_images:
-        monitor.line(f"skipped {run.skipped_images} unreadable image(s)")
-    return state
+
+
+def _stop_requested(run: _Run, step: int) -> bool:
+    """Whether SIGTERM arrived; under torchrun every rank answers the same, every STOP_CHECK_EVERY steps."""
+    runtime = run.task.runtime
+    if not runtime.distributed:
+        return _StopRequest.requested
+    if step % STOP_CHECK_EVERY:
+        return False
+    flag = torch.tensor([float(_StopRequest.requested)], device=runtime.device)
+    return bool(runtime.all_reduce_sum(flag).item() > 0)
+
+
+def _preempted(run: _Run, state: LoopState, epoch: _Epoch) -> None:
+    """Write last.pt at this step (after checking the loss is still finite) and stop."""
+    if run.pending:
+        _flush(run, epoch, run.pending[-1][0]["step"])
+    _check_finite(run)
+    saved = _save(run, state, ["last.pt"])
+    raise TrainingStopped(f"stopped by SIGTERM at step {state.global_step} (epoch {epoch.index + 1}); "
+                          f"{saved or 'no checkpoint (no output folder)'} holds this step; continue with "
+                          f"--resume auto", PREEMPTED_EXIT)
+
+
+def _check_finite(run: _Run, read: list[float] | None = None) -> None:
+    """Stop, saving nothing, if a loss since the last check was NaN or infinite. `read`: first_bad's values when the
+    caller already read them back with its own; otherwise one read here, only if steps ran since the last check."""
+    if not run.unchecked:
+        return
+    step, loss = read if read is not None else run.first_bad.tolist()
+    run.unchecked = False
+    if step < 0:
+        return
+    config = run.config
+    last = run.checkpoints / "last.pt" if run.checkpoints is not None and (run.checkpoints / "last.pt").exists() else None
+    raise TrainingStopped(
+        f"the loss became {loss} at step {int(step)}; stopped without saving ({last or 'no checkpoint yet'} is the "
+        f"last good state). Try a lower --lr-max (now {config.lr_max:g} at batch size {config.batch_size}), a "
+        f"longer --warmup-epochs, or --amp off", DIVERGED_EXIT)
 
 
 def _start(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Path | None) -> _Run:
@@ -128,23 +215,41 @@ def _step(run: _Run, state: LoopState, epoch: _Epoch, step: int, inputs, labels,
         group["lr"] = lr
     loss, overflowed = train_step(task.trainable, inputs, labels, run.criterion, run.optimizer, run.scaler, task.runtime)
     run.skipped_steps += overflowed
+    if not overflowed:  # the fp16 scaler skips overflowed steps on purpose
+        _note_finite(run, state.global_step, loss)
     if run.ema is not None:
         run.ema.update_parameters(task.model)
     epoch.losses += loss
     epoch.steps_run += 1
+    due = step % config.log_every == 0 or step == task.steps_per_epoch - 1
     if not run.monitor.enabled:
+        if due:
+            _check_finite(run)
         return
     run.pending.append(({"epoch": epoch.index, "step": step, "global_step": state.global_step, "lr": lr,
                          "data_wait_s": data_wait}, loss, len(labels)))
-    if step % config.log_every == 0 or step == task.steps_per_epoch - 1:
+    if due:
         _flush(run, epoch, step)
+
+
+def _note_finite(run: _Run, global_step: int, loss: torch.Tensor) -> None:
+    """Remember the first non-finite loss on the device (no sync)."""
+    if run.first_bad is None:
+        run.first_bad = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=loss.device)
+    run.unchecked = True
+    bad = ~torch.isfinite(loss) & (run.first_bad[0] < 0)
+    here = torch.stack([torch.tensor(float(global_step), dtype=torch.float64, device=loss.device), loss.double()])
+    run.first_bad = torch.where(bad, here, run.first_bad)
 
 
 def _flush(run: _Run, epoch: _Epoch, step: int) -> None:
     """Read the interval's losses back in one transfer, record every step, print the seed's line for this one."""
     task, config = run.task, run.config
     losses = [loss.double() for _record, loss, _count in run.pending]
-    *values, epoch_total = torch.stack([*losses, epoch.losses]).tolist()  # the one sync
+    finite_check = run.first_bad if run.first_bad is not None else torch.tensor([-1.0, 0.0], dtype=torch.float64,
+                                                                                   device=epoch.losses.device)
+    *values, epoch_total, bad_step, bad_loss = torch.cat([torch.stack([*losses, epoch.losses]),
+                                                          finite_check]).tolist()  # the one sync
     now = time.perf_counter()
     seconds, images = now - run.interval_start, sum(count for _record, _loss, count in run.pending)
     rate = images * task.runtime.world_size / max(seconds, 1e-9)
@@ -154,11 +259,13 @@ def _flush(run: _Run, epoch: _Epoch, step: int) -> None:
     run.monitor.line(step_line(epoch.index, config.epochs, step, task.steps_per_epoch, values[-1],
                                epoch_total / epoch.steps_run, step_ms, run.pending[-1][0]["lr"]))
     run.pending, run.interval_start = [], now
+    _check_finite(run, [bad_step, bad_loss])
 
 
 def _end_epoch(run: _Run, state: LoopState, epoch: _Epoch) -> None:
     """Count the epoch finished (unless a step limit cut it), evaluate when due, log, checkpoint."""
     task, config, runtime = run.task, run.config, run.task.runtime
+    _check_finite(run)
     finished = state.global_step >= (epoch.index + 1) * task.steps_per_epoch
     if finished:
         state.epoch += 1
@@ -178,12 +285,18 @@ def _end_epoch(run: _Run, state: LoopState, epoch: _Epoch) -> None:
                        eval_top1=result.top1 if result else None, eval_top5=result.top5 if result else None,
                        eval_loss=result.loss if result else None, eval_count=result.count if result else None,
                        skipped_images=run.skipped_images, skipped_fp16_steps=run.skipped_steps)
-    if runtime.is_main and run.checkpoints is not None:
-        names = ["last.pt"]
-        if finished and (state.epoch % config.save_every == 0 or state.epoch == config.epochs):
-            names.append(run_checkpoints.numbered_name(state.epoch, task.steps_per_epoch))
-        if result is not None and result.top1 >= state.best_acc:
-            names.append("best.pt")
-        record = run_checkpoints.payload(task.model, run.ema, run.optimizer, run.scaler, state, config)
-        run_checkpoints.save(record, run.checkpoints, names, config.keep_max)
-    runtime.barrier()
+    names = ["last.pt"]
+    if finished and (state.epoch % config.save_every == 0 or state.epoch == config.epochs):
+        names.append(run_checkpoints.numbered_name(state.epoch, task.steps_per_epoch))
+    if result is not None and result.top1 >= state.best_acc:
+        names.append("best.pt")
+    _save(run, state, names)
+
+
+def _save(run: _Run, state: LoopState, names: list[str]) -> Path | None:
+    """Rank 0 writes the run's state under `names`; every rank waits for it. Returns where last.pt went."""
+    if run.task.runtime.is_main and run.checkpoints is not None:
+        record = run_checkpoints.payload(run.task.model, run.ema, run.optimizer, run.scaler, state, run.config)
+        run_checkpoints.save(record, run.checkpoints, names, run.config.keep_max)
+    run.task.runtime.barrier()
+    return run.checkpoints / names[0] if run.checkpoints is not None else None

@@ -29,7 +29,8 @@ def run_training(config: TrainConfig) -> LoopState:
     with runtime_module.preserved_rng():
         runtime_module.seed_everything(config.seed)  # the same initial weights on every rank and every run
         setup = build_model(config, splits.classes, loaded)
-        with runtime_module.session(config.device, config.amp, config.channels_last, config.compile) as runtime:
+        with runtime_module.session(config.device, config.amp, config.channels_last, config.compile,
+                                    config.dist_timeout) as runtime:
             output = _output_folder(config, runtime)
             resume = resume_path(config, output)
             runtime_module.seed_everything(config.seed + runtime.rank)  # augmentation differs across ranks

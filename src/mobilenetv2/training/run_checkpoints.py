@@ -3,6 +3,7 @@ written once and renamed into every name it goes by, keep-max pruning, and resto
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from mobilenetv2 import runtime as runtime_module
 from mobilenetv2.checkpoint import cpu_state, read_torch_file, torch_bytes
 from mobilenetv2.config import TrainConfig
 from mobilenetv2.errors import CheckpointError, UserError
-from mobilenetv2.files import atomic_write_bytes
+from mobilenetv2.files import atomic_write_bytes, remove_stale_temps
 from mobilenetv2.model import MobileNetV2
 
 NUMBERED = re.compile(r"^mobilenetv2-(\d+)_(\d+)\.pt$")
@@ -46,7 +47,9 @@ def payload(model: MobileNetV2, ema, optimizer, scaler, state: LoopState, config
 
 
 def save(record: dict, folder: Path, names: list[str], keep_max: int) -> None:
-    """Serialise once, write every name atomically, then prune numbered checkpoints beyond keep_max."""
+    """Serialise once, write every name atomically, then prune numbered checkpoints beyond keep_max (and the temp
+    files of a run that was killed mid-write)."""
+    remove_stale_temps(folder)
     data = torch_bytes(record)
     for name in names:
         atomic_write_bytes(folder / name, data)
@@ -79,10 +82,12 @@ def restore(path: Path, model: nn.Module, ema, optimizer, scaler) -> LoopState:
 
 
 def resume_path(config: TrainConfig, output: Path) -> Path | None:
-    """The checkpoint `resume` names: a path, or 'auto' for OUTPUT/checkpoints/last.pt (None when there is none yet)."""
-    if not config.resume:
+    """The checkpoint `resume` names: a path, or 'auto' for OUTPUT/checkpoints/last.pt (None when there is none yet).
+    A worker that torchrun restarted (`--max-restarts`) resumes as 'auto' by itself."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    if not config.resume and not (restarted and config.output):
         return None
-    if config.resume == "auto":
+    if config.resume in ("auto", ""):
         if not config.output:
             raise UserError("`resume` auto needs `output` (the run folder to continue)")
         last = output / "checkpoints" / "last.pt"

@@ -1,0 +1,106 @@
+"""Runs that are interrupted lose nothing: kill -9 at random moments, SIGTERM (preemption), a diverging loss."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import TINY, records, train
+
+# 24 images, batch 4: 6 steps per epoch, an eval and a checkpoint write at every epoch's end
+COMMON = [*TINY, "--batch-size", "4", "--lr-max", "0.02", "--epochs", "6", "--seed", "5", "--ema", "0.5",
+          "--amp", "off"]
+STEPS_PER_EPOCH = 6
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def command(dataset, run, *extra):
+    return [sys.executable, "-m", "mobilenetv2", "train", "--data", str(dataset), "--output", str(run), *COMMON,
+            *extra]
+
+
+def weights(run):
+    record = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    return record["model"], record["train_model"], record["global_step"]
+
+
+def assert_same_weights(a, b):
+    for part_a, part_b in zip(a[:2], b[:2]):
+        assert part_a.keys() == part_b.keys()
+        for key in part_a:
+            assert torch.equal(part_a[key], part_b[key]), key
+    assert a[2] == b[2]
+
+
+def step_records(run) -> list[dict]:
+    return records(run, "step") if (run / "metrics.jsonl").exists() else []
+
+
+def test_ten_kills_at_random_moments_then_resume_give_the_uninterrupted_weights(dataset, tmp_path):
+    longer = ["--epochs", "30"]  # 180 steps, 30 evals, 30 checkpoint writes
+    straight = tmp_path / "straight"
+    subprocess.run(command(dataset, straight, *longer), env=ENV, check=True, capture_output=True, timeout=300)
+    run, killed_at, rng = tmp_path / "killed", [], random.Random(12)
+    for _attempt in range(10):
+        seen = len(step_records(run))
+        process = subprocess.Popen(command(dataset, run, *longer, "--resume", "auto", "--log-every", "1"), env=ENV,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while len(step_records(run)) <= seen and time.time() < deadline:  # training has started again
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.6))  # then anywhere: mid-step, mid-eval, mid-checkpoint-write
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        killed_at.append(step_records(run)[-1]["global_step"])
+    finished = subprocess.run(command(dataset, run, *longer, "--resume", "auto"), env=ENV, capture_output=True,
+                              text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert_same_weights(weights(straight), weights(run))
+    print("killed after steps", killed_at)
+    assert max(killed_at) < 179 and len(set(killed_at)) >= 8, killed_at  # each kill came in the middle of training
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_sigterm_writes_the_current_step_and_resume_continues_mid_epoch(dataset, tmp_path):
+    straight = tmp_path / "straight"
+    subprocess.run(command(dataset, straight), env=ENV, check=True, capture_output=True, timeout=300)
+    run = tmp_path / "preempted"
+    process = subprocess.Popen(command(dataset, run, "--log-every", "1"), env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for the middle of the second epoch
+        steps = records(run, "step") if (run / "metrics.jsonl").exists() else []
+        if steps and steps[-1]["global_step"] >= STEPS_PER_EPOCH + 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _out, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err[-2000:]
+    lines = [line for line in err.splitlines() if "SIGTERM" in line]
+    assert len(lines) == 1 and "--resume auto" in lines[0], err[-2000:]
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["global_step"] % STEPS_PER_EPOCH and saved["global_step"] > STEPS_PER_EPOCH + 2  # mid-epoch
+    assert f"at step {saved['global_step']} " in lines[0]
+    resumed = subprocess.run(command(dataset, run, "--resume", "auto"), env=ENV, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_weights(weights(straight), weights(run))
+
+
+def test_a_diverging_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(dataset, run, "--epochs", "1", "--amp", "off") == 0
+    good = (run / "checkpoints" / "last.pt").read_bytes()
+    capsys.readouterr()
+    code = train(dataset, run, "--epochs", "3", "--amp", "off", "--resume", "auto", "--lr-max", "1e30",
+                 "--log-every", "1000")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1, err
+    assert "the loss became nan" in err[0] or "the loss became inf" in err[0], err
+    assert "Try a lower --lr-max (now 1e+30 at batch size 8)" in err[0] and "last.pt" in err[0]
+    assert (run / "checkpoints" / "last.pt").read_bytes() == good
+    assert not (run / "checkpoints" / "mobilenetv2-2_3.pt").exists()
