@@ -43,7 +43,7 @@ def device_batches(dataset, transform, batch_size: int = 32):
     def next_batch():
         items = [dataset[(position[0] + i) % len(dataset)] for i in range(batch_size)]
         position[0] += batch_size
-        images, _failed = decode_batch([data for data, _label in items], torch.device("cpu"))
+        images, _failed = decode_batch([data for data, _label, _path in items], torch.device("cpu"))
         transform(images)
 
     return next_batch

@@ -110,15 +110,18 @@ def _cmd_predict(args) -> int:
     if args.topk < 1:
         raise UserError("`topk` must be >= 1")
     classifier = predict.load_classifier(args.checkpoint)
-    results = predict.predict(classifier, args.images, args.topk)
+    results = predict.predict(classifier, args.images, args.topk, skip_unreadable=True)
+    failed = [result for result in results if "error" in result]
     if args.json:
         print(json.dumps(results, indent=2))
-        return 0
     for result in results:
-        print(result["image"])
-        for item in result["predictions"]:
-            print(f"  {item['probability']:7.2%}  {item['class']}")
-    return 0
+        if "error" in result:
+            print(f"mobilenetv2 predict: error: {result['error']}", file=sys.stderr)
+        elif not args.json:
+            print(result["image"])
+            for item in result["predictions"]:
+                print(f"  {item['probability']:7.2%}  {item['class']}")
+    return 2 if failed else 0
 
 
 def _cmd_export(args) -> int:

@@ -46,7 +46,7 @@ def test_eval_matches_the_pil_path_on_real_photos(photo_files):
     for mode in ("short", "squash"):
         preprocess = Preprocess(image_size=160, resize_size=182, resize_mode=mode)
         images, failed = on_device.decode_batch(encoded(jpegs + [png]), CPU)
-        assert failed == [] and len(images) == 5
+        assert failed == {} and len(images) == 5
         ours = on_device.DeviceEvalTransform(preprocess)(images)
         pil = torch.stack([eval_transform(preprocess)(decode_rgb(path)) for path in jpegs + [png]])
         errors = ((ours - pil) * STD).abs().mean(dim=(1, 2, 3)) * 255  # gray levels per image
@@ -58,11 +58,16 @@ def test_files_nothing_can_decode_are_skipped_and_counted(photo_files):
     jpegs, png, bad = photo_files
     batch = encoded([bad[0], jpegs[0], png, bad[1]])
     images, failed = on_device.decode_batch(batch, CPU)
-    assert failed == [0, 3] and len(images) == 2
+    assert list(failed) == [0, 3] and all(failed.values()) and len(images) == 2
     assert images[1].shape == (3,) + np.asarray(Image.open(png)).shape[:2]  # the PNG, decoded by PIL
     labels = torch.tensor([7, 1, 2, 9])
-    out = list(on_device.on_device([(batch, labels, 1)], on_device.DeviceEvalTransform(Preprocess.for_image_size(64)),
-                                   CPU))
+    names = [str(bad[0]), str(jpegs[0]), str(png), str(bad[1])]
+    with pytest.warns(UserWarning) as seen:
+        out = list(on_device.on_device([(batch, labels, 1, names)],
+                                       on_device.DeviceEvalTransform(Preprocess.for_image_size(64)), CPU))
+    skipped_lines = [str(w.message) for w in seen if 'skipping' in str(w.message)]
+    assert [line.split(': ')[0] for line in skipped_lines] == [f'skipping unreadable image {names[0]}',
+                                                              f'skipping unreadable image {names[3]}']
     (inputs, kept, skipped), = out
     assert kept.tolist() == [1, 2] and skipped == 3 and inputs.shape == (2, 3, 64, 64)
 
@@ -98,7 +103,7 @@ def test_labels_are_the_pil_paths_labels(dataset):
     classes = ["chelsea", "astronaut", "coffee"]  # a numbering other than the folders' order
     pil = image_folder(dataset / "val", None, classes)
     encoded_folder = image_folder(dataset / "val", None, classes, kind=on_device.EncodedFolder)
-    assert [label for _, label in encoded_folder] == pil.targets
+    assert [label for _, label, _ in encoded_folder] == pil.targets
     assert encoded_folder.samples == pil.samples
 
 

@@ -1,6 +1,15 @@
 """ImageFolder trees: the dataset layout, label numbering, the bad-file policy and exact eval shards.
 
-An image that cannot be decoded is skipped with a warning and counted; the batch and the epoch go on.
+Every decoder (train, eval, predict, feature extraction, every data backend) reads images the same way:
+- odd but valid files are decoded, not skipped: greyscale, CMYK and progressive JPEG, 16-bit PNG (scaled to 8 bits),
+  palette and RGBA PNG, GIF (first frame), WebP, BMP, TIFF, any suffix case, 1x1 images. Transparency is composited
+  on a fixed white background (`BACKGROUND`), never dropped.
+- EXIF orientation is not applied: pixels are used as stored, as torchvision's ImageFolder and the seed do, the
+  same way on every path (PIL and decode_jpeg alike), so train, eval and predict agree.
+- an image of more than `MAX_PIXELS` pixels is refused from its header, before any pixel is decoded (decompression
+  bombs).
+An image that cannot be decoded (truncated, empty, not an image, too large, a broken link) is skipped with a warning
+naming the file and the reason, and counted; the batch and the epoch go on.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -18,16 +28,56 @@ from torchvision import datasets
 from mobilenetv2.errors import DataError
 
 VAL_FOLDER_NAMES = ("val", "validation_preprocess", "validation", "test")
-# what PIL raises for files that are not images, truncated or corrupt
-DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
+MAX_PIXELS = 89_478_485  # PIL's own warning threshold (about 9459 x 9459); larger images are refused unread
+BACKGROUND = (255, 255, 255)  # what transparent pixels become
+
+
+# the suffixes an image folder reads (any case): torchvision's, and GIF
+IMAGE_SUFFIXES = tuple(sorted(set(datasets.folder.IMG_EXTENSIONS) | {".gif"}))
+
+
+def is_image_file(path: str) -> bool:
+    return path.lower().endswith(IMAGE_SUFFIXES)
+
+
+class ImageTooLarge(ValueError):
+    """An image header declares more pixels than MAX_PIXELS."""
+
+
+# what decoding raises for files that are not images, truncated, corrupt or too large
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def check_size(image: Image.Image) -> Image.Image:
+    """`image` (opened, not decoded), or ImageTooLarge when its header declares more than MAX_PIXELS pixels."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageTooLarge(f"{width}x{height} pixels, more than the {MAX_PIXELS} allowed")
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16- and 32-bit greyscale scaled (not clipped), transparency composited on
+    BACKGROUND, everything else by PIL's conversion."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        grey = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def decode_rgb(source: str | Path | BinaryIO) -> Image.Image:
-    """The image in `source` (a path or a binary file), fully decoded, as RGB. Raises one of DECODE_ERRORS for
-    bytes that are no image."""
+    """The image in `source` (a path or a binary file; the first frame of an animation), fully decoded, as RGB.
+    Raises one of DECODE_ERRORS for bytes that are no image, or an image larger than MAX_PIXELS."""
     with Image.open(source) as image:
+        check_size(image)
         image.load()
-        return image.convert("RGB")
+        return to_rgb(image)
 
 
 def pad_class_names(names: list[str], num_classes: int) -> list[str]:
@@ -76,10 +126,18 @@ def class_folders(folder: Path) -> list[str]:
     if not classes:
         raise DataError(f"{folder} holds no class folders (expected {folder}/<class>/<image>)")
     for name in classes:
-        if not any(path.is_file() and path.suffix.lower() in datasets.folder.IMG_EXTENSIONS
-                   for path in (folder / name).rglob("*")):
-            raise DataError(f"class folder {folder / name} holds no images")
+        if not any(is_image_file(path.name) and _decodes(path) for path in sorted((folder / name).rglob("*"))):
+            raise DataError(f"class folder {folder / name} holds no readable images")
     return classes
+
+
+def _decodes(path: Path) -> bool:
+    """Whether `path` decodes (the check stops at a class's first readable image, so it costs one decode)."""
+    try:
+        decode_rgb(path)
+        return True
+    except DECODE_ERRORS:
+        return False
 
 
 def find_val_folder(root: Path) -> Path | None:
@@ -108,7 +166,7 @@ def find_splits(root: str | Path) -> DatasetSplits:
 def image_folder(folder: Path, transform, classes: list[str] | None = None,
                  kind: type[SafeImageFolder] = SafeImageFolder) -> SafeImageFolder:
     """An ImageFolder (of `kind`) whose label indices follow `classes` (so val uses train's numbering)."""
-    dataset = kind(str(folder), transform=transform, allow_empty=True)
+    dataset = kind(str(folder), transform=transform, allow_empty=True, is_valid_file=is_image_file)
     if classes is not None and dataset.classes != classes:
         index = {name: i for i, name in enumerate(classes)}
         dataset.samples = [(path, index[dataset.classes[label]]) for path, label in dataset.samples]

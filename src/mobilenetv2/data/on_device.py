@@ -13,12 +13,13 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision import transforms as classic
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mobilenetv2.config import Preprocess
 from mobilenetv2.data.batched import color_jitter, normalize
-from mobilenetv2.data.folders import DECODE_ERRORS, SafeImageFolder, decode_rgb
+from mobilenetv2.data.folders import DECODE_ERRORS, SafeImageFolder, check_size, decode_rgb
 from mobilenetv2.data.transforms import resize_target
 
 MAX_FILE_BYTES = 64 << 20  # larger files are refused before they are read
@@ -26,7 +27,8 @@ JPEG_MAGIC = b"\xff\xd8"
 
 
 class EncodedFolder(SafeImageFolder):
-    """An ImageFolder whose items are the files' bytes (uint8, 1-D); decoding waits for the device."""
+    """An ImageFolder whose items are (the file's bytes as uint8 1-D, label, path); decoding waits for the device.
+    The worker reads the header only, so files that are no image, or too large, stop here."""
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
@@ -35,16 +37,19 @@ class EncodedFolder(SafeImageFolder):
                 raise OSError(f"larger than {MAX_FILE_BYTES} bytes")
             with open(path, "rb") as handle:
                 data = handle.read()
-        except OSError as exc:
+            with Image.open(io.BytesIO(data)) as image:
+                check_size(image)
+        except DECODE_ERRORS as exc:
             warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=1)
             return None
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), label
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, path
 
 
 def collate_encoded(batch):
-    """The readable items as a list of byte tensors, their labels, and how many were skipped."""
+    """The readable items as a list of byte tensors, their labels, how many were skipped, and their paths."""
     good = [item for item in batch if item is not None]
-    return [data for data, _ in good], torch.tensor([label for _, label in good], dtype=torch.long), len(batch) - len(good)
+    labels = torch.tensor([label for _, label, _ in good], dtype=torch.long)
+    return [data for data, _, _ in good], labels, len(batch) - len(good), [path for _, _, path in good]
 
 
 def _pil_decode(data: torch.Tensor) -> torch.Tensor:
@@ -52,8 +57,9 @@ def _pil_decode(data: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
-def decode_batch(encoded: list[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], list[int]]:
-    """Decoded RGB images (uint8, 3 x H x W, on `device`) and the positions of the items that could not be decoded."""
+def decode_batch(encoded: list[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], dict[int, str]]:
+    """Decoded RGB images (uint8, 3 x H x W, on `device`) and, for each item that could not be decoded, its position
+    and the reason."""
     jpegs = [i for i, data in enumerate(encoded) if bytes(data[:2].tolist()) == JPEG_MAGIC]
     images: list[torch.Tensor | None] = [None] * len(encoded)
     if jpegs:
@@ -63,14 +69,14 @@ def decode_batch(encoded: list[torch.Tensor], device: torch.device) -> tuple[lis
                 images[i] = image
         except RuntimeError:  # one bad file fails the whole call: decode those one by one below
             pass
-    failed = []
+    failed = {}
     for i, data in enumerate(encoded):
         if images[i] is not None:
             continue
         try:
             images[i] = _pil_decode(data).to(device, non_blocking=True)
-        except DECODE_ERRORS:
-            failed.append(i)
+        except DECODE_ERRORS as exc:
+            failed[i] = str(exc) or exc.__class__.__name__
     return [image for image in images if image is not None], failed
 
 
@@ -116,12 +122,15 @@ class DeviceEvalTransform:
 
 
 def on_device(batches, transform, device: torch.device):
-    """(encoded list, labels, skipped) batches -> (images on `device`, labels, skipped) through `transform`."""
-    for encoded, labels, skipped in batches:
+    """(encoded list, labels, skipped, paths) batches -> (images on `device`, labels, skipped) through `transform`;
+    files the decoders refuse are skipped with a warning naming them, and counted."""
+    for encoded, labels, skipped, paths in batches:
         images, failed = decode_batch(encoded, device)
         if failed:
+            for i, reason in failed.items():
+                warnings.warn(f"skipping unreadable image {paths[i]}: {reason}", stacklevel=1)
             keep = torch.ones(len(labels), dtype=torch.bool)
-            keep[failed] = False
+            keep[list(failed)] = False
             labels = labels[keep]
         if not images:
             yield torch.empty(0), labels, skipped + len(failed)

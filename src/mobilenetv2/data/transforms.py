@@ -28,6 +28,7 @@ from torchvision.transforms import v2 as T
 
 from mobilenetv2.config import Preprocess
 from mobilenetv2.data.batched import normalize_bytes
+from mobilenetv2.data.folders import check_size, to_rgb
 
 PIL_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
@@ -65,15 +66,16 @@ class SeedRandomResizedCrop:
     def _from_image(self, image: Image.Image, top: int, left: int, height: int, width: int) -> torch.Tensor:
         actual = _draft(image, self.size / min(height, width))
         if actual == 1:
-            return self._resample(_pixels(image.convert("RGB")), top, left, height, width)
+            return self._resample(_pixels(to_rgb(image)), top, left, height, width)
         box = (left * actual, top * actual, (left + width) * actual, (top + height) * actual)
-        return _pixels(image.convert("RGB").resize((self.size, self.size), self.resample, box=box))
+        return _pixels(to_rgb(image).resize((self.size, self.size), self.resample, box=box))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self._from_image(image, *self._draw(image))
 
     def from_file(self, path: str | os.PathLike) -> torch.Tensor:
         with Image.open(path) as image:  # only the header is read so far
+            check_size(image)
             top, left, height, width = self._draw(image)
             if image.format == "JPEG" and self.size / min(height, width) > 0.5:  # no DCT scaling possible
                 pixels = _decode_jpeg(path)
@@ -177,11 +179,11 @@ class SeedResize:
         width, height = image.size
         target_height, target_width = resize_target(height, width, self.size, self.mode)
         _draft(image, max(target_width / width, target_height / height))
-        return image.convert("RGB").resize((target_width, target_height), self.resample)
+        return to_rgb(image).resize((target_width, target_height), self.resample)
 
     def from_file(self, path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as image:  # not decoded yet: the resize may ask for a reduced decode
-            return self(image)
+            return self(check_size(image))
 
 
 class ImagePipeline:

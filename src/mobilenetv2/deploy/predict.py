@@ -107,23 +107,36 @@ def read_image(path: str | os.PathLike):
     try:
         return decode_rgb(path)
     except DECODE_ERRORS as exc:
-        raise DataError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+        raise DataError(f"{path}: not a readable image ({exc.__class__.__name__}: {str(exc)[:120]})") from None
 
 
 @torch.no_grad()
-def predict(classifier: Classifier | MobileNetV2, images: list[str | os.PathLike], topk: int = 5) -> list[dict]:
-    """Top-k classes with probabilities for each image, most likely first."""
+def predict(classifier: Classifier | MobileNetV2, images: list[str | os.PathLike], topk: int = 5,
+            skip_unreadable: bool = False) -> list[dict]:
+    """Top-k classes with probabilities for each image, most likely first, in the order given. An unreadable image
+    raises DataError, or with `skip_unreadable` gets an entry {"image", "error"} and the others are still answered."""
     if isinstance(classifier, MobileNetV2):
         classifier = as_classifier(classifier)
     transform = eval_transform(classifier.preprocess)
-    batch = torch.stack([transform(read_image(path)) for path in images])
-    probabilities = torch.softmax(classifier.forward(batch).float(), dim=1)
-    k = min(topk, classifier.num_classes)
-    values, indices = probabilities.topk(k, dim=1)
+    inputs, results = [], []
+    for path in images:
+        try:
+            inputs.append(transform(read_image(path)))
+            results.append({"image": str(path)})
+        except DataError as exc:
+            if not skip_unreadable:
+                raise
+            results.append({"image": str(path), "error": str(exc)})
+    answered = [result for result in results if "error" not in result]
+    if not answered:
+        return results
+    probabilities = torch.softmax(classifier.forward(torch.stack(inputs)).float(), dim=1)
+    values, indices = probabilities.topk(min(topk, classifier.num_classes), dim=1)
     names = classifier.class_names or [str(i) for i in range(classifier.num_classes)]
-    return [{"image": str(path), "predictions": [{"class": names[i], "index": int(i), "probability": float(p)}
-                                                 for p, i in zip(row_values.tolist(), row_indices.tolist())]}
-            for path, row_values, row_indices in zip(images, values, indices)]
+    for result, row_values, row_indices in zip(answered, values.tolist(), indices.tolist()):
+        result["predictions"] = [{"class": names[i], "index": int(i), "probability": float(p)}
+                                 for p, i in zip(row_values, row_indices)]
+    return results
 
 
 def eval_folder(root: str | os.PathLike) -> Path:
