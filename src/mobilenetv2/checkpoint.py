@@ -13,7 +13,6 @@ import io
 import json
 import os
 import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,11 @@ from typing import Any
 import torch
 
 from mobilenetv2 import metadata as metadata_schema
-from mobilenetv2.errors import CheckpointError
+from mobilenetv2.errors import CheckpointError, first_line
 from mobilenetv2.files import atomic_write_bytes
 from mobilenetv2.interop import keymaps, mindspore
 from mobilenetv2.metadata import ModelMetadata
-from mobilenetv2.model import MobileNetV2, channel_plan
+from mobilenetv2.model import SEED_INVERTED_RESIDUAL_SETTING, MobileNetV2, channel_plan
 
 MAX_SAFETENSORS_HEADER = 100 << 20
 # widths users know, tried first when a checkpoint's width is inferred from its channel counts
@@ -100,12 +99,12 @@ def read_torch_file(path: Path) -> Any:
         first = str(exc).strip().splitlines()
         reason = next((line for line in first if "Unsupported" in line or "global" in line.lower()), "not plain data")
         raise CheckpointError(f"{path}: refused, the file is not plain data and may carry code ({reason.strip()})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:200]})") from None
+    except Exception as exc:  # noqa: BLE001 - foreign bytes make the zip and unpickler layers raise anything
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})") from None
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     with path.open("rb") as handle:
         head = handle.read(8)
@@ -115,8 +114,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     try:
         with safe_open(str(path), framework="pt") as handle:  # one open: metadata and tensors
             return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, and whatever foreign bytes make torch raise
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
 
 
 def _as_tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -176,6 +175,12 @@ def _checkpoint_plan(state: dict[str, torch.Tensor]) -> list[int]:
     return plan
 
 
+def _plan_matches(state: dict[str, torch.Tensor], architecture: dict) -> bool:
+    setting = architecture.get("inverted_residual_setting") or SEED_INVERTED_RESIDUAL_SETTING
+    return channel_plan(architecture["width_mult"], setting, architecture.get("round_nearest", 8)) == \
+        _checkpoint_plan(state)
+
+
 def infer_width(state: dict[str, torch.Tensor]) -> float:
     plan = _checkpoint_plan(state)
     candidates = list(_COMMON_WIDTHS) + [round(0.05 * i, 2) for i in range(1, 81)] + [round(0.01 * i, 2) for i in range(1, 401)]
@@ -196,6 +201,13 @@ def _with_inferred_shape(loaded: LoadedWeights) -> LoadedWeights:
         if head is None:
             raise CheckpointError(f"{loaded.source_format} checkpoint is missing tensor 'head.classifier.weight'")
         architecture["num_classes"] = int(head.shape[0])
+    head = state.get("head.classifier.weight")
+    if head is not None and head.dim() == 2 and int(head.shape[0]) != architecture["num_classes"]:
+        raise CheckpointError(f"{loaded.source_format} checkpoint says {architecture['num_classes']} classes; its "
+                              f"head has {int(head.shape[0])}")
+    if not _plan_matches(state, architecture):  # so what is built is about the size of what the file holds
+        raise CheckpointError(f"{loaded.source_format} checkpoint says width {architecture['width_mult']}; its "
+                              f"channels {_checkpoint_plan(state)} do not match it")
     names = loaded.metadata.class_names
     if names is not None and len(names) != architecture["num_classes"]:
         raise CheckpointError(f"{loaded.source_format} checkpoint has {len(names)} class names for "

@@ -1,6 +1,12 @@
 """Errors a user can cause. The CLI turns each into one line on stderr and exit code 2."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first message line, shortened; its class name when the message is empty."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
 class UserError(Exception):
     """Bad input from the user: a path, a flag, a file. The message is the whole story."""
 

@@ -16,6 +16,10 @@ FORMAT_NAME = "mobilenetv2"
 FORMAT_VERSION = 2
 # constructor arguments a file may carry; anything else in "config" is refused
 ARCHITECTURE_KEYS = ("num_classes", "width_mult", "round_nearest", "dropout", "inverted_residual_setting")
+# bounds on what a file may ask us to build (a network is allocated before its weights are checked)
+MAX_CLASSES = 100_000
+MAX_WIDTH = 4.0
+MAX_STAGES, MAX_EXPANSION, MAX_CHANNELS, MAX_REPEATS = 32, 16, 4096, 16
 
 
 @dataclass
@@ -53,6 +57,9 @@ def parse(record: dict[str, Any], source: str) -> ModelMetadata:
     unknown = sorted(set(config) - set(ARCHITECTURE_KEYS))
     if unknown:
         raise CheckpointError(f"{source}: unknown model configuration keys {', '.join(unknown)}")
+    problem = _architecture_problem(config)
+    if problem:
+        raise CheckpointError(f"{source}: its model configuration is not usable ({problem})")
     names = record.get("class_names")
     if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
         raise CheckpointError(f"{source}: class names must be a list of strings")
@@ -60,3 +67,31 @@ def parse(record: dict[str, Any], source: str) -> ModelMetadata:
     if not isinstance(preprocess, dict):
         raise CheckpointError(f"{source}: preprocessing contract must be a mapping")
     return ModelMetadata(dict(config), names, Preprocess.from_dict(preprocess))
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _architecture_problem(config: dict[str, Any]) -> str | None:
+    """What is wrong with a file's constructor arguments, or None; every size is bounded before anything is built."""
+    if "num_classes" in config and not _is_int(config["num_classes"], 1, MAX_CLASSES):
+        return f"num_classes must be an integer in 1-{MAX_CLASSES}"
+    width = config.get("width_mult", 1.0)
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= MAX_WIDTH:
+        return f"width_mult must be a number in (0, {MAX_WIDTH:g}]"
+    if "round_nearest" in config and not _is_int(config["round_nearest"], 1, 64):
+        return "round_nearest must be an integer in 1-64"
+    dropout = config.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        return "dropout must be in [0, 1)"
+    setting = config.get("inverted_residual_setting")
+    if setting is not None:
+        rows_ok = isinstance(setting, list) and 1 <= len(setting) <= MAX_STAGES and all(
+            isinstance(row, (list, tuple)) and len(row) == 4 and _is_int(row[0], 1, MAX_EXPANSION)
+            and _is_int(row[1], 1, MAX_CHANNELS) and _is_int(row[2], 1, MAX_REPEATS) and row[3] in (1, 2)
+            for row in setting)
+        if not rows_ok:
+            return (f"inverted_residual_setting must be at most {MAX_STAGES} rows of (t <= {MAX_EXPANSION}, "
+                    f"c <= {MAX_CHANNELS}, n <= {MAX_REPEATS}, s in 1 or 2)")
+    return None

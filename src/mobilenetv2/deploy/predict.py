@@ -19,7 +19,7 @@ from mobilenetv2.config import Preprocess
 from mobilenetv2.data.folders import (DECODE_ERRORS, class_folders, decode_rgb, eval_loader, find_val_folder,
                                       image_folder, pad_class_names)
 from mobilenetv2.data.transforms import eval_transform
-from mobilenetv2.errors import CheckpointError, DataError
+from mobilenetv2.errors import CheckpointError, DataError, first_line
 from mobilenetv2.evaluation import EvalResult, evaluate
 from mobilenetv2.metadata import FORMAT_NAME, parse
 from mobilenetv2.model import MobileNetV2
@@ -59,6 +59,9 @@ def load_classifier(path: str | os.PathLike, device: torch.device | None = None)
     return as_classifier(model.to(device) if device is not None else model)
 
 
+MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit for one message
+
+
 def _onnx_classifier(path: Path) -> Classifier:
     try:
         import onnx
@@ -67,6 +70,9 @@ def _onnx_classifier(path: Path) -> Classifier:
         raise CheckpointError("reading .onnx files needs onnx and onnxruntime: pip install 'mobilenetv2[export]'") from None
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size > MAX_ONNX_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes is more than the {MAX_ONNX_BYTES} an ONNX file "
+                              "can hold")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others for foreign bytes
@@ -81,19 +87,28 @@ def _onnx_classifier(path: Path) -> Classifier:
     num_classes = meta.architecture.get("num_classes")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise CheckpointError(f"{path}: its mobilenetv2 metadata has no class count")
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    batch_dim = session.get_inputs()[0].shape[0]
-    static_batch = batch_dim if isinstance(batch_dim, int) else None
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        batch_dim = session.get_inputs()[0].shape[0]
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's Fail, InvalidGraph, InvalidArgument, ...
+        raise CheckpointError(f"{path}: onnxruntime cannot load it ({first_line(exc, 160)})") from None
+    static_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
+
+    def run(images: np.ndarray) -> np.ndarray:
+        try:
+            return session.run(["logits"], {"input": images})[0]
+        except Exception as exc:  # noqa: BLE001 - a graph that loads may still fail on its first input
+            raise CheckpointError(f"{path}: onnxruntime cannot run it ({first_line(exc, 160)})") from None
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         images = images.cpu().numpy()
         if static_batch is None:
-            return torch.from_numpy(session.run(["logits"], {"input": images})[0])
+            return torch.from_numpy(run(images))
         chunks = []  # a fixed-batch export runs chunk by chunk, the last one zero-padded
         for start in range(0, len(images), static_batch):
             chunk = images[start:start + static_batch]
             padded = np.concatenate([chunk, np.zeros((static_batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-            chunks.append(session.run(["logits"], {"input": padded})[0][: len(chunk)])
+            chunks.append(run(padded)[: len(chunk)])
         return torch.from_numpy(np.concatenate(chunks))
 
     return Classifier(forward, num_classes, meta.preprocess, _names_or_imagenet(meta.class_names, num_classes))

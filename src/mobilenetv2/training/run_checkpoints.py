@@ -13,7 +13,7 @@ from torch import nn
 from mobilenetv2 import runtime as runtime_module
 from mobilenetv2.checkpoint import cpu_state, read_torch_file, torch_bytes
 from mobilenetv2.config import TrainConfig
-from mobilenetv2.errors import CheckpointError, UserError
+from mobilenetv2.errors import CheckpointError, UserError, first_line
 from mobilenetv2.files import atomic_write_bytes, remove_stale_temps
 from mobilenetv2.model import MobileNetV2
 
@@ -69,7 +69,7 @@ def restore(path: Path, model: nn.Module, ema, optimizer, scaler) -> LoopState:
         model.load_state_dict(weights)
         optimizer.load_state_dict(record["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path} does not fit this run's network or options: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"{path} does not fit this run's network or options: {first_line(exc)}") from None
     scaler.load_state_dict(record["scaler"])
     if ema is not None:
         if "train_model" in record:
