@@ -135,3 +135,15 @@ def test_metadata_cannot_make_us_build_what_the_file_does_not_hold(tmp_path, key
     torch.save(record, path)
     with pytest.raises(UserError, match="configuration is not usable|checkpoint says"):
         load_model(path)
+
+
+@pytest.mark.parametrize("suffix, find", [("ckpt", b"features.1"), ("onnx", b'"format"')])
+def test_names_and_metadata_that_are_not_utf8_end_in_one_line(originals, tmp_path, suffix, find):
+    """Found by tools/fuzz_readers.py: protobuf hands such strings back as bytes (a TypeError in the key map, a
+    UnicodeDecodeError in the JSON reader)."""
+    data = originals[suffix]
+    at = data.index(find) + 2
+    path = tmp_path / f"not_utf8.{suffix}"
+    path.write_bytes(data[:at] + b"\xd5" + data[at + 1:])
+    with pytest.raises(UserError, match="not text|not a JSON record"):
+        open_any(path)

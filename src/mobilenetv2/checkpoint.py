@@ -141,7 +141,7 @@ def read_weights(path: str | os.PathLike) -> LoadedWeights:
         if record is not None:
             try:
                 record = json.loads(record)
-            except json.JSONDecodeError:
+            except ValueError:  # not JSON, or not even UTF-8
                 raise CheckpointError(f"{path}: its mobilenetv2 metadata is not JSON") from None
         return _from_tensors(tensors, record, path)
     if magic.startswith(b"PK") or path.suffix in (".pt", ".pth", ".bin", ".tar"):

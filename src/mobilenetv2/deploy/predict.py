@@ -77,12 +77,15 @@ def _onnx_classifier(path: Path) -> Classifier:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others for foreign bytes
         raise CheckpointError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
-    properties = {entry.key: entry.value for entry in proto.metadata_props}
+    try:
+        properties = {entry.key: entry.value for entry in proto.metadata_props}
+    except ValueError as exc:  # a property that is not UTF-8 (UnicodeDecodeError)
+        raise CheckpointError(f"{path}: its metadata is not text ({first_line(exc, 120)})") from None
     if FORMAT_NAME not in properties:
         raise CheckpointError(f"{path}: an ONNX file without mobilenetv2 metadata (export it with 'mobilenetv2 export')")
     try:
         meta = parse(json.loads(properties[FORMAT_NAME]), str(path))
-    except (json.JSONDecodeError, TypeError):
+    except (ValueError, TypeError):  # not JSON, or not even UTF-8
         raise CheckpointError(f"{path}: its mobilenetv2 metadata is not a JSON record") from None
     num_classes = meta.architecture.get("num_classes")
     if not isinstance(num_classes, int) or num_classes < 1:

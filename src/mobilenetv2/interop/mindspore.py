@@ -79,6 +79,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     for value in message.value:
         if not value.HasField("tensor"):  # map tensors (embedding tables) have no place in this network
             continue
+        if not isinstance(value.tag, str):  # proto2 hands back bytes for a name that is not UTF-8
+            raise CheckpointError(f"{path}: a tensor name is not text ({bytes(value.tag)[:40]!r})")
         tensors[value.tag] = _decode_tensor(path, value.tag, value.tensor)
     return tensors
 
