@@ -71,6 +71,14 @@ class Runtime:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_true(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank (one small collective under torchrun)."""
+        if not self.distributed:
+            return flag
+        tensor = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return bool(tensor.item())
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -122,10 +130,25 @@ def setup(device: str = "auto", amp: str = "auto", channels_last: bool = False, 
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
+        timeout = datetime.timedelta(seconds=dist_timeout)
         dist.init_process_group(backend=backend, device_id=resolved if resolved.type == "cuda" else None,
-                                timeout=datetime.timedelta(seconds=dist_timeout))
+                                timeout=timeout, **_attempt_store(rank, world_size, timeout))
     return Runtime(resolved, resolve_amp(amp, resolved), rank, world_size, local_rank, channels_last, flushes,
                    compile_model)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
+    """Under torchrun, the rendezvous store with keys of this restart attempt only: a worker that torchrun restarted
+    (`--max-restarts`) must not read the addresses its dead predecessors published (gloo then connects to a port
+    nobody listens on and the restarted job fails). Outside torchrun: the default env:// store."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        return {}
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not hosted_by_agent, timeout=timeout)
+    return {"store": dist.PrefixStore(f"mobilenetv2/attempt_{attempt}", store), "rank": rank,
+            "world_size": world_size}
 
 
 def flushing_denormals() -> bool:

@@ -135,8 +135,9 @@ def _epochs(run: _Run, state: LoopState) -> None:
         for step, (inputs, labels, skipped) in enumerate(task.train_batches(epoch.index, done_in_epoch), done_in_epoch):
             run.skipped_images += skipped
             # unreadable images left nothing to learn from (or one image, which BatchNorm cannot normalise at
-            # small sizes): the batch's place in the schedule passes without a step
-            if len(labels) > 1 or (len(labels) == 1 and config.batch_size == 1):
+            # small sizes): the batch's place in the schedule passes without a step, on every rank at once (a rank
+            # that stepped alone would wait for the others' gradients forever)
+            if task.runtime.all_true(len(labels) > 1 or (len(labels) == 1 and config.batch_size == 1)):
                 _step(run, state, epoch, step, inputs, labels, wait_start)
             state.global_step += 1
             monitor.advance()
