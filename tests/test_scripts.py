@@ -73,3 +73,26 @@ def test_seed_script_arguments_map_onto_our_command(tmp_path, argv, expected, de
     recorded = (tmp_path / "args").read_text().splitlines()
     assert [arg.replace(str(REPO) + "/", "") for arg in recorded] == expected
     assert (tmp_path / "args.devices").read_text().strip() == devices
+
+
+def test_slurm_script_runs_torchrun_with_rendezvous_and_resume(dataset, tmp_path):
+    """The sbatch script as SLURM would run it on one node, with stand-ins for `srun` and `scontrol`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho localhost\n")
+    for stub in ("srun", "scontrol"):
+        (bin_dir / stub).chmod(0o755)
+    run = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242", "DATA": str(dataset),
+           "OUTPUT": str(run), "GPUS_PER_NODE": "2", "RDZV_PORT": "29531", "DIST_TIMEOUT": "60"}
+    tiny = ["--device", "cpu", "--amp", "off", "--epochs", "1", "--batch-size", "4", "--width-mult", "0.25",
+            "--image-size", "32", "--workers", "0"]
+    for attempt in range(2):  # the second run is a requeued job: it resumes and has nothing left to do
+        result = subprocess.run(["bash", str(REPO / "scripts/slurm_train.sbatch"), *tiny], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-2000:]
+    log = (run / "train.log").read_text()
+    assert "world size 2" in log and "data backend device" in log and "resumed from" in log
+    assert "lr_max: 0.8" in (run / "config.yaml").read_text()  # the seed's GPU recipe
