@@ -132,8 +132,9 @@ def _cmd_export(args) -> int:
     model = load_model(args.checkpoint)
     output = args.output or default_output(args.checkpoint, args.format)
     try:
+        options = {"onnx_exporter": args.onnx_exporter} if args.format == "onnx" else {}
         reports = export(model, args.format, output, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch,
-                         with_softmax=args.with_softmax)
+                         with_softmax=args.with_softmax, **options)
     except ExportCheckError as exc:
         print(f"mobilenetv2 export: check failed: {exc}", file=sys.stderr)
         return 1
@@ -219,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--batch-size", type=int, default=1)
     export.add_argument("--dynamic-batch", action="store_true", help="any batch size at run time")
     export.add_argument("--with-softmax", action="store_true", help="also output probabilities ('probs')")
+    export.add_argument("--onnx-exporter", choices=["dynamo", "legacy"], default="dynamo",
+                        help="dynamo: torch's current exporter (opset 18); legacy: the deprecated TorchScript-based one")
     export.set_defaults(handler=_cmd_export)
 
     data = commands.add_parser("data", help="write a real dataset as an ImageFolder tree")

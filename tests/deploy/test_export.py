@@ -14,18 +14,24 @@ from mobilenetv2.interop import mindspore
 from conftest import MS_CHECKPOINT, MS_INPUT, assert_parity
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_exports_reproduce_the_mindspore_logits(converted, tmp_path, capsys, fmt):
+@pytest.mark.parametrize("fmt, exporter", [("onnx", "dynamo"), ("onnx", "legacy"), ("torchscript", None)])
+def test_exports_reproduce_the_mindspore_logits(converted, tmp_path, capsys, fmt, exporter):
     output = tmp_path / f"model.{fmt}"
+    extra = ["--onnx-exporter", exporter] if exporter else []
     assert main(["export", "--checkpoint", str(converted), "--format", fmt, "--output", str(output),
-                 "--dynamic-batch"]) == 0
+                 "--dynamic-batch", *extra]) == 0
     out = capsys.readouterr().out
     assert "batch 1: max abs difference" in out and "batch 3: max abs difference" in out
     if fmt == "onnx":
         import onnx
         import onnxruntime
 
-        meta = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
+        proto = onnx.load(str(output))
+        opset = {entry.domain: entry.version for entry in proto.opset_import}[""]
+        assert opset == {"dynamo": 18, "legacy": 17}[exporter] and f"{exporter} exporter" in out
+        if exporter == "dynamo":  # torch.export's graph, BatchNorm folded into the convolutions
+            assert "BatchNormalization" not in {node.op_type for node in proto.graph.node}
+        meta = {p.key: p.value for p in proto.metadata_props}
         contract = json.loads(meta["mobilenetv2"])
         assert contract["version"] == 2 and contract["config"]["num_classes"] == 10 and contract["preprocess"]["image_size"] == 224
         session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])

@@ -7,6 +7,8 @@ leaves no file that looks valid. ONNX and TorchScript files carry the model's me
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import warnings
@@ -89,19 +91,27 @@ def _check_batches(batch_size: int, dynamic_batch: bool) -> list[int]:
     return sorted({batch_size, 3} if dynamic_batch else {batch_size})
 
 
+ONNX_OPSET = {"dynamo": 18, "legacy": 17}  # 18 is the lowest the dynamo exporter writes
+
+
 def export_onnx(model: MobileNetV2, temp: Path, *, batch_size: int = 1, dynamic_batch: bool = False,
-                with_softmax: bool = False) -> list[str]:
+                with_softmax: bool = False, onnx_exporter: str = "dynamo") -> list[str]:
+    """ONNX through torch's current exporter (`torch.export`, opset 18; BatchNorm folded into the convolutions), or
+    the deprecated TorchScript-based one with `onnx_exporter="legacy"` (opset 17)."""
     import onnx
     import onnxruntime
 
+    if onnx_exporter not in ONNX_OPSET:
+        raise UserError(f"`onnx_exporter` must be dynamo or legacy, got {onnx_exporter!r}")
     network = (WithSoftmax(model) if with_softmax else model).eval()
     size = model.preprocess.image_size
     outputs = ["logits", "probs"] if with_softmax else ["logits"]
     dynamic_axes = {name: {0: "batch"} for name in ["input", *outputs]} if dynamic_batch else None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
         warnings.simplefilter("ignore")
         torch.onnx.export(network, (torch.zeros(batch_size, 3, size, size),), str(temp), input_names=["input"],
-                          output_names=outputs, dynamic_axes=dynamic_axes, opset_version=17, dynamo=False)
+                          output_names=outputs, dynamic_axes=dynamic_axes, opset_version=ONNX_OPSET[onnx_exporter],
+                          dynamo=onnx_exporter == "dynamo", external_data=False)
     proto = onnx.load(str(temp))
     entry = proto.metadata_props.add()
     entry.key, entry.value = FORMAT_NAME, json.dumps(model.metadata())
@@ -109,7 +119,8 @@ def export_onnx(model: MobileNetV2, temp: Path, *, batch_size: int = 1, dynamic_
     temp.write_bytes(proto.SerializeToString())
     session = onnxruntime.InferenceSession(str(temp), providers=["CPUExecutionProvider"])
     return _check_against_eager(model, lambda images: session.run(None, {"input": images.numpy()}),
-                                _check_batches(batch_size, dynamic_batch), with_softmax, "onnxruntime", "ONNX")
+                                _check_batches(batch_size, dynamic_batch), with_softmax, "onnxruntime",
+                                f"ONNX ({onnx_exporter} exporter, opset {ONNX_OPSET[onnx_exporter]})")
 
 
 def export_torchscript(model: MobileNetV2, temp: Path, *, batch_size: int = 1, dynamic_batch: bool = False,
