@@ -119,8 +119,8 @@ def export_onnx(model: MobileNetV2, temp: Path, *, batch_size: int = 1, dynamic_
     temp.write_bytes(proto.SerializeToString())
     session = onnxruntime.InferenceSession(str(temp), providers=["CPUExecutionProvider"])
     return _check_against_eager(model, lambda images: session.run(None, {"input": images.numpy()}),
-                                _check_batches(batch_size, dynamic_batch), with_softmax, "onnxruntime",
-                                f"ONNX ({onnx_exporter} exporter, opset {ONNX_OPSET[onnx_exporter]})")
+                                _check_batches(batch_size, dynamic_batch), with_softmax,
+                                f"onnxruntime ({onnx_exporter} exporter, opset {ONNX_OPSET[onnx_exporter]})", "ONNX")
 
 
 def export_torchscript(model: MobileNetV2, temp: Path, *, batch_size: int = 1, dynamic_batch: bool = False,
