@@ -89,7 +89,12 @@ def _cmd_eval(args) -> int:
 
     if args.batch_size < 1:
         raise UserError("`batch_size` must be >= 1")
+    if bool(args.checkpoint) == bool(args.compare):
+        raise UserError("give `checkpoint` (evaluate one model) or `compare` A B (per-image agreement of two)")
     folder = predict.eval_folder(args.data)
+    if args.compare:
+        print(predict.compare_models(*args.compare, folder, batch_size=args.batch_size, workers=args.workers))
+        return 0
     with runtime.session(args.device, "off") as state:
         result, classes = predict.evaluate_checkpoint(args.checkpoint, folder, state, batch_size=args.batch_size,
                                                       workers=args.workers, resize_mode=args.resize)
@@ -133,6 +138,10 @@ def _cmd_export(args) -> int:
     output = args.output or default_output(args.checkpoint, args.format)
     try:
         options = {"onnx_exporter": args.onnx_exporter} if args.format == "onnx" else {}
+        if args.format == "executorch" and args.int8:
+            from mobilenetv2.deploy.quantize import calibration_from
+
+            options = {"int8": True, "calibration": calibration_from(model, args.data, args.calibration_images)}
         reports = export(model, args.format, output, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch,
                          with_softmax=args.with_softmax, **options)
     except ExportCheckError as exc:
@@ -141,6 +150,31 @@ def _cmd_export(args) -> int:
     for line in reports:
         print(line)
     print(f"wrote {output}")
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from mobilenetv2.checkpoint import load_model
+    from mobilenetv2.deploy.quantize import quantize
+
+    output = args.output or args.checkpoint.rsplit(".", 1)[0] + ".int8.onnx"
+    report = quantize(load_model(args.checkpoint), args.data, output, calibration_images=args.calibration_images,
+                      batch_size=args.batch_size, workers=args.workers)
+    print(f"fp32 top-1 {report.fp32_top1:.4f}, int8 top-1 {report.int8_top1:.4f}, drop {report.drop_points:.2f} "
+          f"points ({report.evaluated} val images, {report.calibration_images} calibration images)")
+    print(f"wrote {output}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import json
+
+    from mobilenetv2.checkpoint import load_model
+    from mobilenetv2.deploy.bench import as_dicts, bench, parse_list, table
+
+    rows = bench(load_model(args.checkpoint), parse_list(args.formats, str, "formats"),
+                 parse_list(args.batch_sizes, int, "batch_sizes"), seconds=args.seconds, int8=args.int8)
+    print(json.dumps(as_dicts(rows), indent=2) if args.json else table(rows))
     return 0
 
 
@@ -196,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(handler=_cmd_convert)
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint (or .onnx) on a folder; prints the seed's result line")
     evaluate.add_argument("--data", required=True, help="dataset root (uses val/ or validation_preprocess/) or a class-folder root")
-    evaluate.add_argument("--checkpoint", required=True, help="any format load_model reads, or an exported .onnx")
+    evaluate.add_argument("--checkpoint", help="any format load_model reads, or an exported .onnx")
+    evaluate.add_argument("--compare", nargs=2, metavar=("A", "B"), help="per-image top-1 agreement of two models")
     evaluate.add_argument("--batch-size", type=int, default=100)
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     evaluate.add_argument("--workers", type=int, default=2)
@@ -220,9 +255,30 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--batch-size", type=int, default=1)
     export.add_argument("--dynamic-batch", action="store_true", help="any batch size at run time")
     export.add_argument("--with-softmax", action="store_true", help="also output probabilities ('probs')")
+    export.add_argument("--int8", action="store_true", help="executorch: int8 through the PT2E quantizer")
+    export.add_argument("--data", help="with --int8: dataset root whose train/ images calibrate")
+    export.add_argument("--calibration-images", type=int, default=512)
     export.add_argument("--onnx-exporter", choices=["dynamo", "legacy"], default="dynamo",
                         help="dynamo: torch's current exporter (opset 18); legacy: the deprecated TorchScript-based one")
     export.set_defaults(handler=_cmd_export)
+
+    quantize = commands.add_parser("quantize", help="int8 ONNX (static, per-channel), top-1 before and after")
+    quantize.add_argument("--checkpoint", required=True)
+    quantize.add_argument("--data", required=True, help="dataset root: train/ calibrates, val/ measures")
+    quantize.add_argument("--calibration-images", type=int, default=512)
+    quantize.add_argument("--output", "-o", help="output file (default: CHECKPOINT.int8.onnx)")
+    quantize.add_argument("--batch-size", type=int, default=100)
+    quantize.add_argument("--workers", type=int, default=2)
+    quantize.set_defaults(handler=_cmd_quantize)
+
+    bench_ = commands.add_parser("bench", help="latency and throughput per runtime on this machine, one table")
+    bench_.add_argument("--checkpoint", required=True)
+    bench_.add_argument("--formats", default="torch,onnx,onnx-int8", help="torch, onnx, onnx-int8, executorch")
+    bench_.add_argument("--batch-sizes", default="1,32")
+    bench_.add_argument("--int8", help="an int8 .onnx from `quantize` (default: quantized here, photos calibrate)")
+    bench_.add_argument("--seconds", type=float, default=3.0, help="timed seconds per runtime and batch size")
+    bench_.add_argument("--json", action="store_true")
+    bench_.set_defaults(handler=_cmd_bench)
 
     data = commands.add_parser("data", help="write a real dataset as an ImageFolder tree")
     data.add_argument("name", choices=["fashion-mnist", "synthetic"],

@@ -156,6 +156,82 @@ def export_mindspore(model: MobileNetV2, temp: Path, **_options) -> list[str]:
     return [f"MindSpore checkpoint read back bit-exactly ({len(tensors)} tensors)"]
 
 
+def _foreign_network(fmt: str, model: MobileNetV2) -> nn.Module:
+    """The torchvision or timm network our weights go into: same width, same classes."""
+    width, classes = model.architecture()["width_mult"], model.num_classes
+    if model.architecture().get("inverted_residual_setting") is not None:
+        raise UserError(f"a custom inverted_residual_setting has no {fmt} equivalent")
+    if fmt == "torchvision":
+        from torchvision.models import mobilenet_v2
+
+        return mobilenet_v2(num_classes=classes, width_mult=width)
+    try:
+        import timm
+    except ImportError:
+        raise UserError("the timm export is checked with timm: pip install timm") from None
+    name = f"mobilenetv2_{round(width * 100):03d}"
+    if name not in timm.list_models("mobilenetv2_*"):
+        raise UserError(f"timm has no {name} for width {width:g}; it has {', '.join(timm.list_models('mobilenetv2_*'))}")
+    return timm.create_model(name, num_classes=classes, pretrained=False)
+
+
+def _export_state_dict(fmt: str, model: MobileNetV2, temp: Path, suffix: str) -> list[str]:
+    """Our weights under the other library's keys, loaded back into its own network strictly, logits compared."""
+    from mobilenetv2.interop import keymaps
+
+    network = _foreign_network(fmt, model).eval()
+    layout = keymaps.TORCHVISION if fmt == "torchvision" else keymaps.timm_layout()
+    ours = model.state_dict()
+    state = {key: ours[layout.target_key(key)].detach().clone() for key in network.state_dict()}
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(temp))
+        from safetensors.torch import load_file
+
+        loaded = load_file(str(temp))
+    else:
+        torch.save(state, temp)
+        loaded = torch.load(temp, weights_only=True)
+    network.load_state_dict(loaded, strict=True)
+    network.eval()
+    return _check_against_eager(model, lambda images: [network(images)], [4], False, f"{fmt} (strict load)", fmt)
+
+
+def export_torchvision(model: MobileNetV2, temp: Path, *, suffix: str = ".pth", **_options) -> list[str]:
+    return _export_state_dict("torchvision", model, temp, suffix)
+
+
+def export_timm(model: MobileNetV2, temp: Path, *, suffix: str = ".pth", **_options) -> list[str]:
+    return _export_state_dict("timm", model, temp, suffix)
+
+
+INT8_TOLERANCE = 0.15  # int8 .pte: max |difference| from eager, relative to max(1, logit scale)
+
+
+def export_pte(model: MobileNetV2, temp: Path, *, int8: bool = False, calibration=None, **_options) -> list[str]:
+    """ExecuTorch (XNNPACK), batch 1; fp32 checked like ONNX (TOLERANCE), int8 within INT8_TOLERANCE."""
+    from mobilenetv2.deploy.mobile import executorch_runner, export_executorch
+
+    if int8 and calibration is None:
+        raise UserError("int8 ExecuTorch export needs calibration images (`data`)")
+    export_executorch(model, temp, int8=int8, calibration=calibration)
+    run = executorch_runner(temp)
+    if not int8:
+        return _check_against_eager(model, lambda images: [run(images)], [4], False, "ExecuTorch runtime",
+                                    "ExecuTorch")
+    images = check_images(model, 4)
+    with torch.no_grad():
+        expected, actual = model(images), run(images)
+    difference = float((expected - actual).abs().max())
+    limit = INT8_TOLERANCE * max(1.0, float(expected.abs().max()))
+    if not difference <= limit:
+        raise ExportCheckError(f"int8 ExecuTorch differs from eager by {difference:.3g} (> {limit:.3g})")
+    agree = int((expected.argmax(1) == actual.argmax(1)).sum())
+    return [f"ExecuTorch runtime (int8) vs eager, 4 photos: max abs difference {difference:.3g} (limit {limit:.3g}), "
+            f"top-1 equal on {agree}/4"]
+
+
 def export(model: MobileNetV2, fmt: str, output: str | os.PathLike, **options) -> list[str]:
     """Write `model` as `fmt` to `output`, checked against eager PyTorch; returns the check's report lines.
 
@@ -166,6 +242,8 @@ def export(model: MobileNetV2, fmt: str, output: str | os.PathLike, **options) -
     if options.get("batch_size", 1) < 1:
         raise UserError("`batch_size` must be >= 1")
     output = Path(output)
+    if fmt in ("torchvision", "timm"):
+        options = {"suffix": output.suffix, **options}
     temp = temp_path_beside(output)
     try:
         reports = globals()[FORMATS[fmt].writer](model.eval(), temp, **options)

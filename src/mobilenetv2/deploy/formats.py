@@ -21,6 +21,12 @@ FORMATS: dict[str, ExportFormat] = {
     "onnx": ExportFormat(".onnx", "export_onnx", "ONNX, checked with onnxruntime"),
     "torchscript": ExportFormat(".torchscript.pt", "export_torchscript", "TorchScript trace, checked with torch.jit.load"),
     "mindspore": ExportFormat(".ckpt", "export_mindspore", "MindSpore .ckpt in the seed's key layout, read back"),
+    "executorch": ExportFormat(".pte", "export_pte", "ExecuTorch program with the XNNPACK delegate (--int8: PT2E "
+                               "int8), run back with ExecuTorch's runtime"),
+    "torchvision": ExportFormat(".pth", "export_torchvision", "state dict that torchvision.models.mobilenet_v2 "
+                                "loads strictly (.pth or .safetensors)"),
+    "timm": ExportFormat(".pth", "export_timm", "state dict that timm's mobilenetv2_* models load strictly (.pth or "
+                         ".safetensors)"),
 }
 
 

@@ -19,7 +19,7 @@ from mobilenetv2.config import Preprocess
 from mobilenetv2.data.folders import (DECODE_ERRORS, class_folders, decode_rgb, eval_loader, find_val_folder,
                                       image_folder, pad_class_names)
 from mobilenetv2.data.transforms import eval_transform
-from mobilenetv2.errors import CheckpointError, DataError, first_line
+from mobilenetv2.errors import CheckpointError, DataError, UserError, first_line
 from mobilenetv2.evaluation import EvalResult, evaluate
 from mobilenetv2.metadata import FORMAT_NAME, parse
 from mobilenetv2.model import MobileNetV2
@@ -190,3 +190,49 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, folder: str | os.PathLike
     dataset = labelled_dataset(classifier, Path(folder), eval_transform(preprocess))
     loader = eval_loader(dataset, batch_size, workers, runtime.rank, runtime.world_size)
     return evaluate(classifier.forward, loader, runtime, classifier.num_classes), dataset.classes
+
+
+@dataclass
+class Agreement:
+    """Per-image top-1 of two models on the same images."""
+
+    count: int
+    agree: int
+    a_correct: int
+    b_correct: int
+    only_a_correct: int  # images A gets right and B gets wrong
+    only_b_correct: int
+
+    @property
+    def flips(self) -> int:
+        return self.count - self.agree
+
+    def __str__(self) -> str:
+        n = self.count
+        return (f"top-1 agreement {self.agree}/{n} ({self.agree / n:.2%}): {self.flips} predictions flip; "
+                f"A top-1 {self.a_correct / n:.4f}, B top-1 {self.b_correct / n:.4f}; only A right "
+                f"{self.only_a_correct}, only B right {self.only_b_correct}")
+
+
+@torch.no_grad()
+def compare_models(a: str | os.PathLike, b: str | os.PathLike, folder: str | os.PathLike, *, batch_size: int = 100,
+                   workers: int = 2) -> Agreement:
+    """How many val images the two models (any formats: .pt, .onnx, int8 .onnx, ...) classify alike. Both must
+    share preprocessing and class names, so every image goes through both as the same tensor."""
+    first, second = load_classifier(a), load_classifier(b)
+    if first.preprocess != second.preprocess:
+        raise UserError(f"{a} and {b} preprocess differently; compare models with one preprocessing contract")
+    if first.class_names != second.class_names or first.num_classes != second.num_classes:
+        raise UserError(f"{a} and {b} have different classes")
+    dataset = labelled_dataset(first, Path(folder), eval_transform(first.preprocess))
+    counts = np.zeros(6, dtype=np.int64)
+    for images, labels, _skipped in eval_loader(dataset, batch_size, workers):
+        if not len(labels):
+            continue
+        top_a, top_b = first.forward(images).argmax(1).cpu(), second.forward(images).argmax(1).cpu()
+        right_a, right_b = top_a == labels, top_b == labels
+        counts += [len(labels), int((top_a == top_b).sum()), int(right_a.sum()), int(right_b.sum()),
+                   int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())]
+    if not counts[0]:
+        raise DataError(f"{folder} holds no readable images")
+    return Agreement(*map(int, counts))

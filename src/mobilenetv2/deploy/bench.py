@@ -1,0 +1,150 @@
+"""`mobilenetv2 bench`: latency and throughput of one model in every runtime we ship to, on this machine, in one run.
+
+Each runtime is built from the same checkpoint (fp32 eager PyTorch in channels-last, fp32 ONNX Runtime, int8 ONNX
+Runtime, ExecuTorch with XNNPACK) and measured in turn, every runtime with the same thread count. The int8 file is
+the one given, or one quantized here with real photos as calibration (speed does not depend on calibration; for
+accuracy use `mobilenetv2 quantize`, which measures it).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mobilenetv2.errors import UserError
+from mobilenetv2.model import MobileNetV2
+
+RUNTIMES = ("torch", "onnx", "onnx-int8", "executorch")
+
+
+@dataclass
+class BenchRow:
+    runtime: str
+    batch_size: int
+    threads: int
+    p50_ms: float
+    p90_ms: float
+    images_per_s: float
+
+
+def measure(run: Callable[[], object], batch_size: int, seconds: float) -> tuple[float, float, float]:
+    """p50 and p90 latency (ms) of `run` and images/s at the median, after warm-up calls."""
+    for _ in range(3):
+        run()
+    latencies, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(latencies) < 5:
+        begin = time.perf_counter()
+        run()
+        latencies.append(time.perf_counter() - begin)
+    p50 = statistics.median(latencies)
+    p90 = float(np.percentile(latencies, 90))
+    return 1000 * p50, 1000 * p90, batch_size / p50
+
+
+def _onnx_runner(path: Path, threads: int):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda images: session.run(["logits"], {"input": images.numpy()})
+
+
+def _int8_from_photos(model: MobileNetV2, fp32: Path, out: Path) -> None:
+    from onnxruntime import quantization as ort_quant
+
+    from mobilenetv2.deploy.export import check_images
+
+    batches = iter([{"input": check_images(model, 8).numpy()}])
+
+    class Photos(ort_quant.CalibrationDataReader):
+        def get_next(self):
+            return next(batches, None)
+
+    ort_quant.quantize_static(str(fp32), str(out), Photos(), quant_format=ort_quant.QuantFormat.QDQ, per_channel=True,
+                              activation_type=ort_quant.QuantType.QUInt8, weight_type=ort_quant.QuantType.QInt8)
+
+
+def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int, int8: Path | None) -> dict:
+    """runtime name -> callable(images) for each runtime asked for."""
+    from mobilenetv2.deploy.export import export_onnx
+
+    found: dict[str, Callable] = {}
+    if "torch" in runtimes:
+        network = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+        def eager(images):
+            with torch.inference_mode():
+                return network(images.contiguous(memory_format=torch.channels_last))
+
+        found["torch"] = eager
+    if {"onnx", "onnx-int8"} & set(runtimes):
+        fp32 = folder / "fp32.onnx"
+        export_onnx(model, fp32, batch_size=1, dynamic_batch=True)
+        if "onnx" in runtimes:
+            found["onnx"] = _onnx_runner(fp32, threads)
+        if "onnx-int8" in runtimes:
+            if int8 is None:
+                int8 = folder / "int8.onnx"
+                _int8_from_photos(model, fp32, int8)
+            found["onnx-int8"] = _onnx_runner(int8, threads)
+    if "executorch" in runtimes:
+        from mobilenetv2.deploy.mobile import executorch_runner, export_executorch
+
+        pte = folder / "model.pte"
+        export_executorch(model, pte)
+        found["executorch"] = executorch_runner(pte)
+    return found
+
+
+def bench(model: MobileNetV2, runtimes: list[str], batch_sizes: list[int], *, seconds: float = 3.0,
+          int8: Path | None = None) -> list[BenchRow]:
+    unknown = [name for name in runtimes if name not in RUNTIMES]
+    if unknown:
+        raise UserError(f"unknown `formats` {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise UserError("`batch_sizes` must be positive integers")
+    model = model.eval()
+    threads = torch.get_num_threads()
+    size = model.preprocess.image_size
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        found = runners(model, runtimes, Path(tmp), threads, int8)
+        for batch in batch_sizes:
+            images = torch.randn(batch, 3, size, size)
+            for name in runtimes:  # in turn, same input, same threads
+                if name == "executorch" and batch != 1:
+                    continue  # the .pte is exported for batch 1 (what a phone runs)
+                p50, p90, rate = measure(lambda: found[name](images), batch, seconds)
+                rows.append(BenchRow(name, batch, threads, p50, p90, rate))
+    return rows
+
+
+def parse_list(text: str, kind: type, name: str) -> list:
+    """"a,b,c" as a list of `kind`; one UserError line naming `name` otherwise."""
+    try:
+        return [kind(value.strip()) for value in text.split(",") if value.strip()]
+    except ValueError:
+        raise UserError(f"`{name}` must be a comma-separated list, got {text!r}") from None
+
+
+def table(rows: list[BenchRow]) -> str:
+    lines = ["| runtime | batch | threads | p50 ms | p90 ms | images/s | vs onnx fp32 |", "|---|---|---|---|---|---|---|"]
+    base = {row.batch_size: row.images_per_s for row in rows if row.runtime == "onnx"}
+    for row in rows:
+        ratio = f"{row.images_per_s / base[row.batch_size]:.2f}x" if row.batch_size in base else ""
+        lines.append(f"| {row.runtime} | {row.batch_size} | {row.threads} | {row.p50_ms:.2f} | {row.p90_ms:.2f} | "
+                     f"{row.images_per_s:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def as_dicts(rows: list[BenchRow]) -> list[dict]:
+    return [asdict(row) for row in rows]
