@@ -5,6 +5,7 @@ and a header that declares more than the file holds is refused before anything t
 The fuzz cases are bounded for CI; `tools/fuzz_readers.py` runs the same properties for longer."""
 
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -12,35 +13,24 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import MS_CHECKPOINT, one_line_exit_2
+from conftest import MS_CHECKPOINT, REPO, one_line_exit_2
 from mobilenetv2 import MobileNetV2, save_model
 from mobilenetv2.checkpoint import load_model
 from mobilenetv2.errors import UserError
+
+sys.path.insert(0, str(REPO / "tools"))
+import fuzz_readers  # noqa: E402 - tools/ is not a package
 
 CASES = 40  # per format and strategy in CI
 
 
 @pytest.fixture(scope="module")
 def originals(tmp_path_factory):
-    """One valid small file of every format, as bytes."""
-    from mobilenetv2.deploy.export import export
-
-    folder = tmp_path_factory.mktemp("originals")
-    model = MobileNetV2(num_classes=3, width_mult=0.25, class_names=["a", "b", "c"]).eval()
-    save_model(model, folder / "model.pt")
-    save_model(model, folder / "model.safetensors")
-    export(model, "onnx", folder / "model.onnx", batch_size=1, dynamic_batch=True)
-    return {"pt": (folder / "model.pt").read_bytes(), "safetensors": (folder / "model.safetensors").read_bytes(),
-            "ckpt": MS_CHECKPOINT.read_bytes(), "onnx": (folder / "model.onnx").read_bytes()}
+    """One valid small file of every format, as bytes (the long run's own originals)."""
+    return fuzz_readers.originals(tmp_path_factory.mktemp("originals"))
 
 
-def open_any(path):
-    """What `eval` and `predict` do with a model file: read it, build it, run it once."""
-    from mobilenetv2.deploy.predict import load_classifier
-
-    classifier = load_classifier(path)
-    size = classifier.preprocess.image_size
-    classifier.forward(torch.zeros(1, 3, size, size))
+open_any = fuzz_readers.open_any  # what `eval` and `predict` do with a model file: read, build, run once
 
 
 def assert_model_or_one_error(tmp_path, suffix: str, data: bytes) -> None:

@@ -112,8 +112,8 @@ def main() -> int:
                 finally:
                     signal.setitimer(signal.ITIMER_REAL, 0)
             rows.append((suffix, args.cases, counts, time.perf_counter() - start))
-    print(f"| format | cases | models | one-line errors | failures | seconds |")
-    print(f"|---|---|---|---|---|---|")
+    print("| format | cases | models | one-line errors | failures | seconds |")
+    print("|---|---|---|---|---|---|")
     for suffix, cases, counts, seconds in rows:
         print(f"| {suffix} | {cases} | {counts['model']} | {counts['error']} | {counts['failure']} | {seconds:.0f} |")
     for line in failures[:20]:

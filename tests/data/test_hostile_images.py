@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, records, train
+from conftest import records, train
 from mobilenetv2.cli import main
 from mobilenetv2.config import Preprocess
 from mobilenetv2.data import folders, on_device

@@ -30,19 +30,25 @@ def pixel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b) * STD).abs().mean() * 255)
 
 
+def same_draw_errors(first, second, paths, draws: int) -> list[float]:
+    """`pixel_error` of first(path) against second(path), both run with the same seed, for `draws` seeds."""
+    errors = []
+    for draw in range(draws):
+        path = paths[draw % len(paths)]
+        torch.manual_seed(draw)
+        a = first(path)
+        torch.manual_seed(draw)
+        errors.append(pixel_error(a, second(path)))
+    return errors
+
+
 def test_reduced_decode_keeps_every_training_crop(large_jpegs, monkeypatch):
     pipeline = transforms.train_transform(Preprocess.for_image_size(96), min_scale=0.08, color_jitter=0.4)
     scales = []
     original = transforms._draft
     monkeypatch.setattr(transforms, "_draft", lambda image, scale: scales.append(original(image, scale)) or scales[-1])
-    errors = []
-    for draw in range(90):
-        path = large_jpegs[draw % len(large_jpegs)]
-        torch.manual_seed(draw)
-        reduced = pipeline.finish(pipeline.decode(path))
-        torch.manual_seed(draw)
-        full = pipeline(decode_rgb(path))  # the same draws on the full-size decode
-        errors.append(pixel_error(reduced, full))
+    errors = same_draw_errors(lambda path: pipeline.finish(pipeline.decode(path)),
+                              lambda path: pipeline(decode_rgb(path)), large_jpegs, 90)  # vs a full-size decode
     reduced_count = sum(scale < 1 for scale in scales[::2])  # every other entry is the full decode's no-op
     assert reduced_count > 45  # most crops need far less than the full image
     # measured: 1.4 gray levels on average, 6.4 at worst (contrast jitter amplifies), below JPEG's own q92 noise
@@ -118,14 +124,8 @@ def test_training_images_are_torchvisions_with_the_same_draws(photo_jpegs):
     torchvision's standard one on a full PIL decode, in the same order, so with one seed both give the same image."""
     preprocess = Preprocess.for_image_size(224)
     ours, reference = transforms.train_transform(preprocess), torchvision_train(preprocess)
-    errors = []
-    for draw in range(80):
-        path = photo_jpegs[draw % len(photo_jpegs)]
-        torch.manual_seed(draw)
-        mine = ours.finish(ours.decode(path))
-        torch.manual_seed(draw)
-        theirs = reference(decode_rgb(path))
-        errors.append(pixel_error(mine, theirs))
+    errors = same_draw_errors(lambda path: ours.finish(ours.decode(path)), lambda path: reference(decode_rgb(path)),
+                              photo_jpegs, 80)
     # measured: 0.06 gray levels on average, 1.6 at worst (two JPEG decoders, two resampling kernels)
     assert np.mean(errors) < 0.3 and max(errors) < 3.0, (np.mean(errors), max(errors))
 

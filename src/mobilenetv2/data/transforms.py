@@ -21,7 +21,7 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageEnhance, ImageStat
+from PIL import Image, ImageEnhance
 from torchvision import transforms as classic
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2 as T

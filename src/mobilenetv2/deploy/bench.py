@@ -58,21 +58,6 @@ def _onnx_runner(path: Path, threads: int):
     return lambda images: session.run(["logits"], {"input": images.numpy()})
 
 
-def _int8_from_photos(model: MobileNetV2, fp32: Path, out: Path) -> None:
-    from onnxruntime import quantization as ort_quant
-
-    from mobilenetv2.deploy.export import check_images
-
-    batches = iter([{"input": check_images(model, 8).numpy()}])
-
-    class Photos(ort_quant.CalibrationDataReader):
-        def get_next(self):
-            return next(batches, None)
-
-    ort_quant.quantize_static(str(fp32), str(out), Photos(), quant_format=ort_quant.QuantFormat.QDQ, per_channel=True,
-                              activation_type=ort_quant.QuantType.QUInt8, weight_type=ort_quant.QuantType.QInt8)
-
-
 def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int, int8: Path | None) -> dict:
     """runtime name -> callable(images) for each runtime asked for."""
     from mobilenetv2.deploy.export import export_onnx
@@ -92,9 +77,12 @@ def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int,
         if "onnx" in runtimes:
             found["onnx"] = _onnx_runner(fp32, threads)
         if "onnx-int8" in runtimes:
-            if int8 is None:
+            if int8 is None:  # speed does not depend on the calibration: real photos will do
+                from mobilenetv2.deploy.export import check_images
+                from mobilenetv2.deploy.quantize import write_int8
+
                 int8 = folder / "int8.onnx"
-                _int8_from_photos(model, fp32, int8)
+                write_int8(fp32, int8, [check_images(model, 8).numpy()])
             found["onnx-int8"] = _onnx_runner(int8, threads)
     if "executorch" in runtimes:
         from mobilenetv2.deploy.mobile import executorch_runner, export_executorch

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +69,6 @@ def calibration_from(model: MobileNetV2, data: str | os.PathLike | None, images:
 def quantize(model: MobileNetV2, data: str | os.PathLike, output: str | os.PathLike, *, calibration_images: int = 512,
              batch_size: int = 100, workers: int = 2) -> QuantizeReport:
     """Write `model` as a checked int8 ONNX file at `output`; `data` holds train/ (calibration) and val/."""
-    from onnxruntime import quantization as ort_quant
-
     from mobilenetv2 import runtime as runtime_module
     from mobilenetv2.deploy.export import export_onnx
     from mobilenetv2.deploy.predict import evaluate_checkpoint
@@ -81,31 +80,14 @@ def quantize(model: MobileNetV2, data: str | os.PathLike, output: str | os.PathL
         raise DataError(f"{data} has no val/ folder to measure the int8 model on")
     output = Path(output)
     model = model.eval()
-
-    class Reader(ort_quant.CalibrationDataReader):
-        def __init__(self):
-            self.batches = calibration_batches(model, splits.train, calibration_images)
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {"input": batch}
-
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise write_error(output, exc) from None
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".quantize.") as tmp:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        export_onnx(model, fp32, batch_size=1, dynamic_batch=True)
-        _add_metadata(fp32, model.metadata())
-        logging.disable(logging.WARNING)  # onnxruntime's advice to pre-process (the exporter already folded BN)
-        try:
-            ort_quant.quantize_static(str(fp32), str(int8), Reader(), quant_format=ort_quant.QuantFormat.QDQ,
-                                      per_channel=True, activation_type=ort_quant.QuantType.QUInt8,
-                                      weight_type=ort_quant.QuantType.QInt8,
-                                      calibrate_method=ort_quant.CalibrationMethod.MinMax)
-        finally:
-            logging.disable(logging.NOTSET)
+        export_onnx(model, fp32, batch_size=1, dynamic_batch=True)  # carries the model's metadata
+        write_int8(fp32, int8, calibration_batches(model, splits.train, calibration_images))
         with runtime_module.session("cpu", "off") as state:
             results = [evaluate_checkpoint(path, splits.val, state, batch_size=batch_size, workers=workers)[0]
                        for path in (fp32, int8)]
@@ -119,6 +101,28 @@ def quantize(model: MobileNetV2, data: str | os.PathLike, output: str | os.PathL
         except OSError as exc:
             raise write_error(output, exc) from None
     return report
+
+
+def write_int8(fp32: Path, output: Path, batches: Iterable[np.ndarray]) -> None:
+    """The shipped int8 recipe on an fp32 ONNX file: static QDQ, per-channel int8 weights, uint8 activations,
+    MinMax ranges from `batches` (preprocessed images, N x 3 x H x W)."""
+    from onnxruntime import quantization as ort_quant
+
+    batches = iter(batches)
+
+    class Reader(ort_quant.CalibrationDataReader):
+        def get_next(self):
+            batch = next(batches, None)
+            return None if batch is None else {"input": batch}
+
+    logging.disable(logging.WARNING)  # onnxruntime's advice to pre-process (the exporter already folded BN)
+    try:
+        ort_quant.quantize_static(str(fp32), str(output), Reader(), quant_format=ort_quant.QuantFormat.QDQ,
+                                  per_channel=True, activation_type=ort_quant.QuantType.QUInt8,
+                                  weight_type=ort_quant.QuantType.QInt8,
+                                  calibrate_method=ort_quant.CalibrationMethod.MinMax)
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _add_metadata(path: Path, record: dict) -> None:

@@ -91,7 +91,7 @@ class _Run:
     skipped_steps: int = 0  # fp16 overflows
     pending: list = field(default_factory=list)  # step records whose loss is still on the device
     interval_start: float = 0.0
-    first_bad: torch.Tensor | None = None  # (global step, loss) of the first non-finite loss, kept on the device
+    first_bad: torch.Tensor | None = None  # (global step, loss) of the first non-finite loss, on the device; -1: none
     unchecked: bool = False  # steps ran since first_bad was last read
 
     @property
@@ -199,7 +199,8 @@ def _start(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Pa
         ema = AveragedModel(task.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
     return _Run(task, config, monitor, output / "checkpoints" if output else None,
                 make_optimizer(task.model, config, task.runtime.device), task.runtime.grad_scaler(), ema,
-                schedule_for(config, task.steps_per_epoch), SeedLabelSmoothingLoss(config.label_smoothing))
+                schedule_for(config, task.steps_per_epoch), SeedLabelSmoothingLoss(config.label_smoothing),
+                first_bad=torch.tensor([-1.0, 0.0], dtype=torch.float64, device=task.runtime.device))
 
 
 def _step_limit_reached(config: TrainConfig, state: LoopState) -> bool:
@@ -234,23 +235,19 @@ def _step(run: _Run, state: LoopState, epoch: _Epoch, step: int, inputs, labels,
 
 
 def _note_finite(run: _Run, global_step: int, loss: torch.Tensor) -> None:
-    """Remember the first non-finite loss on the device (no sync)."""
-    if run.first_bad is None:
-        run.first_bad = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=loss.device)
+    """Remember the first non-finite loss on the device (no sync, no host-to-device copy)."""
     run.unchecked = True
     bad = ~torch.isfinite(loss) & (run.first_bad[0] < 0)
-    here = torch.stack([torch.tensor(float(global_step), dtype=torch.float64, device=loss.device), loss.double()])
-    run.first_bad = torch.where(bad, here, run.first_bad)
+    step = torch.full((), float(global_step), dtype=torch.float64, device=loss.device)  # a fill, not a copy
+    run.first_bad = torch.where(bad, torch.stack([step, loss.double()]), run.first_bad)
 
 
 def _flush(run: _Run, epoch: _Epoch, step: int) -> None:
     """Read the interval's losses back in one transfer, record every step, print the seed's line for this one."""
     task, config = run.task, run.config
     losses = [loss.double() for _record, loss, _count in run.pending]
-    finite_check = run.first_bad if run.first_bad is not None else torch.tensor([-1.0, 0.0], dtype=torch.float64,
-                                                                                   device=epoch.losses.device)
     *values, epoch_total, bad_step, bad_loss = torch.cat([torch.stack([*losses, epoch.losses]),
-                                                          finite_check]).tolist()  # the one sync
+                                                          run.first_bad]).tolist()  # the one sync
     now = time.perf_counter()
     seconds, images = now - run.interval_start, sum(count for _record, _loss, count in run.pending)
     rate = images * task.runtime.world_size / max(seconds, 1e-9)
