@@ -7,6 +7,7 @@ import torch
 
 from conftest import MS_INPUT, assert_parity, one_line_exit_2
 from mobilenetv2.cli import main
+from mobilenetv2.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,35 @@ def test_int8_keeps_top1_within_two_points_and_says_so_in_its_metadata(int8_five
     assert f"'acc': {record['int8_top1']}" in capsys.readouterr().out
     assert main(["predict", "--checkpoint", str(int8_five), str(next((five_data / "val" / "Bag").iterdir()))]) == 0
     assert "Bag" in capsys.readouterr().out
+
+
+def _fp32_convolutions(path) -> list[bool]:
+    """For each Conv node of an ONNX file in graph order: does it take fp32 weights (no DequantizeLinear)?"""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    return [node.input[1] not in dequantized for node in graph.node if node.op_type == "Conv"]
+
+
+def test_the_stem_and_first_block_stay_fp32_unless_asked(int8_five, five_48, tmp_path):
+    """The seed's stem (one conv) and first block (t=1: depthwise and project) stay fp32 by default; every later
+    convolution is int8. --keep-fp32 none quantizes them all."""
+    from mobilenetv2.checkpoint import load_model
+    from mobilenetv2.deploy.export import check_images, export_onnx
+    from mobilenetv2.deploy.quantize import fp32_modules, leading_convolutions, quantization_record, write_int8
+
+    kept = _fp32_convolutions(int8_five)
+    assert kept[:3] == [True] * 3 and not any(kept[3:]) and len(kept) == 52, kept
+    assert quantization_record(int8_five)["fp32_layers"] == ["backbone.0", "backbone.1"]
+    model = load_model(five_48).eval()
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "all.int8.onnx"
+    export_onnx(model, fp32, batch_size=1, dynamic_batch=True)
+    write_int8(fp32, int8, [check_images(model, 2).numpy()],
+               fp32_convolutions=leading_convolutions(model, fp32_modules(model, "none")))
+    assert not any(_fp32_convolutions(int8))
+    with pytest.raises(UserError, match="keep_fp32"):
+        fp32_modules(model, "head")
 
 
 def test_compare_counts_the_predictions_that_flip(int8_five, five_48, five_data, capsys):
@@ -144,3 +174,31 @@ def test_bench_prints_a_row_per_runtime_and_batch(pretrained_five, capsys):
     assert all(row["images_per_s"] > 0 and row["p90_ms"] >= row["p50_ms"] > 0 for row in rows)
     err = one_line_exit_2(capsys, ["bench", "--checkpoint", str(pretrained_five), "--formats", "tflite"])
     assert "unknown --formats tflite" in err
+
+
+def test_bench_interleaves_the_runtimes_so_a_slow_spell_falls_on_all(monkeypatch):
+    """A machine that slows down part-way through must not favour the runtime measured first: each runtime is timed
+    in ROUNDS rounds taken in turn, and its throughput is its images over the time its calls took."""
+    from mobilenetv2.deploy import bench as bench_module
+    from mobilenetv2.model import MobileNetV2
+
+    order, clock = [], [0.0]
+
+    def fake(name, cost):
+        def run(images):
+            order.append(name)
+            clock[0] += cost * (3 if len(order) > 40 else 1)  # the machine slows down after 40 calls
+
+        return run
+
+    monkeypatch.setattr(bench_module.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(bench_module, "runners",
+                        lambda model, runtimes, folder, threads, int8: {"onnx": fake("onnx", 0.002),
+                                                                        "onnx-int8": fake("onnx-int8", 0.001)})
+    rows = bench_module.bench(MobileNetV2(num_classes=3, width_mult=0.25), ["onnx", "onnx-int8"], [2], seconds=0.1)
+    timed = order[6:]  # after three warm-up calls each
+    segments = [name for i, name in enumerate(timed) if i == 0 or timed[i - 1] != name]
+    assert segments == ["onnx", "onnx-int8"] * bench_module.ROUNDS
+    rate = {row.runtime: row.images_per_s for row in rows}
+    # the true ratio despite the slow spell (timed one runtime after the other, it would read 0.67)
+    assert rate["onnx-int8"] / rate["onnx"] == pytest.approx(2.0, rel=0.1)

@@ -1,7 +1,7 @@
 """`mobilenetv2 bench`: latency and throughput of one model in every runtime we ship to, on this machine, in one run.
 
 Each runtime is built from the same checkpoint (fp32 eager PyTorch in channels-last, fp32 ONNX Runtime, int8 ONNX
-Runtime, ExecuTorch with XNNPACK) and measured in turn, every runtime with the same thread count. The int8 file is
+Runtime, ExecuTorch with XNNPACK) and measured in interleaved rounds, every runtime with the same thread count. The int8 file is
 the one given, or one quantized here with real photos as calibration (speed does not depend on calibration; for
 accuracy use `mobilenetv2 quantize`, which measures it).
 """
@@ -23,6 +23,9 @@ from mobilenetv2.errors import UserError
 from mobilenetv2.model import MobileNetV2
 
 RUNTIMES = ("torch", "onnx", "onnx-int8", "executorch")
+# every runtime is timed in this many interleaved rounds, so that a slow spell of a shared machine falls on all of
+# them alike rather than on whichever runtime it happened to meet
+ROUNDS = 5
 
 
 @dataclass
@@ -35,18 +38,20 @@ class BenchRow:
     images_per_s: float
 
 
-def measure(run: Callable[[], object], batch_size: int, seconds: float) -> tuple[float, float, float]:
-    """p50 and p90 latency (ms) of `run` and images/s at the median, after warm-up calls."""
-    for _ in range(3):
-        run()
+def timed(run: Callable[[], object], seconds: float, at_least: int = 1) -> list[float]:
+    """Latencies (s) of calls to `run` for about `seconds`, and at least `at_least` calls."""
     latencies, start = [], time.perf_counter()
-    while time.perf_counter() - start < seconds or len(latencies) < 5:
+    while time.perf_counter() - start < seconds or len(latencies) < at_least:
         begin = time.perf_counter()
         run()
         latencies.append(time.perf_counter() - begin)
+    return latencies
+
+
+def summary(latencies: list[float], batch_size: int) -> tuple[float, float, float]:
+    """p50 and p90 latency (ms), and images/s over all the calls (images over the time they took)."""
     p50 = statistics.median(latencies)
-    p90 = float(np.percentile(latencies, 90))
-    return 1000 * p50, 1000 * p90, batch_size / p50
+    return 1000 * p50, 1000 * float(np.percentile(latencies, 90)), batch_size * len(latencies) / sum(latencies)
 
 
 def _onnx_runner(path: Path, threads: int):
@@ -79,10 +84,11 @@ def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int,
         if "onnx-int8" in runtimes:
             if int8 is None:  # speed does not depend on the calibration: real photos will do
                 from mobilenetv2.deploy.export import check_images
-                from mobilenetv2.deploy.quantize import write_int8
+                from mobilenetv2.deploy.quantize import fp32_modules, leading_convolutions, write_int8
 
                 int8 = folder / "int8.onnx"
-                write_int8(fp32, int8, [check_images(model, 8).numpy()])
+                write_int8(fp32, int8, [check_images(model, 8).numpy()],
+                           fp32_convolutions=leading_convolutions(model, fp32_modules(model, "stem")))
             found["onnx-int8"] = _onnx_runner(int8, threads)
     if "executorch" in runtimes:
         from mobilenetv2.deploy.mobile import executorch_runner, export_executorch
@@ -108,11 +114,16 @@ def bench(model: MobileNetV2, runtimes: list[str], batch_sizes: list[int], *, se
         found = runners(model, runtimes, Path(tmp), threads, int8)
         for batch in batch_sizes:
             images = torch.randn(batch, 3, size, size)
-            for name in runtimes:  # in turn, same input, same threads
-                if name == "executorch" and batch != 1:
-                    continue  # the .pte is exported for batch 1 (what a phone runs)
-                p50, p90, rate = measure(lambda: found[name](images), batch, seconds)
-                rows.append(BenchRow(name, batch, threads, p50, p90, rate))
+            # the .pte is exported for batch 1 (what a phone runs)
+            calls = {name: (lambda run=found[name], images=images: run(images)) for name in runtimes
+                     if name != "executorch" or batch == 1}
+            latencies: dict[str, list[float]] = {name: [] for name in calls}
+            for call in calls.values():
+                timed(call, 0, at_least=3)  # warm-up
+            for _ in range(ROUNDS):  # in turn, same input, same threads
+                for name, call in calls.items():
+                    latencies[name] += timed(call, seconds / ROUNDS)
+            rows += [BenchRow(name, batch, threads, *summary(latencies[name], batch)) for name in calls]
     return rows
 
 

@@ -2,7 +2,10 @@
 
 The network goes out as fp32 ONNX through torch's current exporter (BatchNorm folded into the convolutions), is
 calibrated on N training images with the eval transforms, and quantized to QDQ form: per-channel int8 weights,
-uint8 activations. Both files are then evaluated on the val folder; the top-1 of each and the drop are printed and
+uint8 activations. By default the stem convolution and the first inverted residual block stay in fp32 (`KEEP_FP32`):
+they run at half the input resolution with 3-16 channels, where ONNX Runtime's int8 kernels are slower than its fp32
+ones (the 3-channel stem through im2col, the 16-channel depthwise convolution through per-pixel indirection), so
+quantizing them costs speed and, being the first layers, accuracy. Both files are then evaluated on the val folder; the top-1 of each and the drop are printed and
 written into the int8 file's metadata (`quantization`), so `eval` and `predict` read it like any exported model.
 """
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from mobilenetv2.data.folders import find_splits, image_folder
 from mobilenetv2.data.transforms import eval_transform
@@ -24,6 +28,9 @@ from mobilenetv2.errors import DataError, UserError
 from mobilenetv2.files import write_error
 from mobilenetv2.metadata import FORMAT_NAME
 from mobilenetv2.model import MobileNetV2
+
+# what `keep_fp32` may name: the backbone's leading layers left in fp32
+KEEP_FP32 = {"stem": 2, "none": 0}
 
 
 @dataclass
@@ -67,14 +74,16 @@ def calibration_from(model: MobileNetV2, data: str | os.PathLike | None, images:
 
 
 def quantize(model: MobileNetV2, data: str | os.PathLike, output: str | os.PathLike, *, calibration_images: int = 512,
-             batch_size: int = 100, workers: int = 2) -> QuantizeReport:
-    """Write `model` as a checked int8 ONNX file at `output`; `data` holds train/ (calibration) and val/."""
+             batch_size: int = 100, workers: int = 2, keep_fp32: str = "stem") -> QuantizeReport:
+    """Write `model` as a checked int8 ONNX file at `output`; `data` holds train/ (calibration) and val/.
+    `keep_fp32` ("stem" or "none") names the leading layers left in fp32."""
     from mobilenetv2 import runtime as runtime_module
     from mobilenetv2.deploy.export import export_onnx
     from mobilenetv2.deploy.predict import evaluate_checkpoint
 
     if calibration_images < 1:
         raise UserError("`calibration_images` must be >= 1")
+    fp32_layers = fp32_modules(model, keep_fp32)
     splits = find_splits(data)
     if splits.val is None:
         raise DataError(f"{data} has no val/ folder to measure the int8 model on")
@@ -87,14 +96,15 @@ def quantize(model: MobileNetV2, data: str | os.PathLike, output: str | os.PathL
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".quantize.") as tmp:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         export_onnx(model, fp32, batch_size=1, dynamic_batch=True)  # carries the model's metadata
-        write_int8(fp32, int8, calibration_batches(model, splits.train, calibration_images))
+        write_int8(fp32, int8, calibration_batches(model, splits.train, calibration_images),
+                   fp32_convolutions=leading_convolutions(model, fp32_layers))
         with runtime_module.session("cpu", "off") as state:
             results = [evaluate_checkpoint(path, splits.val, state, batch_size=batch_size, workers=workers)[0]
                        for path in (fp32, int8)]
         report = QuantizeReport(results[0].top1, results[1].top1, results[1].count, calibration_images)
         _add_metadata(int8, {**model.metadata(), "quantization": {
             "scheme": "onnxruntime static QDQ: int8 per-channel weights, uint8 activations, MinMax calibration",
-            "calibration_images": calibration_images, "fp32_top1": report.fp32_top1,
+            "fp32_layers": fp32_layers, "calibration_images": calibration_images, "fp32_top1": report.fp32_top1,
             "int8_top1": report.int8_top1, "evaluated_images": report.evaluated}})
         try:
             os.replace(int8, output)
@@ -103,10 +113,28 @@ def quantize(model: MobileNetV2, data: str | os.PathLike, output: str | os.PathL
     return report
 
 
-def write_int8(fp32: Path, output: Path, batches: Iterable[np.ndarray]) -> None:
+def fp32_modules(model: MobileNetV2, keep_fp32: str) -> list[str]:
+    """The names of the backbone's leading modules that `keep_fp32` leaves in fp32."""
+    if keep_fp32 not in KEEP_FP32:
+        raise UserError(f"`keep_fp32` must be one of {', '.join(KEEP_FP32)}, got {keep_fp32!r}")
+    return [f"backbone.{index}" for index in range(min(KEEP_FP32[keep_fp32], len(model.backbone)))]
+
+
+def leading_convolutions(model: MobileNetV2, modules: list[str]) -> int:
+    """How many of the network's convolutions, in forward order, belong to `modules` (a leading run of layers)."""
+    named = dict(model.named_modules())
+    return sum(isinstance(layer, torch.nn.Conv2d) for name in modules for layer in named[name].modules())
+
+
+def write_int8(fp32: Path, output: Path, batches: Iterable[np.ndarray], *, fp32_convolutions: int = 0) -> None:
     """The shipped int8 recipe on an fp32 ONNX file: static QDQ, per-channel int8 weights, uint8 activations,
-    MinMax ranges from `batches` (preprocessed images, N x 3 x H x W)."""
+    MinMax ranges from `batches` (preprocessed images, N x 3 x H x W). The first `fp32_convolutions` Conv nodes
+    (the exporter writes them in forward order, BatchNorm folded in) stay in fp32."""
+    import onnx
     from onnxruntime import quantization as ort_quant
+
+    convolutions = [node.name for node in onnx.load(str(fp32), load_external_data=False).graph.node
+                    if node.op_type == "Conv"]
 
     batches = iter(batches)
 
@@ -120,7 +148,8 @@ def write_int8(fp32: Path, output: Path, batches: Iterable[np.ndarray]) -> None:
         ort_quant.quantize_static(str(fp32), str(output), Reader(), quant_format=ort_quant.QuantFormat.QDQ,
                                   per_channel=True, activation_type=ort_quant.QuantType.QUInt8,
                                   weight_type=ort_quant.QuantType.QInt8,
-                                  calibrate_method=ort_quant.CalibrationMethod.MinMax)
+                                  calibrate_method=ort_quant.CalibrationMethod.MinMax,
+                                  nodes_to_exclude=convolutions[:fp32_convolutions])
     finally:
         logging.disable(logging.NOTSET)
 
