@@ -14,6 +14,12 @@ import torch.nn.functional as F
 from mobilenetv2.runtime import Runtime
 
 
+def ranked(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of each row's `k` highest scores, highest first; equal scores (common in an int8 model's
+    quantized logits) in index order, so every command names the same top-1 for the same logits."""
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+
+
 @dataclass
 class EvalResult:
     count: int
@@ -48,7 +54,7 @@ def evaluate(model_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable
         labels = labels.to(runtime.device)
         with runtime.autocast():
             logits = model_fn(runtime.to_input(inputs)).float()
-        top = logits.topk(min(5, num_classes), dim=1).indices
+        top = ranked(logits, 5)
         sums[0] += (top[:, 0] == labels).sum()
         sums[1] += (top == labels[:, None]).any(dim=1).sum()
         sums[2] += F.cross_entropy(logits, labels, reduction="sum")

@@ -172,3 +172,27 @@ def test_predict_with_a_freshly_built_model(photos, tmp_path):
     assert [len(r["predictions"]) for r in results] == [2, 2]
     assert results[0]["predictions"] == results[1]["predictions"]
     assert {p["class"] for p in results[0]["predictions"]} <= set("abcd")
+
+
+def test_tied_scores_give_the_same_top1_in_eval_predict_and_compare(five_data, tmp_path):
+    """An int8 model's quantized logits tie often. eval, predict and eval --compare must name the same top-1 for the
+    same logits (the lowest tied index, as argmax does); topk breaks ties its own way (index 2 first here)."""
+    from mobilenetv2.deploy.predict import compare_models, predict
+    from mobilenetv2.evaluation import evaluate
+    from mobilenetv2.runtime import setup
+
+    tied = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]] * 4)
+    labels = torch.tensor([1, 1, 2, 4])
+    result = evaluate(lambda inputs: tied[: len(inputs)], [(torch.zeros(4, 1), labels, 0)], setup("cpu", "off"), 5)
+    assert result.top1 == 0.5 and result.top5 == 1.0
+    assert result.confusion[:, 1].sum() == 4  # every image predicted as class 1
+
+    model = MobileNetV2(num_classes=5, width_mult=0.25, class_names=FIVE_CLASSES).eval()
+    torch.nn.init.zeros_(model.head.classifier.weight)  # every class scores 0: a five-way tie
+    torch.nn.init.zeros_(model.head.classifier.bias)
+    image = next((five_data / "val" / FIVE_CLASSES[3]).iterdir())
+    [answer] = predict(model, [image], topk=5)
+    assert [row["index"] for row in answer["predictions"]] == [0, 1, 2, 3, 4]
+    save_model(model, tmp_path / "tied.pt")
+    agreement = compare_models(tmp_path / "tied.pt", tmp_path / "tied.pt", five_data / "val", workers=0)
+    assert agreement.a_correct == 20  # class 0 named for all 100 images: its 20 are right

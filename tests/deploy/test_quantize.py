@@ -172,6 +172,11 @@ def test_bench_prints_a_row_per_runtime_and_batch(pretrained_five, capsys):
     expected = [(name, 1) for name in formats] + [(name, 4) for name in formats if name != "executorch"]
     assert [(row["runtime"], row["batch_size"]) for row in rows] == expected
     assert all(row["images_per_s"] > 0 and row["p90_ms"] >= row["p50_ms"] > 0 for row in rows)
+    assert {row["threads"] for row in rows} == {torch.get_num_threads()}
+    if "executorch" in formats:  # ExecuTorch's pool (all cores by default) was given the same threads
+        from mobilenetv2.deploy.mobile import executorch_threads
+
+        assert executorch_threads() == torch.get_num_threads()
     err = one_line_exit_2(capsys, ["bench", "--checkpoint", str(pretrained_five), "--formats", "tflite"])
     assert "unknown --formats tflite" in err
 

@@ -91,10 +91,12 @@ def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int,
                            fp32_convolutions=leading_convolutions(model, fp32_modules(model, "stem")))
             found["onnx-int8"] = _onnx_runner(int8, threads)
     if "executorch" in runtimes:
-        from mobilenetv2.deploy.mobile import executorch_runner, export_executorch
+        from mobilenetv2.deploy.mobile import executorch_runner, executorch_threads, export_executorch
 
         pte = folder / "model.pte"
         export_executorch(model, pte)
+        if executorch_threads(threads) != threads:
+            raise UserError(f"ExecuTorch could not be given {threads} threads")
         found["executorch"] = executorch_runner(pte)
     return found
 

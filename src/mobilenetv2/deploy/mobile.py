@@ -61,6 +61,17 @@ def _quantized(graph: torch.nn.Module, calibration: Iterable | None) -> torch.nn
     return convert_pt2e(prepared)
 
 
+def executorch_threads(threads: int | None = None) -> int:
+    """The threads ExecuTorch's XNNPACK kernels use (all cores unless set), after setting them to `threads`."""
+    _require_executorch()
+    from executorch.extension.pybindings import portable_lib
+
+    if threads is not None and threads != portable_lib._threadpool_get_thread_count():
+        with contextlib.redirect_stderr(io.StringIO()):
+            portable_lib._unsafe_reset_threadpool(threads)
+    return portable_lib._threadpool_get_thread_count()
+
+
 def executorch_runner(path: str | os.PathLike):
     """A callable(images) -> logits running the `.pte` with ExecuTorch's runtime, one image at a time."""
     _require_executorch()

@@ -20,7 +20,7 @@ from mobilenetv2.data.folders import (DECODE_ERRORS, class_folders, decode_rgb, 
                                       image_folder, pad_class_names)
 from mobilenetv2.data.transforms import eval_transform
 from mobilenetv2.errors import CheckpointError, DataError, UserError, first_line
-from mobilenetv2.evaluation import EvalResult, evaluate
+from mobilenetv2.evaluation import EvalResult, evaluate, ranked
 from mobilenetv2.metadata import FORMAT_NAME, parse
 from mobilenetv2.model import MobileNetV2
 
@@ -149,7 +149,8 @@ def predict(classifier: Classifier | MobileNetV2, images: list[str | os.PathLike
     if not answered:
         return results
     probabilities = torch.softmax(classifier.forward(torch.stack(inputs)).float(), dim=1)
-    values, indices = probabilities.topk(min(topk, classifier.num_classes), dim=1)
+    indices = ranked(probabilities, topk)
+    values = probabilities.gather(1, indices)
     names = classifier.class_names or [str(i) for i in range(classifier.num_classes)]
     for result, row_values, row_indices in zip(answered, values.tolist(), indices.tolist()):
         result["predictions"] = [{"class": names[i], "index": int(i), "probability": float(p)}
@@ -229,7 +230,7 @@ def compare_models(a: str | os.PathLike, b: str | os.PathLike, folder: str | os.
     for images, labels, _skipped in eval_loader(dataset, batch_size, workers):
         if not len(labels):
             continue
-        top_a, top_b = first.forward(images).argmax(1).cpu(), second.forward(images).argmax(1).cpu()
+        top_a, top_b = (ranked(model.forward(images), 1)[:, 0].cpu() for model in (first, second))
         right_a, right_b = top_a == labels, top_b == labels
         counts += [len(labels), int((top_a == top_b).sum()), int(right_a.sum()), int(right_b.sum()),
                    int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())]
