@@ -58,24 +58,37 @@ def _fp32_convolutions(path) -> list[bool]:
     return [node.input[1] not in dequantized for node in graph.node if node.op_type == "Conv"]
 
 
-def test_the_stem_and_first_block_stay_fp32_unless_asked(int8_five, five_48, tmp_path):
-    """The seed's stem (one conv) and first block (t=1: depthwise and project) stay fp32 by default; every later
-    convolution is int8. --keep-fp32 none quantizes them all."""
+def test_auto_keeps_the_layout_it_timed_faster_and_records_the_timings(int8_five):
+    """quantize's default writes both layouts, times them here at batch 32 and keeps the faster: the file's fp32
+    convolutions, its metadata and its timings must all name the same layout."""
+    from mobilenetv2.deploy.quantize import quantization_record
+
+    record = quantization_record(int8_five)
+    rates = record["images_per_s_at_batch_32"]
+    assert set(rates) == {"stem", "none"} and min(rates.values()) > 0
+    faster = max(rates, key=rates.get)
+    assert record["fp32_layers"] == {"stem": ["backbone.0", "backbone.1"], "none": []}[faster]
+    fp32_count = 3 if faster == "stem" else 0
+    assert _fp32_convolutions(int8_five) == [True] * fp32_count + [False] * (52 - fp32_count)
+
+
+def test_the_stem_layout_keeps_the_stem_and_first_block_fp32_and_none_keeps_nothing(five_48, tmp_path):
+    """The seed's stem (one convolution) and first block (t=1: depthwise and project) stay fp32 with `stem`; every
+    other convolution is int8. `none` quantizes them all."""
     from mobilenetv2.checkpoint import load_model
     from mobilenetv2.deploy.export import check_images, export_onnx
-    from mobilenetv2.deploy.quantize import fp32_modules, leading_convolutions, quantization_record, write_int8
+    from mobilenetv2.deploy.quantize import write_faster_int8
 
-    kept = _fp32_convolutions(int8_five)
-    assert kept[:3] == [True] * 3 and not any(kept[3:]) and len(kept) == 52, kept
-    assert quantization_record(int8_five)["fp32_layers"] == ["backbone.0", "backbone.1"]
     model = load_model(five_48).eval()
-    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "all.int8.onnx"
+    fp32 = tmp_path / "fp32.onnx"
     export_onnx(model, fp32, batch_size=1, dynamic_batch=True)
-    write_int8(fp32, int8, [check_images(model, 2).numpy()],
-               fp32_convolutions=leading_convolutions(model, fp32_modules(model, "none")))
-    assert not any(_fp32_convolutions(int8))
+    for layout, expected in (("stem", [True] * 3 + [False] * 49), ("none", [False] * 52)):
+        int8 = tmp_path / f"{layout}.int8.onnx"
+        assert write_faster_int8(model, fp32, int8, lambda: [check_images(model, 2).numpy()], layout) == (layout, None)
+        assert _fp32_convolutions(int8) == expected, layout
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fp32.onnx", "none.int8.onnx", "stem.int8.onnx"]
     with pytest.raises(UserError, match="keep_fp32"):
-        fp32_modules(model, "head")
+        write_faster_int8(model, fp32, tmp_path / "x.onnx", lambda: [], "head")
 
 
 def test_compare_counts_the_predictions_that_flip(int8_five, five_48, five_data, capsys):

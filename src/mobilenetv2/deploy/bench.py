@@ -48,13 +48,25 @@ def timed(run: Callable[[], object], seconds: float, at_least: int = 1) -> list[
     return latencies
 
 
+def interleaved(calls: dict[str, Callable[[], object]], seconds: float) -> dict[str, list[float]]:
+    """Latencies of each call, after three warm-up calls each, timed for `seconds` in all over ROUNDS rounds taken
+    in turn."""
+    for call in calls.values():
+        timed(call, 0, at_least=3)
+    latencies: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(ROUNDS):
+        for name, call in calls.items():
+            latencies[name] += timed(call, seconds / ROUNDS)
+    return latencies
+
+
 def summary(latencies: list[float], batch_size: int) -> tuple[float, float, float]:
     """p50 and p90 latency (ms), and images/s over all the calls (images over the time they took)."""
     p50 = statistics.median(latencies)
     return 1000 * p50, 1000 * float(np.percentile(latencies, 90)), batch_size * len(latencies) / sum(latencies)
 
 
-def _onnx_runner(path: Path, threads: int):
+def onnx_runner(path: Path, threads: int):
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -80,16 +92,15 @@ def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int,
         fp32 = folder / "fp32.onnx"
         export_onnx(model, fp32, batch_size=1, dynamic_batch=True)
         if "onnx" in runtimes:
-            found["onnx"] = _onnx_runner(fp32, threads)
+            found["onnx"] = onnx_runner(fp32, threads)
         if "onnx-int8" in runtimes:
             if int8 is None:  # speed does not depend on the calibration: real photos will do
                 from mobilenetv2.deploy.export import check_images
-                from mobilenetv2.deploy.quantize import fp32_modules, leading_convolutions, write_int8
+                from mobilenetv2.deploy.quantize import write_faster_int8
 
                 int8 = folder / "int8.onnx"
-                write_int8(fp32, int8, [check_images(model, 8).numpy()],
-                           fp32_convolutions=leading_convolutions(model, fp32_modules(model, "stem")))
-            found["onnx-int8"] = _onnx_runner(int8, threads)
+                write_faster_int8(model, fp32, int8, lambda: [check_images(model, 8).numpy()])
+            found["onnx-int8"] = onnx_runner(int8, threads)
     if "executorch" in runtimes:
         from mobilenetv2.deploy.mobile import executorch_runner, executorch_threads, export_executorch
 
@@ -119,12 +130,7 @@ def bench(model: MobileNetV2, runtimes: list[str], batch_sizes: list[int], *, se
             # the .pte is exported for batch 1 (what a phone runs)
             calls = {name: (lambda run=found[name], images=images: run(images)) for name in runtimes
                      if name != "executorch" or batch == 1}
-            latencies: dict[str, list[float]] = {name: [] for name in calls}
-            for call in calls.values():
-                timed(call, 0, at_least=3)  # warm-up
-            for _ in range(ROUNDS):  # in turn, same input, same threads
-                for name, call in calls.items():
-                    latencies[name] += timed(call, seconds / ROUNDS)
+            latencies = interleaved(calls, seconds)  # in turn, same input, same threads
             rows += [BenchRow(name, batch, threads, *summary(latencies[name], batch)) for name in calls]
     return rows
 

@@ -2,10 +2,12 @@
 
 The network goes out as fp32 ONNX through torch's current exporter (BatchNorm folded into the convolutions), is
 calibrated on N training images with the eval transforms, and quantized to QDQ form: per-channel int8 weights,
-uint8 activations. By default the stem convolution and the first inverted residual block stay in fp32 (`KEEP_FP32`):
-they run at half the input resolution with 3-16 channels, where ONNX Runtime's int8 kernels are slower than its fp32
-ones (the 3-channel stem through im2col, the 16-channel depthwise convolution through per-pixel indirection), so
-quantizing them costs speed and, being the first layers, accuracy. Both files are then evaluated on the val folder; the top-1 of each and the drop are printed and
+uint8 activations. The stem convolution and the first inverted residual block may stay in fp32 (`KEEP_FP32`): they
+run at half the input resolution with 3-16 channels, where ONNX Runtime's int8 kernels can be slower than its fp32
+ones (the 3-channel stem through im2col, the 16-channel depthwise convolution through per-pixel indirection). Which
+layout is faster depends on the image size and the CPU (on a 2-core x86 VM, keeping them fp32 is 1.2x faster at
+48 px and 0.85x at 224 px), so by default (`auto`) both are written and timed here at batch 32, and the faster one is
+kept; the timings go into the metadata. Both files are then evaluated on the val folder; the top-1 of each and the drop are printed and
 written into the int8 file's metadata (`quantization`), so `eval` and `predict` read it like any exported model.
 """
 
@@ -15,7 +17,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +31,9 @@ from mobilenetv2.files import write_error
 from mobilenetv2.metadata import FORMAT_NAME
 from mobilenetv2.model import MobileNetV2
 
-# what `keep_fp32` may name: the backbone's leading layers left in fp32
+# what `keep_fp32` may name: the backbone's leading layers left in fp32 ("auto": the faster of these, timed)
 KEEP_FP32 = {"stem": 2, "none": 0}
+SPEED_BATCH = 32
 
 
 @dataclass
@@ -39,6 +42,8 @@ class QuantizeReport:
     int8_top1: float
     evaluated: int
     calibration_images: int
+    keep_fp32: str = "none"
+    images_per_s: dict[str, float] | None = None  # per layout, when `auto` timed them
 
     @property
     def drop_points(self) -> float:
@@ -74,16 +79,16 @@ def calibration_from(model: MobileNetV2, data: str | os.PathLike | None, images:
 
 
 def quantize(model: MobileNetV2, data: str | os.PathLike, output: str | os.PathLike, *, calibration_images: int = 512,
-             batch_size: int = 100, workers: int = 2, keep_fp32: str = "stem") -> QuantizeReport:
+             batch_size: int = 100, workers: int = 2, keep_fp32: str = "auto") -> QuantizeReport:
     """Write `model` as a checked int8 ONNX file at `output`; `data` holds train/ (calibration) and val/.
-    `keep_fp32` ("stem" or "none") names the leading layers left in fp32."""
+    `keep_fp32` ("stem", "none", or "auto": the faster of the two here) names the leading layers left in fp32."""
     from mobilenetv2 import runtime as runtime_module
     from mobilenetv2.deploy.export import export_onnx
     from mobilenetv2.deploy.predict import evaluate_checkpoint
 
     if calibration_images < 1:
         raise UserError("`calibration_images` must be >= 1")
-    fp32_layers = fp32_modules(model, keep_fp32)
+    layouts(model, keep_fp32)  # refuses an unknown name before any work
     splits = find_splits(data)
     if splits.val is None:
         raise DataError(f"{data} has no val/ folder to measure the int8 model on")
@@ -96,21 +101,56 @@ def quantize(model: MobileNetV2, data: str | os.PathLike, output: str | os.PathL
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".quantize.") as tmp:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         export_onnx(model, fp32, batch_size=1, dynamic_batch=True)  # carries the model's metadata
-        write_int8(fp32, int8, calibration_batches(model, splits.train, calibration_images),
-                   fp32_convolutions=leading_convolutions(model, fp32_layers))
+        chosen, rates = write_faster_int8(model, fp32, int8, lambda: calibration_batches(model, splits.train,
+                                                                                         calibration_images), keep_fp32)
         with runtime_module.session("cpu", "off") as state:
             results = [evaluate_checkpoint(path, splits.val, state, batch_size=batch_size, workers=workers)[0]
                        for path in (fp32, int8)]
-        report = QuantizeReport(results[0].top1, results[1].top1, results[1].count, calibration_images)
+        report = QuantizeReport(results[0].top1, results[1].top1, results[1].count, calibration_images, chosen, rates)
         _add_metadata(int8, {**model.metadata(), "quantization": {
             "scheme": "onnxruntime static QDQ: int8 per-channel weights, uint8 activations, MinMax calibration",
-            "fp32_layers": fp32_layers, "calibration_images": calibration_images, "fp32_top1": report.fp32_top1,
-            "int8_top1": report.int8_top1, "evaluated_images": report.evaluated}})
+            "fp32_layers": fp32_modules(model, chosen), "calibration_images": calibration_images,
+            "fp32_top1": report.fp32_top1, "int8_top1": report.int8_top1, "evaluated_images": report.evaluated,
+            **({"images_per_s_at_batch_32": rates} if rates else {})}})
         try:
             os.replace(int8, output)
         except OSError as exc:
             raise write_error(output, exc) from None
     return report
+
+
+def layouts(model: MobileNetV2, keep_fp32: str) -> list[str]:
+    """The `KEEP_FP32` layouts that `keep_fp32` asks for: itself, or all of them for "auto"."""
+    names = list(KEEP_FP32) if keep_fp32 == "auto" else [keep_fp32]
+    for name in names:
+        fp32_modules(model, name)
+    return names
+
+
+def write_faster_int8(model: MobileNetV2, fp32: Path, output: Path, batches: Callable[[], Iterable[np.ndarray]],
+                      keep_fp32: str = "auto") -> tuple[str, dict[str, float] | None]:
+    """`write_int8` of `fp32` to `output` with the layout `keep_fp32` names, or with "auto" each layout written
+    (calibrated on a fresh `batches()`) and timed here, keeping the faster. Returns the layout and the timings."""
+    candidates = {name: output.with_name(f"{output.name}.{name}") for name in layouts(model, keep_fp32)}
+    for name, path in candidates.items():
+        write_int8(fp32, path, batches(), fp32_convolutions=leading_convolutions(model, fp32_modules(model, name)))
+    rates = images_per_second(candidates, model.preprocess.image_size) if len(candidates) > 1 else None
+    chosen = max(rates, key=rates.get) if rates else next(iter(candidates))
+    os.replace(candidates.pop(chosen), output)
+    for path in candidates.values():
+        path.unlink()
+    return chosen, rates
+
+
+def images_per_second(files: dict[str, Path], image_size: int, seconds: float = 1.5) -> dict[str, float]:
+    """Throughput of each ONNX file at batch SPEED_BATCH with ONNX Runtime on this machine, in interleaved rounds."""
+    from mobilenetv2.deploy.bench import interleaved, onnx_runner
+
+    images = torch.randn(SPEED_BATCH, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    calls = {name: (lambda run=onnx_runner(path, threads): run(images)) for name, path in files.items()}
+    latencies = interleaved(calls, seconds)
+    return {name: round(SPEED_BATCH * len(times) / sum(times), 1) for name, times in latencies.items()}
 
 
 def fp32_modules(model: MobileNetV2, keep_fp32: str) -> list[str]:
