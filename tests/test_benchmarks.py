@@ -30,6 +30,8 @@ def test_train_throughput_reports_both_baselines_and_falling_losses():
      "vs the faster torch row, channels-last"),
     ("data_pipeline.py", ["--images", "20", "--size", "120x90", "--image-size", "64", "--seconds", "0.2",
                           "--rounds", "1"], "torchvision standard"),
+    ("int8_layers.py", ["--width", "0.25", "--image-size", "32", "--batch-size", "4", "--runs", "3", "--seconds",
+                        "0.1", "--rounds", "1"], "int8 stem fp32"),
     ("head_finetune.py", ["--epochs", "1", "--per-class", "10", "--image-size", "32", "--width", "0.25",
                           "--pretrain-epochs", "1", "--workers", "0"], "the seed's way (features once, in memory)"),
 ])
