@@ -197,7 +197,10 @@ def test_bench_prints_a_row_per_runtime_and_batch(pretrained_five, capsys):
 def test_bench_interleaves_the_runtimes_so_a_slow_spell_falls_on_all(monkeypatch):
     """A machine that slows down part-way through must not favour the runtime measured first: each runtime is timed
     in ROUNDS rounds taken in turn, and its throughput is its images over the time its calls took."""
+    import time
+
     from mobilenetv2.deploy import bench as bench_module
+    from mobilenetv2.deploy.timing import ROUNDS
     from mobilenetv2.model import MobileNetV2
 
     order, clock = [], [0.0]
@@ -209,14 +212,14 @@ def test_bench_interleaves_the_runtimes_so_a_slow_spell_falls_on_all(monkeypatch
 
         return run
 
-    monkeypatch.setattr(bench_module.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(bench_module, "runners",
                         lambda model, runtimes, folder, threads, int8: {"onnx": fake("onnx", 0.002),
                                                                         "onnx-int8": fake("onnx-int8", 0.001)})
     rows = bench_module.bench(MobileNetV2(num_classes=3, width_mult=0.25), ["onnx", "onnx-int8"], [2], seconds=0.1)
     timed = order[6:]  # after three warm-up calls each
     segments = [name for i, name in enumerate(timed) if i == 0 or timed[i - 1] != name]
-    assert segments == ["onnx", "onnx-int8"] * bench_module.ROUNDS
+    assert segments == ["onnx", "onnx-int8"] * ROUNDS
     rate = {row.runtime: row.images_per_s for row in rows}
     # the true ratio despite the slow spell (timed one runtime after the other, it would read 0.67)
     assert rate["onnx-int8"] / rate["onnx"] == pytest.approx(2.0, rel=0.1)

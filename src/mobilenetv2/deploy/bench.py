@@ -1,9 +1,9 @@
 """`mobilenetv2 bench`: latency and throughput of one model in every runtime we ship to, on this machine, in one run.
 
 Each runtime is built from the same checkpoint (fp32 eager PyTorch in channels-last, fp32 ONNX Runtime, int8 ONNX
-Runtime, ExecuTorch with XNNPACK) and measured in interleaved rounds, every runtime with the same thread count. The int8 file is
-the one given, or one quantized here with real photos as calibration (speed does not depend on calibration; for
-accuracy use `mobilenetv2 quantize`, which measures it).
+Runtime, ExecuTorch with XNNPACK) and measured in interleaved rounds, every runtime with the same thread count. The
+int8 file is the one given, or one quantized here with real photos as calibration (speed does not depend on
+calibration; for accuracy use `mobilenetv2 quantize`, which measures it).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,13 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mobilenetv2.deploy.timing import interleaved, onnx_runner
 from mobilenetv2.errors import UserError
 from mobilenetv2.model import MobileNetV2
 
 RUNTIMES = ("torch", "onnx", "onnx-int8", "executorch")
-# every runtime is timed in this many interleaved rounds, so that a slow spell of a shared machine falls on all of
-# them alike rather than on whichever runtime it happened to meet
-ROUNDS = 5
 
 
 @dataclass
@@ -38,41 +35,10 @@ class BenchRow:
     images_per_s: float
 
 
-def timed(run: Callable[[], object], seconds: float, at_least: int = 1) -> list[float]:
-    """Latencies (s) of calls to `run` for about `seconds`, and at least `at_least` calls."""
-    latencies, start = [], time.perf_counter()
-    while time.perf_counter() - start < seconds or len(latencies) < at_least:
-        begin = time.perf_counter()
-        run()
-        latencies.append(time.perf_counter() - begin)
-    return latencies
-
-
-def interleaved(calls: dict[str, Callable[[], object]], seconds: float) -> dict[str, list[float]]:
-    """Latencies of each call, after three warm-up calls each, timed for `seconds` in all over ROUNDS rounds taken
-    in turn."""
-    for call in calls.values():
-        timed(call, 0, at_least=3)
-    latencies: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(ROUNDS):
-        for name, call in calls.items():
-            latencies[name] += timed(call, seconds / ROUNDS)
-    return latencies
-
-
 def summary(latencies: list[float], batch_size: int) -> tuple[float, float, float]:
     """p50 and p90 latency (ms), and images/s over all the calls (images over the time they took)."""
     p50 = statistics.median(latencies)
     return 1000 * p50, 1000 * float(np.percentile(latencies, 90)), batch_size * len(latencies) / sum(latencies)
-
-
-def onnx_runner(path: Path, threads: int):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda images: session.run(["logits"], {"input": images.numpy()})
 
 
 def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int, int8: Path | None) -> dict:

@@ -144,7 +144,7 @@ def write_faster_int8(model: MobileNetV2, fp32: Path, output: Path, batches: Cal
 
 def images_per_second(files: dict[str, Path], image_size: int, seconds: float = 1.5) -> dict[str, float]:
     """Throughput of each ONNX file at batch SPEED_BATCH with ONNX Runtime on this machine, in interleaved rounds."""
-    from mobilenetv2.deploy.bench import interleaved, onnx_runner
+    from mobilenetv2.deploy.timing import interleaved, onnx_runner
 
     images = torch.randn(SPEED_BATCH, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     threads = torch.get_num_threads()
