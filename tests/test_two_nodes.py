@@ -17,8 +17,9 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "two_nodes.py"
 def can_make_namespaces() -> bool:
     if os.geteuid() != 0:
         return False
-    probe = subprocess.run(["ip", "netns", "add", "mnv2probe"], capture_output=True)
-    subprocess.run(["ip", "netns", "del", "mnv2probe"], capture_output=True)
+    name = f"mnv2probe{os.getpid()}"  # test processes probe at the same time
+    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True)
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
     return probe.returncode == 0
 
 
