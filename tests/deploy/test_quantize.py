@@ -7,6 +7,7 @@ import torch
 
 from conftest import MS_INPUT, assert_parity, one_line_exit_2
 from mobilenetv2.cli import main
+from mobilenetv2.deploy.timing import cpu_description
 from mobilenetv2.errors import UserError
 
 
@@ -185,6 +186,7 @@ def test_bench_prints_a_row_per_runtime_and_batch(pretrained_five, capsys):
     expected = [(name, 1) for name in formats] + [(name, 4) for name in formats if name != "executorch"]
     assert [(row["runtime"], row["batch_size"]) for row in rows] == expected
     assert all(row["images_per_s"] > 0 and row["p90_ms"] >= row["p50_ms"] > 0 for row in rows)
+    assert {row["cpu"] for row in rows} == {cpu_description()}
     assert {row["threads"] for row in rows} == {torch.get_num_threads()}
     if "executorch" in formats:  # ExecuTorch's pool (all cores by default) was given the same threads
         from mobilenetv2.deploy.mobile import executorch_threads
@@ -192,6 +194,24 @@ def test_bench_prints_a_row_per_runtime_and_batch(pretrained_five, capsys):
         assert executorch_threads() == torch.get_num_threads()
     err = one_line_exit_2(capsys, ["bench", "--checkpoint", str(pretrained_five), "--formats", "tflite"])
     assert "unknown --formats tflite" in err
+
+
+def test_bench_names_the_cpu_and_its_int8_instructions(pretrained_five, capsys):
+    """int8 is fast only where the CPU multiplies int8 in one instruction (VNNI, Arm dot product): a bench table
+    says which this CPU has, read from the first processor's entry of /proc/cpuinfo."""
+    zen4 = ("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n\n"
+            "processor\t: 1\nmodel name\t: other\nflags\t\t: amx_int8\n")
+    assert "AMD EPYC 9R14" in cpu_description(zen4)
+    assert cpu_description(zen4).endswith("int8 dot-product instructions: AVX-512 VNNI")
+    zen3 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 fma avx_vnni_not_this\n"
+    assert cpu_description(zen3).endswith("int8 dot-product instructions: none")
+    arm = "processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\n"
+    assert cpu_description(arm).endswith("Arm dot product, Arm I8MM")
+    assert cpu_description("").endswith("none (not listed by this OS)")
+    assert torch.backends.cpu.get_cpu_capability() in cpu_description("")
+    assert main(["bench", "--checkpoint", str(pretrained_five), "--formats", "onnx", "--batch-sizes", "1",
+                 "--seconds", "0.1"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"CPU: {cpu_description()}"
 
 
 def test_bench_interleaves_the_runtimes_so_a_slow_spell_falls_on_all(monkeypatch):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mobilenetv2.deploy.timing import interleaved, onnx_runner
+from mobilenetv2.deploy.timing import cpu_description, interleaved, onnx_runner
 from mobilenetv2.errors import UserError
 from mobilenetv2.model import MobileNetV2
 
@@ -33,6 +33,7 @@ class BenchRow:
     p50_ms: float
     p90_ms: float
     images_per_s: float
+    cpu: str  # timing.cpu_description(): int8 speed depends on the CPU's int8 instructions
 
 
 def summary(latencies: list[float], batch_size: int) -> tuple[float, float, float]:
@@ -88,7 +89,7 @@ def bench(model: MobileNetV2, runtimes: list[str], batch_sizes: list[int], *, se
     model = model.eval()
     threads = torch.get_num_threads()
     size = model.preprocess.image_size
-    rows = []
+    rows, cpu = [], cpu_description()
     with tempfile.TemporaryDirectory() as tmp:
         found = runners(model, runtimes, Path(tmp), threads, int8)
         for batch in batch_sizes:
@@ -97,7 +98,7 @@ def bench(model: MobileNetV2, runtimes: list[str], batch_sizes: list[int], *, se
             calls = {name: (lambda run=found[name], images=images: run(images)) for name in runtimes
                      if name != "executorch" or batch == 1}
             latencies = interleaved(calls, seconds)  # in turn, same input, same threads
-            rows += [BenchRow(name, batch, threads, *summary(latencies[name], batch)) for name in calls]
+            rows += [BenchRow(name, batch, threads, *summary(latencies[name], batch), cpu) for name in calls]
     return rows
 
 
@@ -110,7 +111,8 @@ def parse_list(text: str, kind: type, name: str) -> list:
 
 
 def table(rows: list[BenchRow]) -> str:
-    lines = ["| runtime | batch | threads | p50 ms | p90 ms | images/s | vs onnx fp32 |", "|---|---|---|---|---|---|---|"]
+    lines = [f"CPU: {rows[0].cpu}" if rows else "", "",
+             "| runtime | batch | threads | p50 ms | p90 ms | images/s | vs onnx fp32 |", "|---|---|---|---|---|---|---|"]
     base = {row.batch_size: row.images_per_s for row in rows if row.runtime == "onnx"}
     for row in rows:
         ratio = f"{row.images_per_s / base[row.batch_size]:.2f}x" if row.batch_size in base else ""
