@@ -67,6 +67,7 @@ def test_auto_keeps_the_layout_it_timed_faster_and_records_the_timings(int8_five
     record = quantization_record(int8_five)
     rates = record["images_per_s_at_batch_32"]
     assert set(rates) == {"stem", "none"} and min(rates.values()) > 0
+    assert record["timed_on"] == cpu_description()  # the choice holds for this CPU, and the file says which
     faster = max(rates, key=rates.get)
     assert record["fp32_layers"] == {"stem": ["backbone.0", "backbone.1"], "none": []}[faster]
     fp32_count = 3 if faster == "stem" else 0

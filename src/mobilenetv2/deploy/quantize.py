@@ -7,8 +7,9 @@ run at half the input resolution with 3-16 channels, where ONNX Runtime's int8 k
 ones (the 3-channel stem through im2col, the 16-channel depthwise convolution through per-pixel indirection). Which
 layout is faster depends on the image size and the CPU (on a 2-core x86 VM, keeping them fp32 is 1.2x faster at
 48 px and 0.85x at 224 px), so by default (`auto`) both are written and timed here at batch 32, and the faster one is
-kept; the timings go into the metadata. Both files are then evaluated on the val folder; the top-1 of each and the drop are printed and
-written into the int8 file's metadata (`quantization`), so `eval` and `predict` read it like any exported model.
+kept; the timings and the CPU they were taken on go into the metadata (another CPU may favour the other layout).
+Both files are then evaluated on the val folder; the top-1 of each and the drop are printed and written into the
+int8 file's metadata (`quantization`), so `eval` and `predict` read it like any exported model.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def quantize(model: MobileNetV2, data: str | os.PathLike, output: str | os.PathL
     from mobilenetv2 import runtime as runtime_module
     from mobilenetv2.deploy.export import export_onnx
     from mobilenetv2.deploy.predict import evaluate_checkpoint
+    from mobilenetv2.deploy.timing import cpu_description
 
     if calibration_images < 1:
         raise UserError("`calibration_images` must be >= 1")
@@ -111,7 +113,7 @@ def quantize(model: MobileNetV2, data: str | os.PathLike, output: str | os.PathL
             "scheme": "onnxruntime static QDQ: int8 per-channel weights, uint8 activations, MinMax calibration",
             "fp32_layers": fp32_modules(model, chosen), "calibration_images": calibration_images,
             "fp32_top1": report.fp32_top1, "int8_top1": report.int8_top1, "evaluated_images": report.evaluated,
-            **({"images_per_s_at_batch_32": rates} if rates else {})}})
+            **({"images_per_s_at_batch_32": rates, "timed_on": cpu_description()} if rates else {})}})
         try:
             os.replace(int8, output)
         except OSError as exc:
