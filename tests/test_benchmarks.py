@@ -32,6 +32,8 @@ def test_train_throughput_reports_both_baselines_and_falling_losses():
                           "--rounds", "1"], "torchvision standard"),
     ("int8_layers.py", ["--width", "0.25", "--image-size", "32", "--batch-size", "4", "--runs", "3", "--seconds",
                         "0.1", "--rounds", "1"], "int8 stem fp32"),
+    ("int8_ceiling.py", ["--width", "0.25", "--image-size", "32", "--batch-size", "4", "--seconds", "0.1", "--rounds",
+                         "1"], "int8 GEMM over fp32 GEMM"),
     ("head_finetune.py", ["--epochs", "1", "--per-class", "10", "--image-size", "32", "--width", "0.25",
                           "--pretrain-epochs", "1", "--workers", "0"], "the seed's way (features once, in memory)"),
 ])
