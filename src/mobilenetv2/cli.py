@@ -163,11 +163,9 @@ def _cmd_quantize(args) -> int:
     print(f"fp32 top-1 {report.fp32_top1:.4f}, int8 top-1 {report.int8_top1:.4f}, drop {report.drop_points:.2f} "
           f"points ({report.evaluated} val images, {report.calibration_images} calibration images)")
     if report.images_per_s:
-        from mobilenetv2.deploy.timing import cpu_description
-
         print(f"--keep-fp32 {report.keep_fp32}: the faster here (images/s at batch 32: " +
               ", ".join(f"{name} {rate:,.0f}" for name, rate in report.images_per_s.items()) +
-              f"; CPU: {cpu_description()}); another CPU may favour the other layout: time it there with `bench`")
+              f"; CPU: {report.timed_on}); another CPU may favour the other layout: time it there with `bench`")
     print(f"wrote {output}")
     return 0
 

@@ -45,6 +45,7 @@ class QuantizeReport:
     calibration_images: int
     keep_fp32: str = "none"
     images_per_s: dict[str, float] | None = None  # per layout, when `auto` timed them
+    timed_on: str | None = None  # timing.cpu_description() of the CPU that timed them
 
     @property
     def drop_points(self) -> float:
@@ -108,12 +109,13 @@ def quantize(model: MobileNetV2, data: str | os.PathLike, output: str | os.PathL
         with runtime_module.session("cpu", "off") as state:
             results = [evaluate_checkpoint(path, splits.val, state, batch_size=batch_size, workers=workers)[0]
                        for path in (fp32, int8)]
-        report = QuantizeReport(results[0].top1, results[1].top1, results[1].count, calibration_images, chosen, rates)
+        report = QuantizeReport(results[0].top1, results[1].top1, results[1].count, calibration_images, chosen, rates,
+                                cpu_description() if rates else None)
         _add_metadata(int8, {**model.metadata(), "quantization": {
             "scheme": "onnxruntime static QDQ: int8 per-channel weights, uint8 activations, MinMax calibration",
             "fp32_layers": fp32_modules(model, chosen), "calibration_images": calibration_images,
             "fp32_top1": report.fp32_top1, "int8_top1": report.int8_top1, "evaluated_images": report.evaluated,
-            **({"images_per_s_at_batch_32": rates, "timed_on": cpu_description()} if rates else {})}})
+            **({"images_per_s_at_batch_32": rates, "timed_on": report.timed_on} if rates else {})}})
         try:
             os.replace(int8, output)
         except OSError as exc:

@@ -32,7 +32,7 @@ def cpu_description(cpuinfo: str | None = None) -> str:
             break  # the first processor's entry: the others repeat it
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
-    model = fields.get("model name") or platform.processor() or platform.machine()
+    model = fields.get("model name") or platform.processor() or "model not listed"
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
     dot = [name for flag, name in INT8_DOT_PRODUCT.items() if flag in flags]
     known = " (not listed by this OS)" if not flags else ""
