@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mobilenetv2 import MobileNetV2, load_model
-from mobilenetv2.config import Preprocess
+from int8_layers import add_model_arguments, model_from
+from mobilenetv2 import MobileNetV2
 from timing import best_rates, timing_parser
 
 
@@ -70,18 +70,11 @@ def pointwise_graph(shapes: list[tuple[int, int, int, int]], batch_size: int, in
 def main() -> None:
     parser = timing_parser(__doc__.splitlines()[0], seconds=1.0)
     parser.set_defaults(rounds=5)
-    parser.add_argument("--checkpoint", help="a trained model (default: a freshly initialised one)")
-    parser.add_argument("--width", type=float, default=0.5)
-    parser.add_argument("--image-size", type=int, default=48)
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_model_arguments(parser)
     args = parser.parse_args()
     import onnxruntime
 
-    if args.checkpoint:
-        model = load_model(args.checkpoint).eval()
-    else:
-        model = MobileNetV2(num_classes=10, width_mult=args.width,
-                            preprocess=Preprocess.for_image_size(args.image_size)).eval()
+    model = model_from(args)
     shapes = pointwise_shapes(model)
     threads = torch.get_num_threads()
     options = onnxruntime.SessionOptions()

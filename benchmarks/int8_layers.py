@@ -68,20 +68,30 @@ def kernel_ms(path: Path, kinds: list[str], images, threads: int, runs: int, fol
     return totals
 
 
-def main() -> None:
-    parser = timing_parser(__doc__.splitlines()[0], seconds=2.0)
+def add_model_arguments(parser) -> None:
+    """The model options the int8 benchmarks share: a checkpoint, or the demo's shape freshly initialised."""
     parser.add_argument("--checkpoint", help="a trained model (default: a freshly initialised one)")
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--image-size", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=32)
+
+
+def model_from(args) -> MobileNetV2:
+    """The model `add_model_arguments`' options name, in eval mode (a fresh one seeded 0)."""
+    if args.checkpoint:
+        return load_model(args.checkpoint).eval()
+    torch.manual_seed(0)
+    return MobileNetV2(num_classes=10, width_mult=args.width,
+                       preprocess=Preprocess.for_image_size(args.image_size)).eval()
+
+
+def main() -> None:
+    parser = timing_parser(__doc__.splitlines()[0], seconds=2.0)
+    add_model_arguments(parser)
     parser.add_argument("--runs", type=int, default=100, help="profiled runs per model")
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.checkpoint:
-        model = load_model(args.checkpoint).eval()
-    else:
-        model = MobileNetV2(num_classes=10, width_mult=args.width,
-                            preprocess=Preprocess.for_image_size(args.image_size)).eval()
+    model = model_from(args)
     threads = torch.get_num_threads()
     size = model.preprocess.image_size
     images = torch.randn(args.batch_size, 3, size, size).numpy()

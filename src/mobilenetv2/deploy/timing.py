@@ -35,9 +35,9 @@ def cpu_description(cpuinfo: str | None = None) -> str:
     model = fields.get("model name") or platform.processor() or "model not listed"
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
     dot = [name for flag, name in INT8_DOT_PRODUCT.items() if flag in flags]
-    known = " (not listed by this OS)" if not flags else ""
+    unlisted = " (not listed by this OS)" if not flags else ""
     return (f"{model}, {platform.machine()}, torch kernels {torch.backends.cpu.get_cpu_capability()}, "
-            f"int8 dot-product instructions: {', '.join(dot) or 'none'}{known}")
+            f"int8 dot-product instructions: {', '.join(dot) or 'none'}{unlisted}")
 
 
 def timed(run: Callable[[], object], seconds: float, at_least: int = 1) -> list[float]:
