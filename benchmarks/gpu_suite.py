@@ -25,9 +25,8 @@ from mobilenetv2.data.transforms import eval_transform
 from mobilenetv2.model import MobileNetV2
 from mobilenetv2.runtime import Runtime
 from mobilenetv2.training.loop import train_step
-from mobilenetv2.training.loss import SeedLabelSmoothingLoss
 from mobilenetv2.training.run import run_training
-from mobilenetv2.training.setup import make_optimizer
+from mobilenetv2.training.recipe import build_loss, build_optimizer
 
 
 def timed(step, steps: int, sync) -> float:
@@ -45,8 +44,8 @@ def timed(step, steps: int, sync) -> float:
 def model_only(runtime: Runtime, batch: int, size: int, steps: int, compile_model: bool, sync) -> float:
     model = runtime.prepare_model(MobileNetV2()).train()
     trainable = torch.compile(model) if compile_model else model
-    optimizer, scaler = make_optimizer(model, TrainConfig(lr_init=0.01), runtime.device), runtime.grad_scaler()
-    criterion = SeedLabelSmoothingLoss(0.1)
+    optimizer, scaler = build_optimizer(model, TrainConfig(lr_init=0.01), runtime.device), runtime.grad_scaler()
+    criterion = build_loss(TrainConfig(), model.num_classes)
     images = torch.randn(batch, 3, size, size, device=runtime.device).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,), device=runtime.device)
     return batch * steps / timed(lambda: train_step(trainable, images, labels, criterion, optimizer, scaler, runtime),

@@ -29,9 +29,8 @@ from mobilenetv2.data.fashion_mnist import FASHION_MNIST_CLASSES, write_fashion_
 from mobilenetv2.data.transforms import eval_transform
 from mobilenetv2.runtime import setup
 from mobilenetv2.training.loop import train_step
-from mobilenetv2.training.loss import SeedLabelSmoothingLoss
 from mobilenetv2.training.run import run_training
-from mobilenetv2.training.setup import make_optimizer
+from mobilenetv2.training.recipe import build_loss, build_optimizer
 
 PRETRAIN_CLASSES, NEW_CLASSES = FASHION_MNIST_CLASSES[:5], FASHION_MNIST_CLASSES[5:]
 
@@ -69,10 +68,10 @@ def fresh_head_model(config: TrainConfig):
 
 def train_head(model, config: TrainConfig, epoch_batches, runtime) -> None:
     """The plain head loop both baselines share: SGD on the head, the seed's loss, constant rate."""
-    optimizer, scaler = make_optimizer(model.head, config), runtime.grad_scaler()
+    optimizer, scaler = build_optimizer(model.head, config), runtime.grad_scaler()
     for group in optimizer.param_groups:
         group["lr"] = config.lr_max
-    criterion = SeedLabelSmoothingLoss(config.label_smoothing)
+    criterion = build_loss(config, len(NEW_CLASSES))
     for epoch in range(config.epochs):
         for inputs, labels in epoch_batches(epoch):
             train_step(model.head.classify if inputs.dim() == 2 else _frozen_forward(model), inputs, labels,

@@ -20,8 +20,7 @@ from mobilenetv2.config import TrainConfig
 from mobilenetv2.model import MobileNetV2
 from mobilenetv2.runtime import setup
 from mobilenetv2.training.loop import train_step
-from mobilenetv2.training.loss import SeedLabelSmoothingLoss
-from mobilenetv2.training.setup import make_optimizer
+from mobilenetv2.training.recipe import build_loss, build_optimizer
 from timing import best_rates, timing_parser
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat", "immunohistochemistry", "hubble_deep_field")
@@ -79,8 +78,8 @@ def ours(device_name: str, amp: str, batches) -> Variant:
     runtime = setup(device_name, amp, channels_last=True)
     torch.manual_seed(0)
     model = runtime.prepare_model(MobileNetV2(num_classes=len(PHOTOS))).train()
-    optimizer, scaler = make_optimizer(model, TrainConfig(lr_init=0.01, amp=amp)), runtime.grad_scaler()
-    criterion = SeedLabelSmoothingLoss(0.1)
+    optimizer, scaler = build_optimizer(model, TrainConfig(lr_init=0.01, amp=amp)), runtime.grad_scaler()
+    criterion = build_loss(TrainConfig(), len(PHOTOS))
     flush_denormal = runtime.device.type == "cpu"  # what runtime.setup decides; the baselines set their own each step
 
     def step(images, labels):

@@ -11,9 +11,9 @@ from mobilenetv2.config import TrainConfig, build_config
 from conftest import REPO
 
 
-@pytest.mark.parametrize("name,values", [("seed_gpu", {"batch_size": 150, "epochs": 200, "lr_max": 0.8, "warmup_epochs": 0}),
-                                         ("seed_ascend", {"batch_size": 256, "lr_max": 0.4, "warmup_epochs": 4, "decay_bn_bias": False}),
-                                         ("seed_cpu", {"batch_size": 150, "epochs": 15, "lr_max": 0.03, "lr_end": 0.03})])
+@pytest.mark.parametrize("name,values", [("seed_gpu", {"batch_size": 150, "epochs": 200, "lr_max": 0.8, "warmup_epochs": 0, "weight_decay_on": "seed"}),
+                                         ("seed_ascend", {"batch_size": 256, "lr_max": 0.4, "warmup_epochs": 4, "weight_decay_on": "weights"}),
+                                         ("seed_cpu", {"batch_size": 150, "epochs": 15, "lr_max": 0.03, "lr_end": 0.03, "weight_decay_on": "seed"})])
 def test_seed_recipes(name, values):
     config = build_config(TrainConfig, REPO / "configs" / f"{name}.yaml")
     assert {k: getattr(config, k) for k in values} == values

@@ -73,7 +73,7 @@ def _cmd_train(args) -> int:
     from mobilenetv2.training.run import run_training
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "config")}
-    recipe = build_config(TrainConfig, args.config)
+    recipe = build_config(TrainConfig, args.config, notify=False)
     if "batch_size" in overrides and "lr_reference_batch" not in overrides:
         overrides["lr_reference_batch"] = recipe.lr_reference_batch or recipe.batch_size  # what the rates are for
     run_training(build_config(TrainConfig, args.config, overrides))
@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train from scratch, fine-tune, or continue training")
     train.add_argument("--config", metavar="FILE.yaml", help="recipe file; flags override its values")
     _add_dataclass_options(train, TrainConfig)
+    # before --weight-decay-on: still read (as all / weights), with a notice
+    train.add_argument("--decay-bn-bias", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
     train.set_defaults(handler=_cmd_train)
 
     convert = commands.add_parser("convert", help="convert MindSpore / torchvision / timm weights to our .pt")

@@ -7,6 +7,7 @@ Each field's `help` metadata is its `--help` text.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,10 @@ from mobilenetv2.errors import UserError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# the parameter sets weight decay can apply to (TrainConfig.weight_decay_on); training/recipe.py decides membership
+WEIGHT_DECAY_SETS = ("seed", "weights", "all")
 
 
 def _help(text: str, **kwargs) -> Any:
@@ -79,7 +84,9 @@ class TrainConfig:
     # optimizer and loss
     momentum: float = _help("SGD momentum", default=0.9)
     weight_decay: float = _help("L2 weight decay", default=4e-5)
-    decay_bn_bias: bool = _help("apply weight decay to BatchNorm parameters and biases too (the seed's GPU path)", default=True)
+    weight_decay_on: str = _help("the parameters weight decay applies to: seed (all but BatchNorm's scale and shift, "
+                                 "as the seed's CPU/GPU path) | weights (convolution and linear weights only, as the "
+                                 "seed's Ascend path) | all", default="seed")
     label_smoothing: float = _help("label smoothing epsilon: targets are 1-eps and eps/(K-1)", default=0.1)
     # model
     width_mult: float = _help("width multiplier, channels rounded to multiples of 8 (0: the width of --pretrained, "
@@ -148,6 +155,8 @@ class TrainConfig:
             (0 <= self.dropout < 1, "`dropout` must be in [0, 1)"),
             (self.lr_scaling in ("none", "linear"), f"`lr_scaling` must be none or linear, got {self.lr_scaling!r}"),
             (self.lr_reference_batch >= 0, "`lr_reference_batch` must be >= 0"),
+            (self.weight_decay_on in WEIGHT_DECAY_SETS,
+             f"`weight_decay_on` must be seed, weights or all, got {self.weight_decay_on!r}"),
             (self.data_backend in ("pil", "device"), f"`data_backend` must be pil or device, got {self.data_backend!r}"),
         ]
         for ok, message in checks:
@@ -171,12 +180,35 @@ def _field_type(cls, name: str) -> type:
     return hint
 
 
-def build_config(cls, file: str | Path | None = None, overrides: dict[str, Any] | None = None):
-    """Defaults, then the YAML file's values, then `overrides` (from flags). Unknown keys are refused."""
+def upgrade_legacy_options(values: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
+    """Options that older configs and checkpoints carry, in today's terms, with a one-line notice for each.
+    `decay_bn_bias` true decayed every parameter (`weight_decay_on` all); false spared every one-dimensional
+    parameter, BatchNorm's and the classifier's bias (`weight_decay_on` weights)."""
+    values, notes = dict(values), []
+    if "decay_bn_bias" in values:
+        legacy = values.pop("decay_bn_bias")
+        mapped = "all" if legacy else "weights"
+        if "weight_decay_on" in values:
+            notes.append(f"{source}: decay_bn_bias {legacy} ignored, weight_decay_on {values['weight_decay_on']} "
+                         "is also given")
+        else:
+            values["weight_decay_on"] = mapped
+            notes.append(f"{source}: decay_bn_bias {legacy} is read as weight_decay_on {mapped} (the option was "
+                         "replaced; the default is now seed)")
+    return values, notes
+
+
+def build_config(cls, file: str | Path | None = None, overrides: dict[str, Any] | None = None, notify: bool = True):
+    """Defaults, then the YAML file's values, then `overrides` (from flags). Unknown keys are refused; legacy ones
+    are read in today's terms, with a notice on stderr unless `notify` is off."""
     values: dict[str, Any] = {}
     if file:
         values.update(read_yaml(file))
     values.update(overrides or {})
+    if cls is TrainConfig:
+        values, notes = upgrade_legacy_options(values, str(file or "options"))
+        for note in notes if notify else ():
+            print(f"mobilenetv2: notice: {note}", file=sys.stderr)
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(names))
     if unknown:

@@ -142,7 +142,7 @@ def test_fp16_overflow_skips_the_step_and_is_counted():
     state = Runtime(torch.device("cpu"), torch.float16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = state.grad_scaler()
-    criterion = SeedLabelSmoothingLoss(0.1)
+    criterion = SeedLabelSmoothingLoss(0.1, 3)
     before = model.weight.detach().clone()
     _, overflowed = train_step(model, torch.full((2, 4), float("inf")), torch.tensor([0, 1]), criterion, optimizer,
                                scaler, state)

@@ -16,4 +16,4 @@ def test_seed_label_smoothing_matches_the_formula():
         for c in range(k):
             target = 1 - eps if c == label else eps / (k - 1)
             expected -= target * log_p[row, c].item()
-    assert SeedLabelSmoothingLoss(eps)(logits, labels).item() == pytest.approx(expected / 2, rel=1e-6)
+    assert SeedLabelSmoothingLoss(eps, k)(logits, labels).item() == pytest.approx(expected / 2, rel=1e-6)

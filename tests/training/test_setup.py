@@ -50,34 +50,3 @@ def test_without_a_checkpoint_the_width_is_the_seed_default(dataset):
 
     assert resolve_config(TrainConfig(data=str(dataset)), None).width_mult == 1.0
     assert resolve_config(TrainConfig(data=str(dataset), width_mult=0.35), None).width_mult == 0.35
-
-
-def test_no_decay_bn_bias_exempts_exactly_batchnorm_and_biases(dataset, tmp_path):
-    from mobilenetv2 import MobileNetV2
-    from mobilenetv2.config import TrainConfig
-    from mobilenetv2.training.setup import make_optimizer
-
-    model = MobileNetV2(num_classes=3, width_mult=0.25)
-    exempt = {id(p) for name, p in model.named_parameters() if p.ndim == 1}
-    assert len(exempt) == 52 * 2 + 1  # every BatchNorm's weight and bias, and the classifier's bias
-    groups = make_optimizer(model, TrainConfig(decay_bn_bias=False, weight_decay=4e-5)).param_groups
-    assert [g["weight_decay"] for g in groups] == [4e-5, 0.0]
-    assert {id(p) for p in groups[1]["params"]} == exempt
-    assert len(groups[0]["params"]) == 52 + 1  # convolutions and the classifier's weight
-    assert len(make_optimizer(model, TrainConfig()).param_groups) == 1  # the seed's GPU path decays all
-    # through the command line, into the run's optimizer state
-    assert main(["train", "--data", str(dataset), "--output", str(tmp_path / "run"), "--width-mult", "0.25",
-                 "--image-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "1", "--max-steps", "1",
-                 "--no-decay-bn-bias"]) == 0
-    saved = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["optimizer"]["param_groups"]
-    assert [(g["weight_decay"], len(g["params"])) for g in saved] == [(4e-5, 53), (0.0, 105)]
-
-
-def test_the_optimizer_is_fused_on_cuda_only():
-    from mobilenetv2 import MobileNetV2
-    from mobilenetv2.config import TrainConfig
-    from mobilenetv2.training.setup import make_optimizer
-
-    model = MobileNetV2(num_classes=3, width_mult=0.25)
-    assert make_optimizer(model, TrainConfig(), torch.device("cuda", 0)).defaults["fused"] is True
-    assert not make_optimizer(model, TrainConfig(), torch.device("cpu")).defaults["fused"]

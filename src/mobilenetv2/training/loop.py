@@ -25,10 +25,9 @@ from mobilenetv2.evaluation import EvalResult
 from mobilenetv2.monitor import RunMonitor, epoch_line, step_line
 from mobilenetv2.runtime import Runtime
 from mobilenetv2.training import run_checkpoints
-from mobilenetv2.training.loss import SeedLabelSmoothingLoss
-from mobilenetv2.training.run_checkpoints import LoopState
-from mobilenetv2.training.schedule import SeedSchedule, schedule_for
-from mobilenetv2.training.setup import make_optimizer
+from mobilenetv2.training.recipe import build_ema, build_loss, build_optimizer, build_schedule
+from mobilenetv2.training.run_checkpoints import LoopState, ResumePoint
+from mobilenetv2.training.schedule import SeedSchedule
 from mobilenetv2.training.tasks import TrainTask
 
 
@@ -110,12 +109,13 @@ class _Epoch:
 
 
 def fit(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Path | None,
-        resume: Path | None = None) -> LoopState:
-    """The one training loop: epochs of steps, then eval, log and checkpoint at each epoch's end."""
+        resume: ResumePoint | None = None) -> LoopState:
+    """The one training loop: epochs of steps, then eval, log and checkpoint at each epoch's end. `config` already
+    holds what `resume` keeps from the run's start (ResumePoint.kept_options)."""
     run = _start(task, config, monitor, output)
-    state = run_checkpoints.restore(resume, task.model, run.ema, run.optimizer, run.scaler) if resume else LoopState()
+    state = resume.restore(task.model, run.ema, run.optimizer, run.scaler) if resume else LoopState()
     if resume:
-        monitor.line(f"resumed from {resume} at epoch {state.epoch}, step {state.global_step}")
+        monitor.line(f"resumed from {resume.path} at epoch {state.epoch}, step {state.global_step}")
     with _StopRequest.watching():
         _epochs(run, state)
     if run.skipped_images:
@@ -192,14 +192,10 @@ def _check_finite(run: _Run, read: list[float] | None = None) -> None:
 
 
 def _start(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Path | None) -> _Run:
-    ema = None
-    if config.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(task.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
     return _Run(task, config, monitor, output / "checkpoints" if output else None,
-                make_optimizer(task.model, config, task.runtime.device), task.runtime.grad_scaler(), ema,
-                schedule_for(config, task.steps_per_epoch), SeedLabelSmoothingLoss(config.label_smoothing),
+                build_optimizer(task.model, config, task.runtime.device), task.runtime.grad_scaler(),
+                build_ema(task.model, config), build_schedule(config, task.steps_per_epoch),
+                build_loss(config, task.model.num_classes),
                 first_bad=torch.tensor([-1.0, 0.0], dtype=torch.float64, device=task.runtime.device))
 
 

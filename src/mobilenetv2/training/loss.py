@@ -8,15 +8,20 @@ from torch import nn
 
 
 class SeedLabelSmoothingLoss(nn.Module):
-    """The seed's loss: one-hot targets with on = 1 - eps, off = eps / (K - 1), softmax cross-entropy, mean."""
+    """The seed's loss (CrossEntropyWithLabelSmooth): one-hot targets with on = 1 - eps and off = eps / (K - 1) over K
+    classes, softmax cross-entropy, mean over the batch. Half-precision logits are computed in float32; float64
+    stays float64."""
 
-    def __init__(self, smoothing: float):
+    def __init__(self, smoothing: float, num_classes: int):
         super().__init__()
-        self.smoothing = smoothing
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.smoothing, self.num_classes = smoothing, num_classes
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        classes = logits.shape[1]
-        log_probs = F.log_softmax(logits.float(), dim=1)
-        off = self.smoothing / (classes - 1) if classes > 1 else 0.0
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"the loss is for {self.num_classes} classes, the logits have {logits.shape[1]}")
+        log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
+        off = self.smoothing / (self.num_classes - 1) if self.num_classes > 1 else 0.0
         target = torch.full_like(log_probs, off).scatter_(1, labels[:, None], 1.0 - self.smoothing)
         return -(target * log_probs).sum(dim=1).mean()

@@ -15,7 +15,7 @@ from mobilenetv2.data.folders import find_splits
 from mobilenetv2.monitor import RunMonitor
 from mobilenetv2.runtime import Runtime
 from mobilenetv2.training.loop import fit
-from mobilenetv2.training.run_checkpoints import LoopState, resume_path
+from mobilenetv2.training.run_checkpoints import LoopState, ResumePoint, resume_path
 from mobilenetv2.training.schedule import lr_note
 from mobilenetv2.training.setup import build_model, resolve_config
 from mobilenetv2.training.tasks import build_task
@@ -32,7 +32,9 @@ def run_training(config: TrainConfig) -> LoopState:
         with runtime_module.session(config.device, config.amp, config.channels_last, config.compile,
                                     config.dist_timeout) as runtime:
             output = _output_folder(config, runtime)
-            resume = resume_path(config, output)
+            resume_from = resume_path(config, output)
+            resume = ResumePoint.read(resume_from) if resume_from else None
+            config, resume_notes = resume.kept_options(config) if resume else (config, [])
             runtime_module.seed_everything(config.seed + runtime.rank)  # augmentation differs across ranks
             model = runtime.prepare_model(setup.model)
             task = build_task(config, model, splits, runtime, output)
@@ -42,7 +44,8 @@ def run_training(config: TrainConfig) -> LoopState:
             try:
                 if task.runtime.is_main:
                     write_yaml(config.to_dict(), output / "config.yaml")
-                notes = [lr_note(config.batch_size, config.lr_reference_batch, config.lr_scaling, config.lr_max)]
+                notes = [lr_note(config.batch_size, config.lr_reference_batch, config.lr_scaling, config.lr_max),
+                         *resume_notes]
                 for note in setup.notes + task.notes + [n for n in notes if n]:
                     monitor.line(note)
                 monitor.line(f"device {task.runtime.device}, world size {task.runtime.world_size}, amp "

@@ -3,6 +3,7 @@ written once and renamed into every name it goes by, keep-max pruning, and resto
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from torch import nn
 
 from mobilenetv2 import runtime as runtime_module
 from mobilenetv2.checkpoint import cpu_state, read_torch_file, torch_bytes
-from mobilenetv2.config import TrainConfig
+from mobilenetv2.config import WEIGHT_DECAY_SETS, TrainConfig, upgrade_legacy_options
 from mobilenetv2.errors import CheckpointError, UserError, first_line
 from mobilenetv2.files import atomic_write_bytes, remove_stale_temps
 from mobilenetv2.model import MobileNetV2
@@ -59,26 +60,53 @@ def save(record: dict, folder: Path, names: list[str], keep_max: int) -> None:
         old.unlink(missing_ok=True)
 
 
-def restore(path: Path, model: nn.Module, ema, optimizer, scaler) -> LoopState:
-    """Load a training checkpoint into the run's objects (RNG states too) and return where it stopped."""
-    record = read_torch_file(path)
-    if not isinstance(record, dict) or "optimizer" not in record or "global_step" not in record:
-        raise CheckpointError(f"{path} is not a training checkpoint (no optimizer state); use it as `pretrained`")
-    weights = record.get("train_model") or record["model"]
-    try:
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(record["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path} does not fit this run's network or options: {first_line(exc)}") from None
-    scaler.load_state_dict(record["scaler"])
-    if ema is not None:
-        if "train_model" in record:
-            ema.module.load_state_dict(record["model"])
-            ema.n_averaged.copy_(record["ema_averaged"])
-        else:
-            ema.module.load_state_dict(weights)
-    runtime_module.set_rng_state(record["rng"])
-    return LoopState(record["epoch"], record["global_step"], record.get("best_acc"))
+@dataclass
+class ResumePoint:
+    """A training checkpoint to continue from, read once."""
+
+    path: Path
+    record: dict
+
+    @classmethod
+    def read(cls, path: Path) -> ResumePoint:
+        record = read_torch_file(path)
+        if not isinstance(record, dict) or "optimizer" not in record or "global_step" not in record:
+            raise CheckpointError(f"{path} is not a training checkpoint (no optimizer state); use it as `pretrained`")
+        return cls(path, record)
+
+    def kept_options(self, config: TrainConfig) -> tuple[TrainConfig, list[str]]:
+        """`config` with the options a resumed run keeps from its start whatever it now says, and a line for each
+        that differs: the weight-decay set (the optimizer state is laid out by it). A checkpoint from before
+        `weight_decay_on` existed is read in today's terms; one that names neither option decayed every parameter."""
+        saved = self.record.get("train_config")
+        saved, notes = upgrade_legacy_options(saved if isinstance(saved, dict) else {}, str(self.path))
+        started = saved.get("weight_decay_on", "all")
+        if started not in WEIGHT_DECAY_SETS:
+            raise CheckpointError(f"{self.path}: unknown weight_decay_on {started!r} in its train_config")
+        if started != config.weight_decay_on:
+            notes.append(f"resuming with weight_decay_on {started}, the set the run was started with (the options "
+                         f"now say {config.weight_decay_on})")
+            config = dataclasses.replace(config, weight_decay_on=started)
+        return config, notes
+
+    def restore(self, model: nn.Module, ema, optimizer, scaler) -> LoopState:
+        """Load the checkpoint into the run's objects (RNG states too) and return where it stopped."""
+        record, path = self.record, self.path
+        weights = record.get("train_model") or record["model"]
+        try:
+            model.load_state_dict(weights)
+            optimizer.load_state_dict(record["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path} does not fit this run's network or options: {first_line(exc)}") from None
+        scaler.load_state_dict(record["scaler"])
+        if ema is not None:
+            if "train_model" in record:
+                ema.module.load_state_dict(record["model"])
+                ema.n_averaged.copy_(record["ema_averaged"])
+            else:
+                ema.module.load_state_dict(weights)
+        runtime_module.set_rng_state(record["rng"])
+        return LoopState(record["epoch"], record["global_step"], record.get("best_acc"))
 
 
 def resume_path(config: TrainConfig, output: Path) -> Path | None:

@@ -1,4 +1,4 @@
-"""The network and optimizer for a training mode: from scratch, full fine-tune (head filtered out), incremental
+"""The network for a training mode: from scratch, full fine-tune (head filtered out), incremental
 (head kept), class-incremental (head rows moved to their classes), head-only (backbone frozen elsewhere)."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from mobilenetv2.checkpoint import LoadedWeights, load_state_into, same_width
 from mobilenetv2.config import TrainConfig
@@ -78,16 +77,3 @@ def _extend_classes(model: MobileNetV2, loaded: LoadedWeights, config: TrainConf
     added = [name for name in class_names if name not in old_names]
     return ModelSetup(model, [f"extended {len(old_names)} classes with {len(added)} new: {', '.join(added[:5])}"])
 
-
-def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device | None = None) -> torch.optim.SGD:
-    """Momentum SGD; with decay_bn_bias off, BatchNorm parameters and biases get no weight decay (the seed's Ascend
-    path). On CUDA the fused kernel updates every parameter in one launch instead of one per tensor."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 and not config.decay_bn_bias else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    fused = True if device is not None and device.type == "cuda" else None
-    return torch.optim.SGD(groups, lr=config.lr_init, momentum=config.momentum, fused=fused)
