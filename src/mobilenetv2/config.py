@@ -22,6 +22,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # the parameter sets weight decay can apply to (TrainConfig.weight_decay_on); training/recipe.py decides membership
 WEIGHT_DECAY_SETS = ("seed", "weights", "all")
+OPTIMIZERS = ("sgd", "nesterov", "rmsprop-tf", "adamw")  # built by training/recipe.py
 
 
 def _help(text: str, **kwargs) -> Any:
@@ -88,6 +89,17 @@ class TrainConfig:
                                  "as the seed's CPU/GPU path) | weights (convolution and linear weights only, as the "
                                  "seed's Ascend path) | all", default="seed")
     label_smoothing: float = _help("label smoothing epsilon: targets are 1-eps and eps/(K-1)", default=0.1)
+    optimizer: str = _help("sgd (momentum SGD, the seed's) | nesterov | rmsprop-tf (TensorFlow's RMSprop as timm "
+                           "has it, alpha 0.9; needs timm) | adamw", default="sgd")
+    opt_eps: float = _help("epsilon of rmsprop-tf and adamw (0: the optimizer's own, 1e-10 and 1e-8)", default=0.0)
+    lr_schedule: str = _help("cosine (the seed's: per-step warmup, cosine to lr-end) | step (warmup, then lr-max "
+                             "times decay-rate every decay-epochs, per step as timm's step schedule)", default="cosine")
+    decay_epochs: float = _help("epochs between decays of the step schedule", default=2.4)
+    decay_rate: float = _help("factor per decay of the step schedule", default=0.97)
+    clip_grad_norm: float = _help("clip the gradients' global L2 norm to this before each step (0: off)", default=0.0)
+    drop_path: float = _help("stochastic depth in training: inverted residual block k of n skips its branch per "
+                             "image at rate drop_path * k / n (timm's rule; 0: off; eval and exports unchanged)",
+                             default=0.0)
     # model
     width_mult: float = _help("width multiplier, channels rounded to multiples of 8 (0: the width of --pretrained, "
                               "else 1.0)", default=0.0)
@@ -118,6 +130,9 @@ class TrainConfig:
     dist_timeout: int = _help("seconds a rank waits for the others in a collective before the job ends (a dead rank "
                               "or node stops the job this long after it died)", default=300)
     ema: float = _help("exponential moving average decay of the weights (0: off)", default=0.0)
+    ema_every: int = _help("optimizer steps between EMA updates (the decay applies per update)", default=1)
+    ema_warmup: bool = _help("ramp the EMA decay up from 0 over the first updates (timm's: "
+                             "1 - (1 + updates)^(-2/3), capped at --ema)", default=False)
     seed: int = _help("random seed", default=1)
     # checkpoints and eval
     resume: str = _help("checkpoint to resume from, or 'auto' for OUTPUT/checkpoints/last.pt", default="")
@@ -157,6 +172,13 @@ class TrainConfig:
             (self.lr_reference_batch >= 0, "`lr_reference_batch` must be >= 0"),
             (self.weight_decay_on in WEIGHT_DECAY_SETS,
              f"`weight_decay_on` must be seed, weights or all, got {self.weight_decay_on!r}"),
+            (self.optimizer in OPTIMIZERS, f"`optimizer` must be {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.opt_eps >= 0, "`opt_eps` must be >= 0"),
+            (self.lr_schedule in ("cosine", "step"), f"`lr_schedule` must be cosine or step, got {self.lr_schedule!r}"),
+            (self.decay_epochs > 0 and self.decay_rate > 0, "`decay_epochs` and `decay_rate` must be > 0"),
+            (self.clip_grad_norm >= 0, "`clip_grad_norm` must be >= 0"),
+            (0 <= self.drop_path < 1, "`drop_path` must be in [0, 1)"),
+            (self.ema_every >= 1, "`ema_every` must be >= 1"),
             (self.data_backend in ("pil", "device"), f"`data_backend` must be pil or device, got {self.data_backend!r}"),
         ]
         for ok, message in checks:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 from mobilenetv2.config import Preprocess
 from mobilenetv2.metadata import describe
@@ -61,7 +62,7 @@ class ConvBNReLU(nn.Sequential):
 class InvertedResidual(nn.Module):
     """Expand (1x1) -> depthwise (3x3) -> linear project (1x1), with a skip when shapes allow."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int, drop_path: float = 0.0):
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {stride}")
@@ -77,10 +78,13 @@ class InvertedResidual(nn.Module):
         ]
         self.conv = nn.Sequential(*layers)
         self.out_channels = out_channels
+        # stochastic depth: in training, each image skips the block's branch with this probability (no parameters,
+        # the identity in eval, so checkpoints and exports are the same with or without it)
+        self.drop_path = StochasticDepth(drop_path, "row") if self.use_residual and drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_residual:
-            return x + self.conv(x)
+            return x + self.drop_path(self.conv(x))
         return self.conv(x)
 
 
@@ -92,6 +96,7 @@ class Backbone(nn.Sequential):
         width_mult: float = 1.0,
         round_nearest: int = 8,
         inverted_residual_setting: Sequence[Sequence[int]] | None = None,
+        drop_path: float = 0.0,
     ):
         setting = SEED_INVERTED_RESIDUAL_SETTING if inverted_residual_setting is None else inverted_residual_setting
         if not setting or any(len(row) != 4 for row in setting):
@@ -99,10 +104,12 @@ class Backbone(nn.Sequential):
         plan = iter(channel_plan(width_mult, setting, round_nearest))
         in_channels = next(plan)
         layers: list[nn.Module] = [ConvBNReLU(3, in_channels, stride=2)]
+        blocks = sum(n for _t, _c, n, _s in setting)
         for t, _c, n, s in setting:
             for i in range(n):
                 block_channels = next(plan)
-                layers.append(InvertedResidual(in_channels, block_channels, s if i == 0 else 1, t))
+                rate = drop_path * (len(layers) - 1) / blocks  # block k of `blocks` drops at drop_path * k / blocks
+                layers.append(InvertedResidual(in_channels, block_channels, s if i == 0 else 1, t, rate))
                 in_channels = block_channels
         out_channels = next(plan)
         layers.append(ConvBNReLU(in_channels, out_channels, kernel_size=1))
@@ -145,6 +152,7 @@ class MobileNetV2(nn.Module):
         dropout: float = 0.0,
         inverted_residual_setting: Sequence[Sequence[int]] | None = None,
         *,
+        drop_path: float = 0.0,
         class_names: Sequence[str] | None = None,
         preprocess: Preprocess | None = None,
     ):
@@ -159,7 +167,7 @@ class MobileNetV2(nn.Module):
         self.dropout = dropout
         self.inverted_residual_setting = (None if inverted_residual_setting is None
                                           else tuple(tuple(int(v) for v in row) for row in inverted_residual_setting))
-        self.backbone = Backbone(width_mult, round_nearest, inverted_residual_setting)
+        self.backbone = Backbone(width_mult, round_nearest, inverted_residual_setting, drop_path)
         self.head = Head(self.backbone.out_channels, num_classes, dropout)
         self.class_names = class_names
         self.preprocess = preprocess if preprocess is not None else Preprocess()

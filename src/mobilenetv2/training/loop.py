@@ -27,7 +27,7 @@ from mobilenetv2.runtime import Runtime
 from mobilenetv2.training import run_checkpoints
 from mobilenetv2.training.recipe import build_ema, build_loss, build_optimizer, build_schedule
 from mobilenetv2.training.run_checkpoints import LoopState, ResumePoint
-from mobilenetv2.training.schedule import SeedSchedule
+from mobilenetv2.training.schedule import SeedSchedule, StepSchedule
 from mobilenetv2.training.tasks import TrainTask
 
 
@@ -60,14 +60,20 @@ class _StopRequest:
 
 
 def train_step(trainable: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
-               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, runtime: Runtime) -> tuple[torch.Tensor, bool]:
-    """One optimizer step; returns the loss and whether fp16 overflow made the scaler skip the step."""
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, runtime: Runtime,
+               clip_grad_norm: float = 0.0) -> tuple[torch.Tensor, bool]:
+    """One optimizer step, the gradients' global norm clipped to `clip_grad_norm` first when it is set; returns the
+    loss and whether fp16 overflow made the scaler skip the step."""
     inputs, labels = runtime.to_input(inputs), labels.to(runtime.device, non_blocking=True)
     with runtime.autocast():
         loss = criterion(trainable(inputs), labels)
     optimizer.zero_grad(set_to_none=True)
     scale_before = scaler.get_scale() if scaler.is_enabled() else None
     scaler.scale(loss).backward()
+    if clip_grad_norm:
+        scaler.unscale_(optimizer)  # clip the true gradients (a no-op without a scaler)
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
     scaler.step(optimizer)
     scaler.update()
     return loss.detach(), scale_before is not None and scaler.get_scale() < scale_before
@@ -84,7 +90,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     ema: nn.Module | None
-    schedule: SeedSchedule
+    schedule: SeedSchedule | StepSchedule
     criterion: nn.Module
     skipped_images: int = 0
     skipped_steps: int = 0  # fp16 overflows
@@ -211,11 +217,12 @@ def _step(run: _Run, state: LoopState, epoch: _Epoch, step: int, inputs, labels,
     lr = run.schedule(state.global_step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    loss, overflowed = train_step(task.trainable, inputs, labels, run.criterion, run.optimizer, run.scaler, task.runtime)
+    loss, overflowed = train_step(task.trainable, inputs, labels, run.criterion, run.optimizer, run.scaler, task.runtime,
+                                  config.clip_grad_norm)
     run.skipped_steps += overflowed
     if not overflowed:  # the fp16 scaler skips overflowed steps on purpose
         _note_finite(run, state.global_step, loss)
-    if run.ema is not None:
+    if run.ema is not None and (state.global_step + 1) % config.ema_every == 0:
         run.ema.update_parameters(task.model)
     epoch.losses += loss
     epoch.steps_run += 1

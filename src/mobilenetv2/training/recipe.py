@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from mobilenetv2.config import TrainConfig
+from mobilenetv2.errors import UserError
 from mobilenetv2.training.loss import SeedLabelSmoothingLoss
-from mobilenetv2.training.schedule import SeedSchedule, schedule_for
+from mobilenetv2.training.schedule import SeedSchedule, StepSchedule, schedule_for
 
 # normalisation layers: their scale and shift are what MindSpore names gamma and beta
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
@@ -43,15 +44,42 @@ def weight_decay_groups(model: nn.Module, weight_decay: float, decay_on: str) ->
     return [group for group in groups if group["params"]]
 
 
+def _momentum_sgd(groups, config: TrainConfig, fused: bool | None) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=config.lr_init, momentum=config.momentum, fused=fused)
+
+
+def _nesterov_sgd(groups, config: TrainConfig, fused: bool | None) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=config.lr_init, momentum=config.momentum, nesterov=True, fused=fused)
+
+
+def _rmsprop_tf(groups, config: TrainConfig, fused: bool | None) -> torch.optim.Optimizer:
+    """TensorFlow's RMSprop as timm writes it (eps inside the square root, the learning rate inside the momentum
+    buffer, the square average starting at one) with timm's alpha 0.9: the EfficientNet-style recipes' optimizer."""
+    try:
+        from timm.optim import RMSpropTF
+    except ImportError:
+        raise UserError("`optimizer` rmsprop-tf needs timm: pip install 'mobilenetv2[recipes]'") from None
+    return RMSpropTF(groups, lr=config.lr_init, alpha=0.9, eps=config.opt_eps or 1e-10, momentum=config.momentum)
+
+
+def _adamw(groups, config: TrainConfig, fused: bool | None) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=config.lr_init, eps=config.opt_eps or 1e-8, fused=fused)
+
+
+# config.OPTIMIZERS -> builder(parameter groups, config, fused)
+_OPTIMIZERS = {"sgd": _momentum_sgd, "nesterov": _nesterov_sgd, "rmsprop-tf": _rmsprop_tf, "adamw": _adamw}
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device | None = None) -> torch.optim.Optimizer:
-    """The seed's momentum SGD over `model`'s trainable parameters, weight decay on the set `config.weight_decay_on`
-    names. Its rate starts at lr_init; the loop sets the schedule's rate before every step. On CUDA the fused kernel
-    updates every parameter in one launch instead of one per tensor."""
+    """The optimizer `config.optimizer` names (the seed's momentum SGD by default) over `model`'s trainable
+    parameters, weight decay on the set `config.weight_decay_on` names. Its rate starts at lr_init; the loop sets
+    the schedule's rate before every step. On CUDA the fused kernel, where there is one, updates every parameter in
+    one launch instead of one per tensor."""
     groups = weight_decay_groups(model, config.weight_decay, config.weight_decay_on)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     fused = True if device is not None and device.type == "cuda" else None
-    return torch.optim.SGD(groups, lr=config.lr_init, momentum=config.momentum, fused=fused)
+    return _OPTIMIZERS[config.optimizer](groups, config, fused)
 
 
 def build_loss(config: TrainConfig, num_classes: int) -> nn.Module:
@@ -59,15 +87,29 @@ def build_loss(config: TrainConfig, num_classes: int) -> nn.Module:
     return SeedLabelSmoothingLoss(config.label_smoothing, num_classes)
 
 
-def build_schedule(config: TrainConfig, steps_per_epoch: int) -> SeedSchedule:
-    """The per-step learning rate: linear warmup, then cosine decay, with the config's batch-size scaling."""
+def build_schedule(config: TrainConfig, steps_per_epoch: int) -> SeedSchedule | StepSchedule:
+    """The per-step learning rate `config.lr_schedule` names, with the config's batch-size scaling."""
     return schedule_for(config, steps_per_epoch)
 
 
 def build_ema(model: nn.Module, config: TrainConfig) -> nn.Module | None:
-    """An exponential moving average of `model`'s weights and buffers (None when `config.ema` is 0)."""
+    """An exponential moving average of `model`'s weights and buffers (None when `config.ema` is 0). Each update
+    moves it by 1 - decay toward the model; the loop updates it every `config.ema_every` steps. With `ema_warmup` the
+    decay of update n (from 0) is min(ema, 1 - (1 + n)^(-2/3)), timm's ModelEmaV3 warm-up, so early averages
+    follow the fast-moving weights instead of remembering the random start."""
     if not config.ema:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.optim.swa_utils import AveragedModel
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+    decay, warmup = config.ema, config.ema_warmup
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        step_decay = min(decay, 1 - (1 + float(updates)) ** (-2 / 3)) if warmup else decay
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1 - step_decay)
+        else:  # BatchNorm's step counters, as torch's own EMA function treats them
+            for mean, value in zip(averaged, current, strict=True):
+                mean.copy_(mean * step_decay + value * (1 - step_decay))
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)

@@ -1,5 +1,6 @@
-"""The seed's per-step learning rate (linear warmup, then cosine decay to lr_end, floored at 0) and the optional
-linear scaling of it with the batch size."""
+"""Per-step learning rates: the seed's (linear warmup, then cosine decay to lr_end, floored at 0) and timm's step
+decay (linear warmup, then lr_max times decay_rate every decay_epochs), and the optional linear scaling of the rates
+with the batch size. Both are functions of the global step alone, so a resumed run takes up the same rates."""
 
 from __future__ import annotations
 
@@ -35,6 +36,25 @@ class SeedSchedule:
         return max(lr, 0.0)
 
 
+@dataclass(frozen=True)
+class StepSchedule:
+    """timm's StepLRScheduler stepped per update (`sched_on_updates`; warmup not a prefix): linear warmup from
+    lr_init to lr_max, then lr_max * decay_rate ** floor(step / decay steps), steps counted from 0 (warmup included)."""
+
+    lr_init: float
+    lr_max: float
+    warmup_epochs: float
+    decay_epochs: float
+    decay_rate: float
+    steps_per_epoch: int
+
+    def __call__(self, step: int) -> float:
+        warmup = self.warmup_epochs * self.steps_per_epoch
+        if step < warmup:
+            return self.lr_init + (self.lr_max - self.lr_init) * step / warmup
+        return self.lr_max * self.decay_rate ** (step // (self.decay_epochs * self.steps_per_epoch))
+
+
 def lr_scale(batch_size: int, reference_batch: int, scaling: str) -> float:
     """The factor on every learning rate: batch / reference batch under linear scaling (as timm does with the
     global batch; per-process batches give the same ratio at a fixed world size), else 1 (the seed's way)."""
@@ -55,8 +75,11 @@ def lr_note(batch_size: int, reference_batch: int, scaling: str, lr_max: float) 
             f"(the seed's way); lr_scaling linear would use {scaled:.4g}")
 
 
-def schedule_for(config, steps_per_epoch: int) -> SeedSchedule:
-    """The run's schedule from a TrainConfig, with its learning-rate scaling applied."""
+def schedule_for(config, steps_per_epoch: int) -> SeedSchedule | StepSchedule:
+    """The run's schedule (`config.lr_schedule`) from a TrainConfig, with its learning-rate scaling applied."""
     factor = lr_scale(config.batch_size, config.lr_reference_batch, config.lr_scaling)
+    if config.lr_schedule == "step":
+        return StepSchedule(config.lr_init * factor, config.lr_max * factor, config.warmup_epochs, config.decay_epochs,
+                            config.decay_rate, steps_per_epoch)
     return SeedSchedule(config.lr_init * factor, config.lr_max * factor, config.lr_end * factor, config.warmup_epochs,
                         config.epochs, steps_per_epoch)

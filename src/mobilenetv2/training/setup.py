@@ -41,7 +41,7 @@ def build_model(config: TrainConfig, classes: list[str], loaded: LoadedWeights |
         raise UserError(f"`num_classes` {num_classes} is smaller than the {len(classes)} class folders")
     class_names = pad_class_names(classes, num_classes)
     model = MobileNetV2(num_classes=num_classes, width_mult=config.width_mult, dropout=config.dropout,
-                        class_names=class_names, preprocess=config.preprocess)
+                        drop_path=config.drop_path, class_names=class_names, preprocess=config.preprocess)
     if loaded is None:
         return ModelSetup(model, ["training from scratch"])
     if config.extend_classes:
