@@ -167,6 +167,16 @@ def train(dataset, output, *extra):
     return main(["train", "--data", str(dataset), "--output", str(output), *TINY, *extra])
 
 
+def assert_same_weights(first_run, second_run):
+    """Two runs' last checkpoints hold bit-identical weights (the EMA's and the raw ones)."""
+    first = torch.load(first_run / "checkpoints/last.pt", weights_only=True)
+    second = torch.load(second_run / "checkpoints/last.pt", weights_only=True)
+    assert first["global_step"] == second["global_step"]
+    for part in ("model", "train_model"):
+        different = [key for key, value in first.get(part, {}).items() if not torch.equal(value, second[part][key])]
+        assert different == [], (part, different[:3])
+
+
 def records(run, kind):
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
 

@@ -7,6 +7,7 @@ Each field's `help` metadata is its `--help` text.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -23,6 +24,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # the parameter sets weight decay can apply to (TrainConfig.weight_decay_on); training/recipe.py decides membership
 WEIGHT_DECAY_SETS = ("seed", "weights", "all")
 OPTIMIZERS = ("sgd", "nesterov", "rmsprop-tf", "adamw")  # built by training/recipe.py
+TORCHVISION_POLICIES = ("ta_wide", "augmix", "imagenet")  # data/augment.py; timm's RandAugment strings besides
+RAND_AUGMENT = re.compile(r"^rand(-[a-z]+[0-9.]*)+$")  # timm's string: rand-m9-mstd0.5, rand-m7-n3-inc1, ...
 
 
 def _help(text: str, **kwargs) -> Any:
@@ -105,7 +108,8 @@ class TrainConfig:
                               "else 1.0)", default=0.0)
     num_classes: int = _help("classifier outputs (0: the number of class folders)", default=0)
     dropout: float = _help("dropout before the classifier", default=0.0)
-    image_size: int = _help("training and eval crop size in pixels", default=224)
+    image_size: int = _help("eval crop size in pixels, and the training crop's unless train-crop-size is set",
+                            default=224)
     resize_size: int = _help("eval resize before the centre crop (0: image_size * 256 / 224, the seed's ratio)", default=0)
     pretrained: str = _help("checkpoint to start from (any format load_model reads)", default="")
     filter_head: bool = _help("load everything but the head from --pretrained (full fine-tune)", default=False)
@@ -114,6 +118,25 @@ class TrainConfig:
     feature_cache: str = _help("folder for cached backbone features (default OUTPUT/feature_cache)", default="")
     feature_views: int = _help("augmented views per image in the feature cache (1: eval transform only)", default=1)
     # data
+    train_crop_size: int = _help("training crop size in pixels (0: image-size); smaller than the eval crop for "
+                                 "FixRes-style training (train 176, eval resize 232 and crop 224)", default=0)
+    interpolation: str = _help("bilinear | bicubic: resampling of the training crop and the eval resize (travels "
+                               "in the checkpoint)", default="bilinear")
+    auto_augment: str = _help("none | ta_wide (TrivialAugment-Wide) | augmix | imagenet (AutoAugment's ImageNet "
+                              "policy) | a timm RandAugment string such as rand-m9-mstd0.5 (magnitude 9, two ops, "
+                              "magnitude noise 0.5; needs timm), per image after crop, flip and jitter", default="none")
+    random_erase: float = _help("probability of erasing a random rectangle of each normalised training image",
+                                default=0.0)
+    random_erase_mode: str = _help("pixel (normal noise per pixel, timm's) | const (0, the mean colour after "
+                                   "normalisation, torchvision's)", default="pixel")
+    mixup_alpha: float = _help("mixup's Beta(alpha, alpha) (0: off)", default=0.0)
+    cutmix_alpha: float = _help("cutmix's Beta(alpha, alpha) (0: off)", default=0.0)
+    mix_prob: float = _help("probability that a batch is mixed (mixup or cutmix)", default=1.0)
+    mix_switch_prob: float = _help("with both mixup and cutmix on: probability that a mixed batch uses cutmix",
+                                   default=0.5)
+    repeated_aug: int = _help("repeated augmentation: each image this many times per epoch, each copy augmented "
+                              "apart, the copies spread across ranks (timm's RepeatAugSampler; 1: off; needs timm)",
+                              default=1)
     color_jitter: float = _help("brightness/contrast/saturation jitter of the train transform", default=0.4)
     min_scale: float = _help("smallest RandomResizedCrop area fraction", default=0.08)
     workers: int = _help("data loader worker processes", default=4)
@@ -172,6 +195,24 @@ class TrainConfig:
             (self.lr_reference_batch >= 0, "`lr_reference_batch` must be >= 0"),
             (self.weight_decay_on in WEIGHT_DECAY_SETS,
              f"`weight_decay_on` must be seed, weights or all, got {self.weight_decay_on!r}"),
+            (self.train_crop_size == 0 or self.train_crop_size >= 16, "`train_crop_size` must be >= 16 (or 0)"),
+            (self.interpolation in ("bilinear", "bicubic"),
+             f"`interpolation` must be bilinear or bicubic, got {self.interpolation!r}"),
+            (self.auto_augment == "none" or self.auto_augment in TORCHVISION_POLICIES
+             or bool(RAND_AUGMENT.match(self.auto_augment)),
+             f"`auto_augment` must be none, ta_wide, augmix, imagenet or a RandAugment string such as "
+             f"rand-m9-mstd0.5, got {self.auto_augment!r}"),
+            (0 <= self.random_erase <= 1, "`random_erase` must be a probability in [0, 1]"),
+            (self.random_erase_mode in ("pixel", "const"),
+             f"`random_erase_mode` must be pixel or const, got {self.random_erase_mode!r}"),
+            (self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "`mixup_alpha` and `cutmix_alpha` must be >= 0"),
+            (0 <= self.mix_prob <= 1 and 0 <= self.mix_switch_prob <= 1,
+             "`mix_prob` and `mix_switch_prob` must be probabilities in [0, 1]"),
+            (self.repeated_aug >= 1, "`repeated_aug` must be >= 1"),
+            (self.freeze == "none" or not (self.mixup_alpha or self.cutmix_alpha or self.random_erase
+                                           or self.auto_augment != "none" or self.repeated_aug > 1),
+             "`freeze` backbone trains on cached features: `auto_augment`, `random_erase`, `mixup_alpha`, "
+             "`cutmix_alpha` and `repeated_aug` work on images only"),
             (self.optimizer in OPTIMIZERS, f"`optimizer` must be {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.opt_eps >= 0, "`opt_eps` must be >= 0"),
             (self.lr_schedule in ("cosine", "step"), f"`lr_schedule` must be cosine or step, got {self.lr_schedule!r}"),
@@ -188,8 +229,8 @@ class TrainConfig:
     @property
     def preprocess(self) -> Preprocess:
         if self.resize_size:
-            return Preprocess(image_size=self.image_size, resize_size=self.resize_size)
-        return Preprocess.for_image_size(self.image_size)
+            return Preprocess(image_size=self.image_size, resize_size=self.resize_size, interpolation=self.interpolation)
+        return Preprocess.for_image_size(self.image_size, interpolation=self.interpolation)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

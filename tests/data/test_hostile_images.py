@@ -173,7 +173,9 @@ def wild_dataset(wild, dataset, tmp_path_factory):
 @pytest.mark.parametrize("backend", ["pil", "device"])
 def test_training_uses_the_odd_files_and_counts_the_broken_ones(wild_dataset, tmp_path, backend):
     run = tmp_path / backend
-    assert train(wild_dataset, run, "--epochs", "1", "--batch-size", "4", "--amp", "off",
+    # a gentle rate: at batch 4 the tiny set's default rate (0.05) reached losses of 18 and, on one CPU, NaN; what
+    # is checked here is which files are read, not learning
+    assert train(wild_dataset, run, "--epochs", "1", "--batch-size", "4", "--amp", "off", "--lr-max", "0.01",
                  "--data-backend", backend) == 0
     (epoch,) = records(run, "epoch")
     assert epoch["skipped_images"] == len(BROKEN)

@@ -41,7 +41,11 @@ def test_class_incremental_keeps_old_rows_and_old_accuracy(fashion, pretrained_f
     after = old_class_accuracy(new)
     assert before > 0.6
     assert after >= before - 0.08, (before, after)  # measured: 0.85 -> 0.87 (two threads), 0.93 -> 0.87 (one)
-    assert old_class_accuracy(new, ["Coat", "Pullover"]) >= 0.35  # measured 0.42-0.48; chance is 1/7
+    # the new classes are learned: from (almost) never predicted to well above chance (1/7). Measured 0.42-0.48 on
+    # AMD VMs, 0.30 on one thread of an Intel Xeon VM (the pretrained five-class network differs by CPU and threads)
+    untrained = old_class_accuracy(kept, ["Coat", "Pullover"])
+    learned = old_class_accuracy(new, ["Coat", "Pullover"])
+    assert untrained <= 0.05 and learned >= 0.25, (untrained, learned)
 
 
 def test_extend_classes_needs_names(three_new, tmp_path, capsys):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 
-from conftest import MS_CHECKPOINT, records, train
+from conftest import MS_CHECKPOINT, assert_same_weights, records, train
 
 
 def test_training_checkpoint_is_plain_data_with_full_state(dataset, tmp_path):
@@ -22,11 +22,7 @@ def test_resume_gives_identical_weights(dataset, tmp_path):
     assert train(dataset, tmp_path / "split", *common, "--max-steps", "3") == 0
     assert torch.load(tmp_path / "split/checkpoints/last.pt", weights_only=True)["epoch"] == 1
     assert train(dataset, tmp_path / "split", *common, "--resume", "auto") == 0
-    straight = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)
-    split = torch.load(tmp_path / "split/checkpoints/last.pt", weights_only=True)
-    for part in ("model", "train_model"):
-        for key, value in straight[part].items():
-            assert torch.equal(value, split[part][key]), (part, key)
+    assert_same_weights(tmp_path / "straight", tmp_path / "split")
     assert records(tmp_path / "split", "step")[-1]["global_step"] == 8
     assert [r["global_step"] for r in records(tmp_path / "split", "step")] == list(range(9))
 

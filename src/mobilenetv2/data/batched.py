@@ -45,14 +45,17 @@ def decode_all(dataset: SafeImageFolder, size: int, workers: int) -> tuple[torch
 
 class BatchAugment:
     """The seed's train transform applied to a whole uint8 batch at once, each image with its own draw:
-    RandomResizedCrop (scale, ratio 3/4-4/3) and flip as one affine resampling, ColorJitter, normalisation."""
+    RandomResizedCrop (scale, ratio 3/4-4/3) to `crop_size` (0: the contract's image size) and flip as one affine
+    resampling, ColorJitter, `policy` (an automatic augmentation policy, per image) when given, normalisation."""
 
-    def __init__(self, preprocess: Preprocess, min_scale: float = 0.08, color_jitter: float = 0.4):
-        self.size = preprocess.image_size
+    def __init__(self, preprocess: Preprocess, min_scale: float = 0.08, color_jitter: float = 0.4,
+                 crop_size: int = 0, policy=None):
+        self.size = crop_size or preprocess.image_size
         self.scale = (min_scale, 1.0)
         self.log_ratio = (math.log(3 / 4), math.log(4 / 3))
         self.jitter = color_jitter
-        self.preprocess = preprocess
+        self.preprocess, self.policy = preprocess, policy
+        self.mode = "bicubic" if preprocess.interpolation == "bicubic" else "bilinear"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         n = len(images)
@@ -67,9 +70,11 @@ class BatchAugment:
         theta[:, 0, 0], theta[:, 0, 2] = width * flip, centre_x
         theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
         grid = F.affine_grid(theta, [n, 3, self.size, self.size], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        x = F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False).clamp_(0, 1)
         if self.jitter > 0:
             x = color_jitter(x, self.jitter)
+        if self.policy is not None:
+            x = self.policy.on_batch(x)
         return normalize(x, self.preprocess)
 
 

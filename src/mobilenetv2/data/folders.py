@@ -48,6 +48,14 @@ class ImageTooLarge(ValueError):
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
+def open_image(source: str | Path | BinaryIO) -> Image.Image:
+    """PIL's Image.open (the header only) without PIL's decompression-bomb warning: `check_size` refuses such images
+    with a message of its own, and the warning was a second, unasked-for line on stderr."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(source)
+
+
 def check_size(image: Image.Image) -> Image.Image:
     """`image` (opened, not decoded), or ImageTooLarge when its header declares more than MAX_PIXELS pixels."""
     width, height = image.size
@@ -74,7 +82,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def decode_rgb(source: str | Path | BinaryIO) -> Image.Image:
     """The image in `source` (a path or a binary file; the first frame of an animation), fully decoded, as RGB.
     Raises one of DECODE_ERRORS for bytes that are no image, or an image larger than MAX_PIXELS."""
-    with Image.open(source) as image:
+    with open_image(source) as image:
         check_size(image)
         image.load()
         return to_rgb(image)

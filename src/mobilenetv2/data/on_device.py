@@ -13,13 +13,12 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision import transforms as classic
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mobilenetv2.config import Preprocess
 from mobilenetv2.data.batched import color_jitter, normalize
-from mobilenetv2.data.folders import DECODE_ERRORS, SafeImageFolder, check_size, decode_rgb
+from mobilenetv2.data.folders import DECODE_ERRORS, SafeImageFolder, check_size, decode_rgb, open_image
 from mobilenetv2.data.transforms import resize_target
 
 MAX_FILE_BYTES = 64 << 20  # larger files are refused before they are read
@@ -37,7 +36,7 @@ class EncodedFolder(SafeImageFolder):
                 raise OSError(f"larger than {MAX_FILE_BYTES} bytes")
             with open(path, "rb") as handle:
                 data = handle.read()
-            with Image.open(io.BytesIO(data)) as image:
+            with open_image(io.BytesIO(data)) as image:
                 check_size(image)
         except DECODE_ERRORS as exc:
             warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=1)
@@ -82,24 +81,29 @@ def decode_batch(encoded: list[torch.Tensor], device: torch.device) -> tuple[lis
 
 class DeviceTrainAugment:
     """The seed's train transform on decoded images of any size, on their device: RandomResizedCrop drawn on each
-    full-size image (torchvision's own draw), antialiased resize, flip, ColorJitter and normalisation as batch ops."""
+    full-size image (torchvision's own draw), antialiased resize to `crop_size` (0: the contract's image size),
+    flip, ColorJitter and normalisation as batch ops, and `policy` (per image) before normalisation when given."""
 
-    def __init__(self, preprocess: Preprocess, min_scale: float = 0.08, jitter: float = 0.4):
+    def __init__(self, preprocess: Preprocess, min_scale: float = 0.08, jitter: float = 0.4, crop_size: int = 0,
+                 policy=None):
         self.preprocess, self.scale, self.jitter = preprocess, (min_scale, 1.0), jitter
-        self.size = preprocess.image_size
+        self.size, self.policy = crop_size or preprocess.image_size, policy
+        self.mode = "bicubic" if preprocess.interpolation == "bicubic" else "bilinear"
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
         crops = []
         for image in images:
             top, left, height, width = classic.RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
             crop = image[None, :, top:top + height, left:left + width].float()
-            crops.append(F.interpolate(crop, size=(self.size, self.size), mode="bilinear", align_corners=False,
+            crops.append(F.interpolate(crop, size=(self.size, self.size), mode=self.mode, align_corners=False,
                                        antialias=True))
         batch = torch.cat(crops).clamp_(0, 255) / 255
         flip = torch.rand(len(batch)) < 0.5
         batch = torch.where(flip.to(batch.device).view(-1, 1, 1, 1), batch.flip(-1), batch)
         if self.jitter > 0:
             batch = color_jitter(batch, self.jitter)
+        if self.policy is not None:
+            batch = self.policy.on_batch(batch)
         return normalize(batch, self.preprocess)
 
 

@@ -28,7 +28,7 @@ from torchvision.transforms import v2 as T
 
 from mobilenetv2.config import Preprocess
 from mobilenetv2.data.batched import normalize_bytes
-from mobilenetv2.data.folders import check_size, to_rgb
+from mobilenetv2.data.folders import check_size, open_image, to_rgb
 
 PIL_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
@@ -74,7 +74,7 @@ class SeedRandomResizedCrop:
         return self._from_image(image, *self._draw(image))
 
     def from_file(self, path: str | os.PathLike) -> torch.Tensor:
-        with Image.open(path) as image:  # only the header is read so far
+        with open_image(path) as image:  # only the header is read so far
             check_size(image)
             top, left, height, width = self._draw(image)
             if image.format == "JPEG" and self.size / min(height, width) > 0.5:  # no DCT scaling possible
@@ -141,10 +141,11 @@ def _apply(image: Image.Image, table: np.ndarray) -> Image.Image:
 class FlipJitter:
     """Horizontal flip and ColorJitter(brightness, contrast, saturation = `strength`) on uint8 (3, H, W), with
     torchvision's draws in torchvision's order (flip, then a random order of the three, then the three factors),
-    then the contract's normalisation unless `preprocess` is None (the device normalises the batch)."""
+    then `policy` (an automatic augmentation policy, or None), then the contract's normalisation unless
+    `preprocess` is None (the device normalises the batch)."""
 
-    def __init__(self, strength: float, preprocess: Preprocess | None):
-        self.strength, self.preprocess = strength, preprocess
+    def __init__(self, strength: float, preprocess: Preprocess | None, policy=None):
+        self.strength, self.preprocess, self.policy = strength, preprocess, policy
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
@@ -156,6 +157,8 @@ class FlipJitter:
             factors = [torch.empty(1).uniform_(low, high).item() for _ in range(3)]
             image = jitter_image(image, order, *factors)
         out = _pixels(image)
+        if self.policy is not None:  # an automatic augmentation policy (data/augment.py), on 8-bit pixels
+            out = self.policy(out)
         if self.preprocess is None:
             return out
         return normalize_bytes(out[None], self.preprocess)[0]
@@ -182,7 +185,7 @@ class SeedResize:
         return to_rgb(image).resize((target_width, target_height), self.resample)
 
     def from_file(self, path: str | os.PathLike) -> Image.Image:
-        with Image.open(path) as image:  # not decoded yet: the resize may ask for a reduced decode
+        with open_image(path) as image:  # not decoded yet: the resize may ask for a reduced decode
             return self(check_size(image))
 
 
@@ -205,11 +208,12 @@ def _normalize(preprocess: Preprocess) -> list:
 
 
 def train_transform(preprocess: Preprocess, min_scale: float = 0.08, color_jitter: float = 0.4,
-                    normalized: bool = True) -> ImagePipeline:
-    """The seed's: RandomResizedCrop(scale min_scale-1, ratio 3/4-4/3), horizontal flip, ColorJitter; normalised
-    floats, or uint8 with `normalized=False` (then `batched.normalize_bytes` on the batch, on the device)."""
-    crop = SeedRandomResizedCrop(preprocess.image_size, (min_scale, 1.0), preprocess.interpolation)
-    return ImagePipeline(crop, FlipJitter(color_jitter, preprocess if normalized else None))
+                    normalized: bool = True, crop_size: int = 0, policy=None) -> ImagePipeline:
+    """The seed's: RandomResizedCrop(scale min_scale-1, ratio 3/4-4/3) to `crop_size` (0: the contract's image
+    size), horizontal flip, ColorJitter, then `policy` when given; normalised floats, or uint8 with
+    `normalized=False` (then `batched.normalize_bytes` on the batch, on the device)."""
+    crop = SeedRandomResizedCrop(crop_size or preprocess.image_size, (min_scale, 1.0), preprocess.interpolation)
+    return ImagePipeline(crop, FlipJitter(color_jitter, preprocess if normalized else None, policy))
 
 
 def eval_transform(preprocess: Preprocess) -> ImagePipeline:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mobilenetv2.config import TrainConfig
+from mobilenetv2.data.augment import BatchOps, batch_ops
 from mobilenetv2.errors import TrainingStopped
 from mobilenetv2.evaluation import EvalResult
 from mobilenetv2.monitor import RunMonitor, epoch_line, step_line
@@ -92,6 +93,7 @@ class _Run:
     ema: nn.Module | None
     schedule: SeedSchedule | StepSchedule
     criterion: nn.Module
+    batch_ops: BatchOps | None
     skipped_images: int = 0
     skipped_steps: int = 0  # fp16 overflows
     pending: list = field(default_factory=list)  # step records whose loss is still on the device
@@ -201,7 +203,7 @@ def _start(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Pa
     return _Run(task, config, monitor, output / "checkpoints" if output else None,
                 build_optimizer(task.model, config, task.runtime.device), task.runtime.grad_scaler(),
                 build_ema(task.model, config), build_schedule(config, task.steps_per_epoch),
-                build_loss(config, task.model.num_classes),
+                build_loss(config, task.model.num_classes), batch_ops(config, task.model.num_classes),
                 first_bad=torch.tensor([-1.0, 0.0], dtype=torch.float64, device=task.runtime.device))
 
 
@@ -217,6 +219,8 @@ def _step(run: _Run, state: LoopState, epoch: _Epoch, step: int, inputs, labels,
     lr = run.schedule(state.global_step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    if run.batch_ops is not None:  # random erasing and mixup/cutmix, in the training process on every data path
+        inputs, labels = run.batch_ops(task.runtime.to_input(inputs), labels.to(task.runtime.device))
     loss, overflowed = train_step(task.trainable, inputs, labels, run.criterion, run.optimizer, run.scaler, task.runtime,
                                   config.clip_grad_norm)
     run.skipped_steps += overflowed

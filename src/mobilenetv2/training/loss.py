@@ -10,7 +10,11 @@ from torch import nn
 class SeedLabelSmoothingLoss(nn.Module):
     """The seed's loss (CrossEntropyWithLabelSmooth): one-hot targets with on = 1 - eps and off = eps / (K - 1) over K
     classes, softmax cross-entropy, mean over the batch. Half-precision logits are computed in float32; float64
-    stays float64."""
+    stays float64.
+
+    Labels are class indices (N,) or soft targets (N, K) whose rows sum to one (mixup, cutmix). Smoothing is affine,
+    so a soft target t becomes t * (1 - eps - off) + off: a mix of two labels with weights lam and 1 - lam gets the
+    same mix of their smoothed one-hot targets."""
 
     def __init__(self, smoothing: float, num_classes: int):
         super().__init__()
@@ -23,5 +27,8 @@ class SeedLabelSmoothingLoss(nn.Module):
             raise ValueError(f"the loss is for {self.num_classes} classes, the logits have {logits.shape[1]}")
         log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
         off = self.smoothing / (self.num_classes - 1) if self.num_classes > 1 else 0.0
-        target = torch.full_like(log_probs, off).scatter_(1, labels[:, None], 1.0 - self.smoothing)
+        if labels.is_floating_point():
+            target = labels.to(log_probs.dtype) * (1.0 - self.smoothing - off) + off
+        else:
+            target = torch.full_like(log_probs, off).scatter_(1, labels[:, None], 1.0 - self.smoothing)
         return -(target * log_probs).sum(dim=1).mean()

@@ -10,6 +10,7 @@ and `feature_task` (the head alone, on cached backbone features; None on ranks t
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -21,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from mobilenetv2.config import TrainConfig
-from mobilenetv2.data import batched, folders, on_device
+from mobilenetv2.data import augment, batched, folders, on_device
 from mobilenetv2.data.transforms import eval_transform, train_transform
+from mobilenetv2.errors import UserError
 from mobilenetv2.evaluation import EvalResult, evaluate
 from mobilenetv2.model import MobileNetV2
 from mobilenetv2.runtime import Runtime
@@ -59,38 +61,91 @@ class _SkipSampler(Sampler[int]):
 
 
 class _SeededSamples(Dataset):
-    """Each item's augmentation drawn from its own seed (run seed, epoch, index), without touching the global
-    random stream: the same for any worker count, and the same after a resume in the middle of an epoch."""
+    """Each item's augmentation drawn from its own seed (run seed, rank, epoch, position in the rank's epoch),
+    without touching the global random streams (torch's, and Python's and NumPy's, which timm's RandAugment draws
+    from): the same for any worker count, and the same after a resume in the middle of an epoch. The position, not
+    the index, makes the seed, so the copies of an image under repeated augmentation draw apart."""
 
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+    def __init__(self, dataset: Dataset, seed: int, rank: int):
+        self.dataset, self.seed, self.epoch = dataset, seed * 1_009 + rank, 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % (1 << 63))
-            return self.dataset[index]
+    def __getitem__(self, item: tuple[int, int]):
+        position, index = item
+        seed = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + position) % (1 << 63)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % (1 << 32))
+                return self.dataset[index]
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
-def _train_sampler(length: int, config: TrainConfig, runtime: Runtime) -> tuple[DistributedSampler, bool, int]:
-    """This rank's shuffled share of `length` items, whether to drop the remainder, and the steps per epoch.
+class _Positioned(Sampler[tuple[int, int]]):
+    """(position in the epoch, index) pairs of a sampler's order."""
+
+    def __init__(self, sampler: Sampler[int]):
+        self.sampler = sampler
+
+    def __iter__(self):
+        return enumerate(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _RepeatedAugmentation(Sampler[int]):
+    """timm's RepeatAugSampler (DeiT's): each index `repeats` times in a row, the copies dealt to ranks in turn, each
+    rank's share cut to about length / ranks per epoch. timm seeds its shuffle with the epoch alone; the run's seed
+    is folded into the epoch it is given, so different seeds shuffle apart."""
+
+    def __init__(self, length: int, repeats: int, runtime: Runtime, seed: int):
+        try:
+            from timm.data.distributed_sampler import RepeatAugSampler
+        except ImportError:
+            raise UserError("`repeated_aug` uses timm's sampler: pip install 'mobilenetv2[recipes]'") from None
+        self.sampler = RepeatAugSampler(range(length), num_replicas=runtime.world_size, rank=runtime.rank,
+                                        shuffle=True, num_repeats=repeats)
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(self.seed * 1_000_003 + epoch)
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def _train_sampler(length: int, config: TrainConfig, runtime: Runtime) -> tuple[Sampler[int], bool, int]:
+    """This rank's shuffled share of `length` items (with repeated augmentation when asked), whether to drop the
+    remainder, and the steps per epoch.
 
     The seed drops the remainder; a set smaller than one batch keeps its single batch.
     """
-    sampler = DistributedSampler(range(length), num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True,
-                                 seed=config.seed, drop_last=False)
+    if config.repeated_aug > 1:
+        sampler = _RepeatedAugmentation(length, config.repeated_aug, runtime, config.seed)
+    else:
+        sampler = DistributedSampler(range(length), num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True,
+                                     seed=config.seed, drop_last=False)
     drop_last = len(sampler) >= config.batch_size
     return sampler, drop_last, len(sampler) // config.batch_size if drop_last else 1
 
 
-def _epoch_loader(dataset, sampler: DistributedSampler, drop_last: bool, config: TrainConfig, runtime: Runtime,
-                  collate, epoch: int, skip: int) -> DataLoader:
+def _epoch_loader(dataset, sampler: Sampler[int], drop_last: bool, config: TrainConfig, runtime: Runtime,
+                  collate, epoch: int, skip: int, positioned: bool = False) -> DataLoader:
     """One epoch of training batches from files, `skip` batches in (a resumed epoch); the loader's own seed comes
-    from (seed, epoch), never from the global random stream."""
+    from (seed, epoch), never from the global random stream. `positioned`: the dataset takes (position, index)."""
     sampler.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=config.batch_size, sampler=_SkipSampler(sampler, skip * config.batch_size),
+    order = _Positioned(sampler) if positioned else sampler
+    return DataLoader(dataset, batch_size=config.batch_size, sampler=_SkipSampler(order, skip * config.batch_size),
                       num_workers=config.workers, collate_fn=collate, pin_memory=runtime.device.type == "cuda",
                       drop_last=drop_last, persistent_workers=False,
                       generator=torch.Generator().manual_seed(config.seed + epoch))
@@ -105,14 +160,17 @@ def image_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetS
                output: Path) -> TrainTask:
     """Train the whole network (or what requires grad) on images through a DataLoader."""
     known = _known_classes(model, splits)
+    policy = augment.image_policy(config, model.preprocess)
     train_set = _SeededSamples(folders.image_folder(splits.train, train_transform(
-        model.preprocess, config.min_scale, config.color_jitter, normalized=False), known), config.seed)
+        model.preprocess, config.min_scale, config.color_jitter, normalized=False, crop_size=config.train_crop_size,
+        policy=policy), known), config.seed, runtime.rank)
     sampler, drop_last, steps = _train_sampler(len(train_set), config, runtime)
     pin = runtime.device.type == "cuda"
 
     def batches(epoch: int, skip: int):  # uint8 from the workers, normalised on the device
         train_set.epoch = epoch
-        loader = _epoch_loader(train_set, sampler, drop_last, config, runtime, folders.collate_skipping, epoch, skip)
+        loader = _epoch_loader(train_set, sampler, drop_last, config, runtime, folders.collate_skipping, epoch, skip,
+                               positioned=True)
         for images, labels, skipped in loader:
             if len(labels):
                 images = batched.normalize_bytes(runtime.to_input(images), model.preprocess)
@@ -136,12 +194,13 @@ def device_task(config: TrainConfig, model: MobileNetV2, splits: folders.Dataset
     known = _known_classes(model, splits)
     train_set = folders.image_folder(splits.train, None, known, kind=on_device.EncodedFolder)
     sampler, drop_last, steps = _train_sampler(len(train_set), config, runtime)
-    augment = on_device.DeviceTrainAugment(model.preprocess, config.min_scale, config.color_jitter)
+    train_augment = on_device.DeviceTrainAugment(model.preprocess, config.min_scale, config.color_jitter,
+                                                 config.train_crop_size, augment.image_policy(config, model.preprocess))
     pin = runtime.device.type == "cuda"
 
     def batches(epoch: int, skip: int):
         loader = _epoch_loader(train_set, sampler, drop_last, config, runtime, on_device.collate_encoded, epoch, skip)
-        return on_device.on_device(loader, augment, runtime.device)
+        return on_device.on_device(loader, train_augment, runtime.device)
 
     evaluate_fn = None
     if splits.val is not None and config.eval_every:
@@ -164,7 +223,8 @@ def memory_task(config: TrainConfig, model: MobileNetV2, splits: folders.Dataset
     preprocess, known = model.preprocess, _known_classes(model, splits)
     images, labels, skipped = batched.decode_all(folders.image_folder(splits.train, None, known),
                                                  preprocess.resize_size, config.workers)
-    augment = batched.BatchAugment(preprocess, config.min_scale, config.color_jitter)
+    train_augment = batched.BatchAugment(preprocess, config.min_scale, config.color_jitter, config.train_crop_size,
+                                         augment.image_policy(config, preprocess))
     sampler, drop_last, steps = _train_sampler(len(labels), config, runtime)
 
     def batches(epoch: int, skip: int):
@@ -173,7 +233,7 @@ def memory_task(config: TrainConfig, model: MobileNetV2, splits: folders.Dataset
         for start in range(skip * config.batch_size, steps * config.batch_size if drop_last else len(order),
                            config.batch_size):
             index = order[start:start + config.batch_size]
-            yield augment(images[index]), labels[index], skipped if start == 0 else 0
+            yield train_augment(images[index]), labels[index], skipped if start == 0 else 0
 
     evaluate_fn = None
     if splits.val is not None and config.eval_every:
