@@ -260,3 +260,32 @@ def test_bad_augmentation_values_are_one_line_exit_2(capsys, dataset, tmp_path, 
     err = one_line_exit_2(capsys, ["train", "--data", str(dataset), "--output", str(tmp_path / "run"), "--workers",
                                    "0", "--width-mult", "0.25", "--image-size", "32", *flags])
     assert message in err
+
+
+def test_every_option_under_torchrun(dataset, tmp_path):
+    """Two ranks with every option: the repeated-augmentation sampler splits across them, eval counts each image
+    once, and the run's steps are what the sampler's share gives."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mobilenetv2", "train", "--data", str(dataset), "--output", str(run), "--width-mult", "0.25",
+               "--image-size", "32", "--workers", "0", "--batch-size", "4", "--epochs", "1", "--amp", "off",
+               *EVERY_OPTION]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    from conftest import records
+
+    (epoch,) = records(run, "epoch")
+    assert epoch["eval_count"] == 15 and epoch["steps"] == 24 // 2 // 4  # timm's share: 24 images / 2 ranks
+
+
+def test_image_options_are_refused_for_cached_features(capsys, dataset, tmp_path):
+    from conftest import MS_CHECKPOINT
+
+    err = one_line_exit_2(capsys, ["train", "--data", str(dataset), "--output", str(tmp_path / "run"), "--pretrained",
+                                   str(MS_CHECKPOINT), "--freeze", "backbone", "--mixup-alpha", "0.2"])
+    assert "--freeze backbone trains on cached features" in err and not (tmp_path / "run").exists()

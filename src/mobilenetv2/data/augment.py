@@ -74,10 +74,13 @@ class RandomErase:
     normal noise per pixel (`pixel`, as timm's recipes)."""
 
     def __init__(self, probability: float, mode: str = "pixel"):
-        self.erase = T.RandomErasing(p=probability, value="random" if mode == "pixel" else 0)
+        self.erase = T.RandomErasing(p=probability, value="random" if mode == "pixel" else 0, inplace=True)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.erase(image) for image in batch])
+        batch = batch.clone()
+        for image in batch:  # each a view: erased in place, one draw per image
+            self.erase(image)
+        return batch
 
 
 @dataclass(frozen=True)
