@@ -49,8 +49,11 @@ def test_ten_kills_at_random_moments_then_resume_give_the_uninterrupted_weights(
         time.sleep(0.02)
     started = time.time()
     assert process.wait(timeout=300) == 0
-    # how long an epoch takes on this machine (6 steps, an eval, a checkpoint write): the kills below wait up to 1.5
-    # of them, so that they land anywhere in an epoch and the run still gets past its checkpoints on a slow machine
+    # how long an epoch takes on this machine (6 steps, an eval, a checkpoint write): the kills below wait up to 3
+    # of them, so that they land anywhere in an epoch and the run still gets past its checkpoints on a slow machine.
+    # A kill before the next checkpoint resumes at the same step, so kill steps repeat by design: in a simulation of
+    # this schedule, waits of up to 1.5 epochs gave fewer than 8 distinct steps in 30 % of runs (seen: 7, on an
+    # Intel VM at 0.26 s an epoch), up to 3 epochs gives fewer than 7 in 0.4 % and never passes step 116
     epoch_s = (time.time() - started) / 30
     run, killed_at, rng = tmp_path / "killed", [], random.Random(12)
     for _attempt in range(10):
@@ -60,7 +63,7 @@ def test_ten_kills_at_random_moments_then_resume_give_the_uninterrupted_weights(
         deadline = time.time() + 120
         while len(step_records(run)) <= seen and time.time() < deadline:  # training has started again
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 1.5 * epoch_s))  # then anywhere: mid-step, mid-eval, mid-checkpoint-write
+        time.sleep(rng.uniform(0.0, 3.0 * epoch_s))  # then anywhere: mid-step, mid-eval, mid-checkpoint-write
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
         killed_at.append(step_records(run)[-1]["global_step"])
@@ -69,7 +72,7 @@ def test_ten_kills_at_random_moments_then_resume_give_the_uninterrupted_weights(
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert_same_weights(weights(straight), weights(run))
     print(f"killed after steps {killed_at} ({epoch_s:.2f} s an epoch)")
-    assert max(killed_at) < 179 and len(set(killed_at)) >= 8, killed_at  # each kill came in the middle of training
+    assert max(killed_at) < 179 and len(set(killed_at)) >= 7, killed_at  # each kill came in the middle of training
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 
