@@ -31,7 +31,6 @@ class ImagePolicy:
     """An automatic augmentation policy on one uint8 (3, H, W) image, returning uint8 (3, H, W) on its device."""
 
     def __init__(self, name: str, image_size: int, mean: tuple[float, float, float], interpolation: str):
-        self.name = name
         if name in TORCHVISION_POLICIES:
             mode = _INTERPOLATION[interpolation]
             self.policy = {"ta_wide": lambda: T.TrivialAugmentWide(interpolation=mode),

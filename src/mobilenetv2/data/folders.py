@@ -49,11 +49,17 @@ DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFEr
 
 
 def open_image(source: str | Path | BinaryIO) -> Image.Image:
-    """PIL's Image.open (the header only) without PIL's decompression-bomb warning: `check_size` refuses such images
-    with a message of its own, and the warning was a second, unasked-for line on stderr."""
+    """PIL's Image.open (the header only, nothing decoded yet), refused with ImageTooLarge beyond MAX_PIXELS
+    (`check_size`). PIL's own decompression-bomb warning is silenced: the refusal says it in one line, and the
+    warning was a second, unasked-for line on stderr."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(source)
+        image = Image.open(source)
+    try:
+        return check_size(image)
+    except ImageTooLarge:
+        image.close()
+        raise
 
 
 def check_size(image: Image.Image) -> Image.Image:
@@ -83,7 +89,6 @@ def decode_rgb(source: str | Path | BinaryIO) -> Image.Image:
     """The image in `source` (a path or a binary file; the first frame of an animation), fully decoded, as RGB.
     Raises one of DECODE_ERRORS for bytes that are no image, or an image larger than MAX_PIXELS."""
     with open_image(source) as image:
-        check_size(image)
         image.load()
         return to_rgb(image)
 

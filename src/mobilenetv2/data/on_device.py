@@ -18,7 +18,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from mobilenetv2.config import Preprocess
 from mobilenetv2.data.batched import color_jitter, normalize
-from mobilenetv2.data.folders import DECODE_ERRORS, SafeImageFolder, check_size, decode_rgb, open_image
+from mobilenetv2.data.folders import DECODE_ERRORS, SafeImageFolder, decode_rgb, open_image
 from mobilenetv2.data.transforms import resize_target
 
 MAX_FILE_BYTES = 64 << 20  # larger files are refused before they are read
@@ -36,8 +36,7 @@ class EncodedFolder(SafeImageFolder):
                 raise OSError(f"larger than {MAX_FILE_BYTES} bytes")
             with open(path, "rb") as handle:
                 data = handle.read()
-            with open_image(io.BytesIO(data)) as image:
-                check_size(image)
+            open_image(io.BytesIO(data)).close()  # the header: not an image, or too large, stops here
         except DECODE_ERRORS as exc:
             warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=1)
             return None

@@ -28,7 +28,7 @@ from torchvision.transforms import v2 as T
 
 from mobilenetv2.config import Preprocess
 from mobilenetv2.data.batched import normalize_bytes
-from mobilenetv2.data.folders import check_size, open_image, to_rgb
+from mobilenetv2.data.folders import open_image, to_rgb
 
 PIL_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
@@ -75,7 +75,6 @@ class SeedRandomResizedCrop:
 
     def from_file(self, path: str | os.PathLike) -> torch.Tensor:
         with open_image(path) as image:  # only the header is read so far
-            check_size(image)
             top, left, height, width = self._draw(image)
             if image.format == "JPEG" and self.size / min(height, width) > 0.5:  # no DCT scaling possible
                 pixels = _decode_jpeg(path)
@@ -186,7 +185,7 @@ class SeedResize:
 
     def from_file(self, path: str | os.PathLike) -> Image.Image:
         with open_image(path) as image:  # not decoded yet: the resize may ask for a reduced decode
-            return self(check_size(image))
+            return self(image)
 
 
 class ImagePipeline:
