@@ -93,16 +93,21 @@ def _cmd_eval(args) -> int:
         raise UserError("give `checkpoint` (evaluate one model) or `compare` A B (per-image agreement of two)")
     folder = predict.eval_folder(args.data)
     if args.compare:
-        print(predict.compare_models(*args.compare, folder, batch_size=args.batch_size, workers=args.workers))
+        print(predict.compare_models(*args.compare, folder, batch_size=args.batch_size, workers=args.workers,
+                                     runtime_name=args.runtime))
         return 0
-    with runtime.session(args.device, "off") as state:
-        result, classes = predict.evaluate_checkpoint(args.checkpoint, folder, state, batch_size=args.batch_size,
-                                                      workers=args.workers, resize_mode=args.resize)
+    device = "cpu" if args.device == "auto" and args.runtime in ("onnx", "openvino") else args.device
+    with runtime.session(device, "off") as state:
+        result, classes, classifier = predict.evaluate_checkpoint(
+            args.checkpoint, folder, state, batch_size=args.batch_size, workers=args.workers, resize_mode=args.resize,
+            runtime_name=args.runtime, data_backend=args.data_backend)
     if state.is_main:
-        print(f"result:{{'acc': {result.top1}, 'top5': {result.top5}}} ckpt={args.checkpoint}")
+        print(f"result:{{'acc': {result.top1}, 'top5': {result.top5}}} ckpt={args.checkpoint} "
+              f"runtime={classifier.runtime}")
         print(f"evaluated {result.count} images" + (f", skipped {result.skipped} unreadable" if result.skipped else ""))
         if args.json:
-            report = {"checkpoint": str(args.checkpoint), "data": str(folder), **result.to_dict(classes)}
+            report = {"checkpoint": str(args.checkpoint), "data": str(folder), "runtime": classifier.runtime,
+                      "data_backend": args.data_backend, **result.to_dict(classes)}
             Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
@@ -114,7 +119,7 @@ def _cmd_predict(args) -> int:
 
     if args.topk < 1:
         raise UserError("`topk` must be >= 1")
-    classifier = predict.load_classifier(args.checkpoint)
+    classifier = predict.load_classifier(args.checkpoint, runtime_name=args.runtime, batch_size=len(args.images))
     results = predict.predict(classifier, args.images, args.topk, skip_unreadable=True)
     failed = [result for result in results if "error" in result]
     if args.json:
@@ -217,6 +222,10 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+RUNTIME_HELP = ("auto: on a CPU the fastest engine installed, timed here (a .pt runs through an ONNX export cached "
+                "beside it), on a GPU torch; torch | onnx (ONNX Runtime) | openvino")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mobilenetv2", description="Train, fine-tune, evaluate, export and serve MobileNetV2.")
     parser.add_argument("--version", action="version", version=f"mobilenetv2 {__version__}")
@@ -245,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", metavar="FILE", help="write top-1/top-5, loss, count, per-class accuracy, confusion matrix")
     evaluate.add_argument("--resize", choices=["short", "squash"], help="short: shorter side then centre crop "
                           "(torchvision/timm); squash: square resize as the seed (default: the checkpoint's)")
+    evaluate.add_argument("--runtime", default="auto", help=RUNTIME_HELP)
+    evaluate.add_argument("--data-backend", default="pil", help="pil: decode in the loader's workers; device: "
+                          "workers read bytes, the device decodes each batch (nvJPEG on a GPU), as in training")
     evaluate.set_defaults(handler=_cmd_eval)
 
     predict = commands.add_parser("predict", help="classify images: class names and probabilities")
@@ -252,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.add_argument("--topk", type=int, default=5)
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    predict.add_argument("--runtime", default="auto", help=RUNTIME_HELP)
     predict.set_defaults(handler=_cmd_predict)
 
     export = commands.add_parser("export", help="export to ONNX / TorchScript / MindSpore, checked against eager")

@@ -117,6 +117,8 @@ class TrainConfig:
     extend_classes: bool = _help("class-incremental: keep the checkpoint's head rows, add rows for new classes", default=False)
     feature_cache: str = _help("folder for cached backbone features (default OUTPUT/feature_cache)", default="")
     feature_views: int = _help("augmented views per image in the feature cache (1: eval transform only)", default=1)
+    feature_runtime: str = _help("engine that runs the frozen backbone over the images: auto (on a CPU the fastest "
+                                 "installed, timed here) | torch | onnx | openvino", default="auto")
     # data
     train_crop_size: int = _help("training crop size in pixels (0: image-size); smaller than the eval crop for "
                                  "FixRes-style training (train 176, eval resize 232 and crop 224)", default=0)
@@ -187,6 +189,8 @@ class TrainConfig:
             (self.workers >= 0, "`workers` must be >= 0"),
             (self.max_steps >= 0, "`max_steps` must be >= 0"),
             (self.feature_views >= 1, "`feature_views` must be >= 1"),
+            (self.feature_runtime in ("auto", "torch", "onnx", "openvino"),
+             f"`feature_runtime` must be auto, torch, onnx or openvino, got {self.feature_runtime!r}"),
             (self.log_every >= 1, "`log_every` must be >= 1"),
             (self.image_size >= 16, "`image_size` must be >= 16"),
             (self.resize_size == 0 or self.resize_size >= self.image_size, "`resize_size` must be >= `image_size`"),

@@ -73,8 +73,11 @@ def run_demo(options: DemoOptions) -> dict:
 
 
 def _evaluate(checkpoint: Path, data_dir: Path, options: DemoOptions, device: str | None = None) -> dict:
+    """Top-1 and the rest of `checkpoint` as written: a .pt in PyTorch (the export is measured on its own)."""
     with runtime.session(device or options.device, "off") as state:
-        result, classes = predict.evaluate_checkpoint(checkpoint, data_dir / "val", state, batch_size=500)
+        engine = "onnx" if checkpoint.suffix == ".onnx" else "torch"
+        result, classes, _ = predict.evaluate_checkpoint(checkpoint, data_dir / "val", state, batch_size=500,
+                                                         runtime_name=engine)
     return result.to_dict(classes)
 
 

@@ -32,7 +32,7 @@ def test_eval_counts_every_image_once_alone_and_under_torchrun(five_data, pretra
     assert main(["eval", "--data", str(five_data), "--checkpoint", str(pretrained_five), "--batch-size", "7",
                  "--workers", "0", "--json", str(report)]) == 0
     accuracy, line = result_line(capsys.readouterr().out)
-    assert line.endswith(f"ckpt={pretrained_five}") and "'top5': " in line
+    assert f"ckpt={pretrained_five} runtime=" in line and "'top5': " in line
     data = json.loads(report.read_text())
     assert data["count"] == 100 and data["top1"] == accuracy and accuracy > 0.4
     assert np.array(data["confusion_matrix"]).sum() == 100

@@ -107,7 +107,8 @@ def quantize(model: MobileNetV2, data: str | os.PathLike, output: str | os.PathL
         chosen, rates = write_faster_int8(model, fp32, int8, lambda: calibration_batches(model, splits.train,
                                                                                          calibration_images), keep_fp32)
         with runtime_module.session("cpu", "off") as state:
-            results = [evaluate_checkpoint(path, splits.val, state, batch_size=batch_size, workers=workers)[0]
+            results = [evaluate_checkpoint(path, splits.val, state, batch_size=batch_size, workers=workers,
+                                           runtime_name="onnx")[0]
                        for path in (fp32, int8)]
         report = QuantizeReport(results[0].top1, results[1].top1, results[1].count, calibration_images, chosen, rates,
                                 cpu_description() if rates else None)

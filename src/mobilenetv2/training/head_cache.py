@@ -60,7 +60,7 @@ def cache_key(model: MobileNetV2, splits: dict[str, SafeImageFolder], config: Tr
 
 
 @torch.no_grad()
-def _extract(model: MobileNetV2, dataset, rows: np.ndarray, labels: np.ndarray, valid: np.ndarray, view: int,
+def _extract(features_fn, dataset, rows: np.ndarray, labels: np.ndarray, valid: np.ndarray, view: int,
              views: int, runtime: Runtime, batch_size: int, workers: int, description: str) -> None:
     """Fill this rank's rows (view `view` of every image) of the memory-mapped arrays."""
     from tqdm import tqdm
@@ -73,7 +73,7 @@ def _extract(model: MobileNetV2, dataset, rows: np.ndarray, labels: np.ndarray, 
         if len(labels_and_index) == 0:
             continue
         with runtime.autocast():
-            pooled = model.features(runtime.to_input(inputs)).float().cpu().numpy()
+            pooled = features_fn(runtime.to_input(inputs)).float().cpu().numpy()
         index = labels_and_index[:, 1].numpy() * views + view
         rows[index] = pooled
         labels[index] = labels_and_index[:, 0].numpy()
@@ -110,6 +110,9 @@ def build_cache(model: MobileNetV2, splits: dict[str, SafeImageFolder],
         shutil.rmtree(partial, ignore_errors=True)  # a killed extraction's leftovers are never reused
         partial.mkdir(parents=True)
     runtime.barrier()
+    from mobilenetv2.deploy.runtimes import feature_function
+
+    features_fn, engine = feature_function(model, runtime, config.feature_runtime, config.batch_size)
     features = model.num_features
     counts = {}
     for name, dataset in splits.items():
@@ -124,8 +127,8 @@ def build_cache(model: MobileNetV2, splits: dict[str, SafeImageFolder],
             source = dataset if (name != "train" or views == 1) else augmented
             if source is augmented:  # each view draws its own augmentation, reproducibly
                 torch.manual_seed(config.seed * 1000 + view * 17 + runtime.rank)
-            _extract(model, source, *arrays, view, views, runtime, config.batch_size, config.workers,
-                     f"features {name} view {view + 1}/{views}")
+            _extract(features_fn, source, *arrays, view, views, runtime, config.batch_size, config.workers,
+                     f"features {name} view {view + 1}/{views} ({engine})")
         for array in arrays:
             array.flush()
         counts[name] = count
@@ -133,7 +136,7 @@ def build_cache(model: MobileNetV2, splits: dict[str, SafeImageFolder],
     runtime.barrier()
     if runtime.is_main:
         (partial / "complete.json").write_text(json.dumps({"counts": counts, "features": features,
-                                                           "views": config.feature_views}))
+                                                           "views": config.feature_views, "runtime": engine}))
         if final.exists():  # an incomplete folder under the final name (an older layout): replace it
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -150,6 +153,14 @@ def _open_arrays(folder: Path, name: str, count: int, features: int, create: boo
     valid = np.lib.format.open_memmap(folder / f"{name}_valid.npy", mode=mode, dtype=np.uint8,
                                       shape=(count,) if create else None)
     return rows, labels, valid
+
+
+def built_with(folder: Path) -> str:
+    """The engine that extracted a complete cache's features (caches from before engines were recorded: torch)."""
+    try:
+        return str(json.loads((folder / "complete.json").read_text()).get("runtime", "torch"))
+    except (OSError, ValueError, AttributeError):
+        return "torch"
 
 
 def load_split(folder: Path, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -308,7 +308,8 @@ def feature_task(config: TrainConfig, model: MobileNetV2, splits: folders.Datase
             return evaluate(network.head.classify, val_batches, local, model.num_classes)
 
     return TrainTask(HeadOnFeatures(model.head), model, batches, steps, evaluate_fn, local,
-                     notes=[f"feature cache {'reused' if reused else 'built'}: {folder} ({len(labels)} train rows)"])
+                     notes=[f"feature cache {'reused' if reused else 'built'}: {folder} ({len(labels)} train rows, "
+                            f"backbone run by {head_cache.built_with(folder)})"])
 
 
 def build_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetSplits, runtime: Runtime,

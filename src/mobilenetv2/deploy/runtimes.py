@@ -1,0 +1,423 @@
+"""Inference engines: what runs a model's forward pass for `eval`, `predict`, `eval --compare` and the frozen
+backbone of head-only training.
+
+A checkpoint (any file `load_model` reads) runs in eager PyTorch, or in ONNX Runtime or OpenVINO through an ONNX
+export cached beside it: `.mobilenetv2-cache/NAME.KEY.onnx`, KEY a hash of the checkpoint's bytes, written once,
+checked against eager as `export` checks, and replaced when the checkpoint changes (elsewhere when that folder is
+not writable: `$XDG_CACHE_HOME/mobilenetv2`). An `.onnx` file runs in ONNX Runtime or OpenVINO.
+
+`auto` decides on this machine: on a GPU, PyTorch (the engines we ship to run on the CPU); on a CPU, the fastest
+installed engine as timed here for this model, size and batch, in interleaved rounds. The timing is kept beside the
+cached export, per CPU, threads and batch, so it is paid once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mobilenetv2.config import Preprocess
+from mobilenetv2.errors import CheckpointError, UserError, first_line
+from mobilenetv2.metadata import FORMAT_NAME, parse
+from mobilenetv2.model import MobileNetV2
+
+RUNTIMES = ("auto", "torch", "onnx", "openvino")
+ENGINES = RUNTIMES[1:]
+EXTRAS = {"onnx": "pip install 'mobilenetv2[export]'", "openvino": "pip install 'mobilenetv2[openvino]'"}
+CACHE_FOLDER = ".mobilenetv2-cache"
+CACHE_FORMAT = 1  # bump when the cached export changes shape; old files are then rebuilt
+MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit for one message
+TIMING_BATCH = 16  # the largest batch `auto` times with: the order of the engines holds from there up
+TIMING_SECONDS = 0.3  # per engine, over the interleaved rounds
+
+
+@dataclass
+class Classifier:
+    """A forward function over normalised batches, with the contract and names that go with it, and the engine
+    that runs it."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    num_classes: int
+    preprocess: Preprocess
+    class_names: list[str] | None
+    runtime: str = "torch"
+
+
+def imagenet_class_names() -> list[str]:
+    text = resources.files("mobilenetv2").joinpath("resources/imagenet_classes.txt").read_text()
+    return [line for line in text.splitlines() if line]
+
+
+def _names_or_imagenet(names: list[str] | None, num_classes: int) -> list[str] | None:
+    return names or (imagenet_class_names() if num_classes == 1000 else None)
+
+
+def as_classifier(model: MobileNetV2) -> Classifier:
+    """A network (fresh or loaded) as a Classifier in eager PyTorch; a 1000-class one without names gets the
+    ImageNet-1k names."""
+    model.eval()
+    return Classifier(model, model.num_classes, model.preprocess,
+                      _names_or_imagenet(model.class_names, model.num_classes))
+
+
+def installed(engine: str) -> bool:
+    """Whether `engine` can run here (ONNX Runtime and OpenVINO also need onnx, to export and read metadata)."""
+    if engine == "torch":
+        return True
+    needs = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}[engine]
+    return all(find_spec(name) is not None for name in needs)
+
+
+def require_runtime(name: str) -> None:
+    if name not in RUNTIMES:
+        raise UserError(f"unknown `runtime` {name!r}; choose one of {', '.join(RUNTIMES)}")
+    if name != "auto" and not installed(name):
+        raise UserError(f"`runtime` {name} is not installed: {EXTRAS[name]}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# engines over an ONNX file: run(images: float32 ndarray N x 3 x H x W) -> logits ndarray
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _onnxruntime_run(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], object]:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = _threads(), 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return (lambda images: session.run(["logits"], {"input": images})[0]), session.get_inputs()[0].shape[0]
+
+
+def _openvino_run(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], object]:
+    import openvino
+
+    core = openvino.Core()
+    network = core.read_model(str(path))
+    # f32 everywhere: on CPUs with bf16 units OpenVINO would otherwise run float layers in bf16 (int8 layers of a
+    # quantized file stay int8 either way)
+    compiled = core.compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                   "INFERENCE_NUM_THREADS": _threads()})
+    request = compiled.create_infer_request()
+    output = compiled.output("logits")
+
+    def run(images: np.ndarray) -> np.ndarray:
+        return request.infer({"input": images})[output].copy()
+
+    batch = network.input("input").get_partial_shape()[0]
+    return run, (batch.get_length() if batch.is_static else None)
+
+
+_ENGINE_RUNNERS = {"onnx": _onnxruntime_run, "openvino": _openvino_run}
+
+
+def _read_onnx_metadata(path: Path):
+    """The mobilenetv2 metadata record of an ONNX file; CheckpointError for anything else."""
+    import onnx
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size > MAX_ONNX_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes is more than the {MAX_ONNX_BYTES} an ONNX file "
+                              "can hold")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others for foreign bytes
+        raise CheckpointError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+    try:
+        properties = {entry.key: entry.value for entry in proto.metadata_props}
+    except ValueError as exc:  # a property that is not UTF-8 (UnicodeDecodeError)
+        raise CheckpointError(f"{path}: its metadata is not text ({first_line(exc, 120)})") from None
+    if FORMAT_NAME not in properties:
+        raise CheckpointError(f"{path}: an ONNX file without mobilenetv2 metadata (export it with 'mobilenetv2 export')")
+    try:
+        meta = parse(json.loads(properties[FORMAT_NAME]), str(path))
+    except (ValueError, TypeError):  # not JSON, or not even UTF-8
+        raise CheckpointError(f"{path}: its mobilenetv2 metadata is not a JSON record") from None
+    num_classes = meta.architecture.get("num_classes")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise CheckpointError(f"{path}: its mobilenetv2 metadata has no class count")
+    return meta
+
+
+def onnx_classifier(path: str | os.PathLike, engine: str = "onnx") -> Classifier:
+    """An exported .onnx (ours: it carries the metadata record) run by ONNX Runtime or OpenVINO on the CPU."""
+    path = Path(path)
+    if not installed(engine):
+        raise CheckpointError(f"reading .onnx files with {engine} needs it installed: {EXTRAS[engine]}")
+    meta = _read_onnx_metadata(path)
+    try:
+        run, batch_dim = _ENGINE_RUNNERS[engine](path)
+    except Exception as exc:  # noqa: BLE001 - the engines' own load errors (Fail, InvalidGraph, RuntimeError, ...)
+        raise CheckpointError(f"{path}: {engine} cannot load it ({first_line(exc, 160)})") from None
+    static_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
+
+    def checked(images: np.ndarray) -> np.ndarray:
+        try:
+            return run(images)
+        except Exception as exc:  # noqa: BLE001 - a graph that loads may still fail on its first input
+            raise CheckpointError(f"{path}: {engine} cannot run it ({first_line(exc, 160)})") from None
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        images = np.ascontiguousarray(images.detach().float().cpu().numpy())
+        if static_batch is None:
+            return torch.from_numpy(checked(images))
+        chunks = []  # a fixed-batch export runs chunk by chunk, the last one zero-padded
+        for start in range(0, len(images), static_batch):
+            chunk = images[start:start + static_batch]
+            padded = np.concatenate([chunk, np.zeros((static_batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            chunks.append(checked(padded)[: len(chunk)])
+        return torch.from_numpy(np.concatenate(chunks))
+
+    num_classes = meta.architecture["num_classes"]
+    return Classifier(forward, num_classes, meta.preprocess, _names_or_imagenet(meta.class_names, num_classes),
+                      engine)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the cached export of a checkpoint
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256(f"mobilenetv2 onnx cache {CACHE_FORMAT}\0".encode())
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:20]
+
+
+def _cache_folders(checkpoint: Path) -> list[Path]:
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mobilenetv2"
+    return [checkpoint.resolve().parent / CACHE_FOLDER, user]
+
+
+def _export_onnx(model: nn.Module, target: Path, sample: torch.Tensor, metadata: dict) -> None:
+    """`model` (images -> one output) as ONNX with a dynamic batch, written atomically to `target` after it ran in
+    ONNX Runtime on `sample` and matched eager. The TorchScript-based exporter: under a second where torch.export's
+    takes ten; the dynamo one when it is gone."""
+    import onnx
+
+    from mobilenetv2.deploy.export import ExportCheckError, compare
+    from mobilenetv2.files import temp_path_beside
+
+    temp = temp_path_beside(target)
+    try:
+        for dynamo in (False, True):
+            try:
+                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                    warnings.simplefilter("ignore")
+                    torch.onnx.export(model, (sample[:1],), str(temp), input_names=["input"], output_names=["logits"],
+                                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                                      opset_version=18 if dynamo else 17, dynamo=dynamo, external_data=False)
+                break
+            except Exception:  # noqa: BLE001 - no legacy exporter in this torch: the current one
+                if dynamo:
+                    raise
+        proto = onnx.load(str(temp))
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = FORMAT_NAME, json.dumps(metadata)
+        temp.write_bytes(proto.SerializeToString())
+        run, _batch = _onnxruntime_run(temp)
+        with torch.no_grad():
+            expected = model(sample)
+        try:
+            compare(expected, run(sample.numpy()), "the cached ONNX export")
+        except ExportCheckError as exc:
+            raise CheckpointError(f"{target}: {exc}") from None
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def cached_export(checkpoint: str | os.PathLike, model: MobileNetV2) -> Path:
+    """The ONNX export of `checkpoint` (whose network is `model`), from the cache or written there now."""
+    from mobilenetv2.deploy.export import check_images
+    from mobilenetv2.errors import WriteError
+
+    checkpoint = Path(checkpoint)
+    name = f"{checkpoint.name}.{_digest(checkpoint)}.onnx"
+    failures = []
+    for folder in _cache_folders(checkpoint):
+        target = folder / name
+        if target.is_file():
+            try:
+                if _read_onnx_metadata(target) == parse(model.metadata(), str(checkpoint)):
+                    return target
+            except CheckpointError:
+                pass  # damaged or foreign: written again below
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _export_onnx(model.eval(), target, check_images(model, 3), model.metadata())
+        except (OSError, WriteError) as exc:
+            failures.append(first_line(exc, 160))
+            continue
+        earlier = re.compile(re.escape(checkpoint.name) + r"\.[0-9a-f]{20}\.onnx")
+        for stale in folder.glob(f"{checkpoint.name}.*.onnx"):  # exports of earlier contents of this file
+            if stale != target and earlier.fullmatch(stale.name):
+                stale.unlink(missing_ok=True)
+                stale.with_suffix(".timing.json").unlink(missing_ok=True)
+        return target
+    raise UserError(f"no folder to cache the ONNX export of {checkpoint} in ({'; '.join(failures)}); "
+                    "use --runtime torch")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# choosing
+
+
+def _timing_key(size: int, batch: int) -> str:
+    """What a timing holds for: this CPU, thread count, batch and image size."""
+    from mobilenetv2.deploy.timing import cpu_description
+
+    return f"{cpu_description()} | {_threads()} threads | batch {batch} | {size} px"
+
+
+def _read_record(record: Path | None) -> dict:
+    if record is None or not record.is_file() or record.stat().st_size > 1 << 20:
+        return {}
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in known.items() if isinstance(v, dict)} if isinstance(known, dict) else {}
+
+
+def _time(candidates: dict[str, Callable], size: int, batch: int) -> dict[str, float]:
+    """images/s of each forward on this CPU, timed in interleaved rounds on one random batch."""
+    from mobilenetv2.deploy.timing import interleaved
+
+    images = torch.randn(batch, 3, size, size)
+    with torch.inference_mode():
+        latencies = interleaved({name: (lambda f=forward: f(images)) for name, forward in candidates.items()},
+                                TIMING_SECONDS * len(candidates))
+    return {name: batch * len(times) / sum(times) for name, times in latencies.items()}
+
+
+def _agreed(choice: str, names: list[str], runtime) -> str:
+    """Rank 0's choice on every rank (each times for itself, and timings differ)."""
+    if runtime is None or not runtime.distributed:
+        return choice
+    votes = torch.zeros(len(names), dtype=torch.float64, device=runtime.device)
+    if runtime.is_main:
+        votes[names.index(choice)] = 1
+    runtime.all_reduce_sum(votes)
+    return names[int(votes.argmax())]
+
+
+def _fastest(builders: dict[str, Callable[[], object]], forward_of: Callable[[object], Callable], size: int,
+             batch: int, record: Path | None, runtime) -> object:
+    """The built engine that runs fastest here: from `record` (timings kept per CPU, threads, batch and size) when
+    it has them, else every candidate built and timed now (and the timings kept in `record`)."""
+    from mobilenetv2.files import atomic_write_bytes
+
+    names = list(builders)
+    if len(names) == 1:
+        return builders[names[0]]()
+    key = _timing_key(size, batch)
+    known = _read_record(record)
+    if set(known.get(key, {})) == set(names):
+        choice = _agreed(max(known[key], key=known[key].get), names, runtime)
+        return builders[choice]()
+    built = {name: build() for name, build in builders.items()}
+    rates = _time({name: forward_of(engine) for name, engine in built.items()}, size, batch)
+    if record is not None:
+        known[key] = rates
+        with contextlib.suppress(OSError, UserError):
+            atomic_write_bytes(record, json.dumps(known, indent=1).encode())
+    return built[_agreed(max(rates, key=rates.get), names, runtime)]
+
+
+def _cpu_engines(runtime_name: str) -> list[str]:
+    if runtime_name == "auto":
+        return [engine for engine in ENGINES if installed(engine)]
+    return [runtime_name]
+
+
+def load_classifier(path: str | os.PathLike, device: torch.device | None = None, runtime_name: str = "auto",
+                    batch_size: int = 32, runtime=None) -> Classifier:
+    """The model in `path` ready to classify normalised batches, run by `runtime_name` (see the module's text).
+    `runtime` (a `mobilenetv2.runtime.Runtime`, optional) makes every rank of a torchrun job choose alike."""
+    from mobilenetv2.checkpoint import load_model
+
+    require_runtime(runtime_name)
+    path = Path(path)
+    on_gpu = device is not None and device.type != "cpu"
+    if on_gpu and runtime_name not in ("auto", "torch"):
+        raise UserError(f"`runtime` {runtime_name} runs on the CPU; use --device cpu, or --runtime torch on {device}")
+    batch = max(1, min(batch_size, TIMING_BATCH))
+    if path.suffix == ".onnx":
+        if runtime_name == "torch":
+            raise UserError(f"{path} is an ONNX file: run it with --runtime onnx or openvino (or auto)")
+        engines = [e for e in _cpu_engines(runtime_name) if e != "torch"] or ["onnx"]
+        size = _read_onnx_metadata(path).preprocess.image_size if len(engines) > 1 else 0
+        builders = {engine: (lambda engine=engine: onnx_classifier(path, engine)) for engine in engines}
+        return _fastest(builders, lambda c: c.forward, size, batch, None, runtime)
+    model = load_model(path)
+    if on_gpu or _cpu_engines(runtime_name) == ["torch"]:
+        return as_classifier(model.to(device) if device is not None else model)
+    export = cached_export(path, model)
+    builders = {engine: (lambda: as_classifier(model)) if engine == "torch" else
+                (lambda engine=engine: onnx_classifier(export, engine)) for engine in _cpu_engines(runtime_name)}
+    return _fastest(builders, lambda c: c.forward, model.preprocess.image_size, batch,
+                    export.with_suffix(".timing.json"), runtime)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the frozen backbone of head-only training
+
+
+class _Features(nn.Module):
+    def __init__(self, model: MobileNetV2):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.features(images)
+
+
+def feature_function(model: MobileNetV2, runtime, runtime_name: str = "auto",
+                     batch_size: int = 32) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """A function images -> pooled backbone features (N, num_features), and the engine that runs it: eager on a GPU
+    or when asked, else the fastest installed on this CPU (an ONNX export of the frozen backbone, in a temp folder
+    for the length of the extraction)."""
+    require_runtime(runtime_name)
+    if runtime.device.type != "cpu" or _cpu_engines(runtime_name) == ["torch"]:
+        if runtime.device.type != "cpu" and runtime_name not in ("auto", "torch"):
+            raise UserError(f"`feature_runtime` {runtime_name} runs on the CPU; training is on {runtime.device}")
+        return model.features, "torch"
+    from mobilenetv2.deploy.export import check_images
+
+    def builder(engine: str, target: Path):
+        def build():
+            if engine == "torch":
+                return engine, model.features
+            run, _batch = _ENGINE_RUNNERS[engine](target)
+            return engine, lambda images: torch.from_numpy(run(np.ascontiguousarray(
+                images.detach().float().cpu().numpy())))
+        return build
+
+    with tempfile.TemporaryDirectory(prefix="mobilenetv2-features-") as folder:  # engines keep the graph in memory
+        target = Path(folder) / "features.onnx"
+        _export_onnx(_Features(model).eval(), target, check_images(model, 3), model.metadata())
+        engine, forward = _fastest({engine: builder(engine, target) for engine in _cpu_engines(runtime_name)},
+                                   lambda built: built[1], model.preprocess.image_size,
+                                   max(1, min(batch_size, TIMING_BATCH)), None, runtime)
+    return forward, engine
