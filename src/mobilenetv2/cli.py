@@ -179,9 +179,9 @@ def _cmd_bench(args) -> int:
     import json
 
     from mobilenetv2.checkpoint import load_model
-    from mobilenetv2.deploy.bench import as_dicts, bench, parse_list, table
+    from mobilenetv2.deploy.bench import as_dicts, bench, default_runtimes, parse_list, table
 
-    rows = bench(load_model(args.checkpoint), parse_list(args.formats, str, "formats"),
+    rows = bench(load_model(args.checkpoint), parse_list(args.formats or default_runtimes(), str, "formats"),
                  parse_list(args.batch_sizes, int, "batch_sizes"), seconds=args.seconds, int8=args.int8)
     print(json.dumps(as_dicts(rows), indent=2) if args.json else table(rows))
     return 0
@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_ = commands.add_parser("bench", help="latency and throughput per runtime on this machine, one table")
     bench_.add_argument("--checkpoint", required=True)
-    bench_.add_argument("--formats", default="torch,onnx,onnx-int8", help="torch, onnx, onnx-int8, executorch")
+    bench_.add_argument("--formats", help="torch, onnx, onnx-int8, openvino, openvino-int8, executorch (default: "
+                        "every CPU engine installed here but executorch)")
     bench_.add_argument("--batch-sizes", default="1,32")
     bench_.add_argument("--int8", help="an int8 .onnx from `quantize` (default: quantized here, photos calibrate)")
     bench_.add_argument("--seconds", type=float, default=3.0, help="timed seconds per runtime and batch size")

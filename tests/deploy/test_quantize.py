@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import MS_INPUT, assert_parity, one_line_exit_2
+from mobilenetv2 import load_model
 from mobilenetv2.cli import main
 from mobilenetv2.deploy.timing import cpu_description
 from mobilenetv2.errors import UserError
@@ -174,7 +175,7 @@ def test_weights_go_out_to_torchvision_and_timm(converted, tmp_path, capsys, fmt
 
 
 def test_bench_prints_a_row_per_runtime_and_batch(pretrained_five, capsys):
-    formats = ["torch", "onnx", "onnx-int8"]
+    formats = ["torch", "onnx", "onnx-int8", "openvino", "openvino-int8"]
     try:
         import executorch.exir  # noqa: F401
 
@@ -195,6 +196,23 @@ def test_bench_prints_a_row_per_runtime_and_batch(pretrained_five, capsys):
         assert executorch_threads() == torch.get_num_threads()
     err = one_line_exit_2(capsys, ["bench", "--checkpoint", str(pretrained_five), "--formats", "tflite"])
     assert "unknown --formats tflite" in err
+    assert main(["bench", "--checkpoint", str(pretrained_five), "--batch-sizes", "2", "--seconds", "0.1",
+                 "--json"]) == 0  # by default every CPU engine installed here
+    assert [row["runtime"] for row in json.loads(capsys.readouterr().out)] == formats[:5]
+
+
+def test_openvino_runs_the_int8_file_close_to_onnxruntime_and_auto_keeps_onnxruntime(int8_five, five_48):
+    from mobilenetv2.deploy.export import INT8_TOLERANCE, check_images
+    from mobilenetv2.deploy.runtimes import load_classifier
+
+    images = check_images(load_model(five_48), 8)
+    ort, ov = (load_classifier(int8_five, runtime_name=name) for name in ("onnx", "openvino"))
+    assert (ort.runtime, ov.runtime) == ("onnx", "openvino")
+    expected, actual = ort.forward(images), ov.forward(images)
+    scale = max(1.0, float(expected.abs().max()))
+    assert float((expected - actual).abs().max()) <= INT8_TOLERANCE * scale
+    assert (expected.argmax(1) == actual.argmax(1)).float().mean() >= 0.75
+    assert load_classifier(int8_five).runtime == "onnx"  # the engine its recorded top-1 was measured with
 
 
 def test_bench_names_the_cpu_and_its_int8_instructions(pretrained_five, capsys):

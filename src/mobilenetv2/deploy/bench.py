@@ -1,7 +1,7 @@
 """`mobilenetv2 bench`: latency and throughput of one model in every runtime we ship to, on this machine, in one run.
 
 Each runtime is built from the same checkpoint (fp32 eager PyTorch in channels-last, fp32 ONNX Runtime, int8 ONNX
-Runtime, ExecuTorch with XNNPACK) and measured in interleaved rounds, every runtime with the same thread count. The
+Runtime, OpenVINO on the same fp32 and int8 ONNX files, ExecuTorch with XNNPACK) and measured in interleaved rounds, every runtime with the same thread count. The
 int8 file is the one given, or one quantized here with real photos as calibration (speed does not depend on
 calibration; for accuracy use `mobilenetv2 quantize`, which measures it).
 """
@@ -18,11 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mobilenetv2.deploy.timing import cpu_description, interleaved, onnx_runner
+from mobilenetv2.deploy.timing import cpu_description, interleaved, onnx_runner, openvino_runner
 from mobilenetv2.errors import UserError
 from mobilenetv2.model import MobileNetV2
 
-RUNTIMES = ("torch", "onnx", "onnx-int8", "executorch")
+RUNTIMES = ("torch", "onnx", "onnx-int8", "openvino", "openvino-int8", "executorch")
+
+
+def default_runtimes() -> str:
+    """What `bench` times when not told: every CPU engine installed here, ExecuTorch aside (a phone's engine)."""
+    from mobilenetv2.deploy.runtimes import installed
+
+    return ",".join(["torch", "onnx", "onnx-int8"] + (["openvino", "openvino-int8"] if installed("openvino") else []))
 
 
 @dataclass
@@ -55,19 +62,24 @@ def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int,
                 return network(images.contiguous(memory_format=torch.channels_last))
 
         found["torch"] = eager
-    if {"onnx", "onnx-int8"} & set(runtimes):
+    if {"onnx", "onnx-int8", "openvino", "openvino-int8"} & set(runtimes):
         fp32 = folder / "fp32.onnx"
         export_onnx(model, fp32, batch_size=1, dynamic_batch=True)
         if "onnx" in runtimes:
             found["onnx"] = onnx_runner(fp32, threads)
-        if "onnx-int8" in runtimes:
+        if "openvino" in runtimes:
+            found["openvino"] = openvino_runner(fp32, threads)
+        if {"onnx-int8", "openvino-int8"} & set(runtimes):
             if int8 is None:  # speed does not depend on the calibration: real photos will do
                 from mobilenetv2.deploy.export import check_images
                 from mobilenetv2.deploy.quantize import write_faster_int8
 
                 int8 = folder / "int8.onnx"
                 write_faster_int8(model, fp32, int8, lambda: [check_images(model, 8).numpy()])
-            found["onnx-int8"] = onnx_runner(int8, threads)
+            if "onnx-int8" in runtimes:
+                found["onnx-int8"] = onnx_runner(int8, threads)
+            if "openvino-int8" in runtimes:  # OpenVINO reads the QDQ file's int8 layers as int8
+                found["openvino-int8"] = openvino_runner(int8, threads)
     if "executorch" in runtimes:
         from mobilenetv2.deploy.mobile import executorch_runner, executorch_threads, export_executorch
 
@@ -84,6 +96,11 @@ def bench(model: MobileNetV2, runtimes: list[str], batch_sizes: list[int], *, se
     unknown = [name for name in runtimes if name not in RUNTIMES]
     if unknown:
         raise UserError(f"unknown `formats` {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
+    if any(name.startswith("openvino") for name in runtimes):
+        from mobilenetv2.deploy.runtimes import installed
+
+        if not installed("openvino"):
+            raise UserError("the openvino rows need OpenVINO: pip install 'mobilenetv2[openvino]'")
     if not batch_sizes or min(batch_sizes) < 1:
         raise UserError("`batch_sizes` must be positive integers")
     model = model.eval()

@@ -98,16 +98,19 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _onnxruntime_run(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], object]:
+def onnxruntime_run(path: Path, threads: int | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], object]:
+    """run(images) -> logits through ONNX Runtime's CPU provider on `threads` (torch's count when None), and the
+    file's batch dimension (an int when fixed)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = _threads(), 1
+    options.intra_op_num_threads, options.inter_op_num_threads = threads or _threads(), 1
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return (lambda images: session.run(["logits"], {"input": images})[0]), session.get_inputs()[0].shape[0]
 
 
-def _openvino_run(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], object]:
+def openvino_run(path: Path, threads: int | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], object]:
+    """As `onnxruntime_run`, through OpenVINO on the CPU."""
     import openvino
 
     core = openvino.Core()
@@ -115,7 +118,7 @@ def _openvino_run(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], objec
     # f32 everywhere: on CPUs with bf16 units OpenVINO would otherwise run float layers in bf16 (int8 layers of a
     # quantized file stay int8 either way)
     compiled = core.compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                   "INFERENCE_NUM_THREADS": _threads()})
+                                                   "INFERENCE_NUM_THREADS": threads or _threads()})
     request = compiled.create_infer_request()
     output = compiled.output("logits")
 
@@ -126,11 +129,12 @@ def _openvino_run(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], objec
     return run, (batch.get_length() if batch.is_static else None)
 
 
-_ENGINE_RUNNERS = {"onnx": _onnxruntime_run, "openvino": _openvino_run}
+_ENGINE_RUNNERS = {"onnx": onnxruntime_run, "openvino": openvino_run}
 
 
 def _read_onnx_metadata(path: Path):
-    """The mobilenetv2 metadata record of an ONNX file; CheckpointError for anything else."""
+    """The mobilenetv2 metadata of an ONNX file, parsed, and the record as written (an int8 file's holds its
+    `quantization`); CheckpointError for anything else."""
     import onnx
 
     if not path.is_file():
@@ -149,13 +153,14 @@ def _read_onnx_metadata(path: Path):
     if FORMAT_NAME not in properties:
         raise CheckpointError(f"{path}: an ONNX file without mobilenetv2 metadata (export it with 'mobilenetv2 export')")
     try:
-        meta = parse(json.loads(properties[FORMAT_NAME]), str(path))
+        record = json.loads(properties[FORMAT_NAME])
+        meta = parse(record, str(path))
     except (ValueError, TypeError):  # not JSON, or not even UTF-8
         raise CheckpointError(f"{path}: its mobilenetv2 metadata is not a JSON record") from None
     num_classes = meta.architecture.get("num_classes")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise CheckpointError(f"{path}: its mobilenetv2 metadata has no class count")
-    return meta
+    return meta, record
 
 
 def onnx_classifier(path: str | os.PathLike, engine: str = "onnx") -> Classifier:
@@ -163,7 +168,7 @@ def onnx_classifier(path: str | os.PathLike, engine: str = "onnx") -> Classifier
     path = Path(path)
     if not installed(engine):
         raise CheckpointError(f"reading .onnx files with {engine} needs it installed: {EXTRAS[engine]}")
-    meta = _read_onnx_metadata(path)
+    meta, _record = _read_onnx_metadata(path)
     try:
         run, batch_dim = _ENGINE_RUNNERS[engine](path)
     except Exception as exc:  # noqa: BLE001 - the engines' own load errors (Fail, InvalidGraph, RuntimeError, ...)
@@ -235,7 +240,7 @@ def _export_onnx(model: nn.Module, target: Path, sample: torch.Tensor, metadata:
         entry = proto.metadata_props.add()
         entry.key, entry.value = FORMAT_NAME, json.dumps(metadata)
         temp.write_bytes(proto.SerializeToString())
-        run, _batch = _onnxruntime_run(temp)
+        run, _batch = onnxruntime_run(temp)
         with torch.no_grad():
             expected = model(sample)
         try:
@@ -259,7 +264,7 @@ def cached_export(checkpoint: str | os.PathLike, model: MobileNetV2) -> Path:
         target = folder / name
         if target.is_file():
             try:
-                if _read_onnx_metadata(target) == parse(model.metadata(), str(checkpoint)):
+                if _read_onnx_metadata(target)[0] == parse(model.metadata(), str(checkpoint)):
                     return target
             except CheckpointError:
                 pass  # damaged or foreign: written again below
@@ -366,8 +371,12 @@ def load_classifier(path: str | os.PathLike, device: torch.device | None = None,
     if path.suffix == ".onnx":
         if runtime_name == "torch":
             raise UserError(f"{path} is an ONNX file: run it with --runtime onnx or openvino (or auto)")
+        meta, record = _read_onnx_metadata(path)
         engines = [e for e in _cpu_engines(runtime_name) if e != "torch"] or ["onnx"]
-        size = _read_onnx_metadata(path).preprocess.image_size if len(engines) > 1 else 0
+        if runtime_name == "auto" and isinstance(record, dict) and record.get("quantization"):
+            # int8 arithmetic differs between engines: auto keeps the one `quantize` measured the file with
+            engines = ["onnx"]
+        size = meta.preprocess.image_size
         builders = {engine: (lambda engine=engine: onnx_classifier(path, engine)) for engine in engines}
         return _fastest(builders, lambda c: c.forward, size, batch, None, runtime)
     model = load_model(path)

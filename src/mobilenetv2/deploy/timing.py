@@ -64,9 +64,15 @@ def interleaved(calls: dict[str, Callable[[], object]], seconds: float) -> dict[
 
 def onnx_runner(path: Path, threads: int):
     """A callable(images: torch.Tensor) running the ONNX file with ONNX Runtime's CPU provider on `threads`."""
-    import onnxruntime
+    from mobilenetv2.deploy.runtimes import onnxruntime_run
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda images: session.run(["logits"], {"input": images.numpy()})
+    run, _batch = onnxruntime_run(path, threads)
+    return lambda images: run(images.numpy())
+
+
+def openvino_runner(path: Path, threads: int):
+    """The same with OpenVINO: float layers in f32, int8 layers of a quantized file in int8."""
+    from mobilenetv2.deploy.runtimes import openvino_run
+
+    run, _batch = openvino_run(path, threads)
+    return lambda images: run(images.numpy())
