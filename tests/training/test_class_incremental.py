@@ -11,41 +11,56 @@ from conftest import FIVE_CLASSES, TINY_TRAIN, head_only, last_eval, subset
 def test_class_incremental_keeps_old_rows_and_old_accuracy(fashion, pretrained_five, tmp_path):
     from mobilenetv2.data import folders as data_module
     from mobilenetv2.data.transforms import eval_transform
-    from mobilenetv2.evaluation import evaluate
-    from mobilenetv2.runtime import setup
 
     classes = FIVE_CLASSES + ["Coat", "Pullover"]
     data = subset(fashion, tmp_path / "data", classes)
-    run = tmp_path / "run"
-    # a gentle rate: the new rows learn, the old ones move little (at 0.05 old-class accuracy fell 12 points)
-    assert head_only(data, run, pretrained_five, "--extend-classes", "--epochs", "6", "--lr-max", "0.02") == 0
-    old, new = load_model(pretrained_five), load_model(run / "checkpoints" / "last.pt")
-    assert new.class_names == sorted(classes)
+    old = load_model(pretrained_five)
     # with a zero learning rate the old rows must come through exactly, at their classes' new positions
     zero = tmp_path / "zero"
     assert head_only(data, zero, pretrained_five, "--extend-classes", "--epochs", "1", "--lr-max", "0",
                      "--weight-decay", "0") == 0
     kept = load_model(zero / "checkpoints" / "last.pt")
+    assert kept.class_names == sorted(classes)
     for old_index, name in enumerate(old.class_names):
         new_index = kept.class_names.index(name)
         assert torch.equal(kept.head.classifier.weight[new_index], old.head.classifier.weight[old_index])
         assert torch.equal(kept.head.classifier.bias[new_index], old.head.classifier.bias[old_index])
 
-    def old_class_accuracy(model, wanted=FIVE_CLASSES):
+    def accuracy(model, wanted, among=None):
+        """top-1 on the val images of `wanted` classes, the argmax taken over the rows of `among` (all rows when
+        None): among the old rows alone it measures forgetting; among all seven it also counts old images that
+        now go to a new class (T-shirts taken for pullovers), which a seven-class model may rightly do."""
         val = data_module.image_folder(data / "val", eval_transform(model.preprocess), model.class_names)
         val.samples = [s for s in val.samples if val.classes[s[1]] in wanted]
-        result = evaluate(model, data_module.eval_loader(val, 50, 0), setup("cpu", "off"), model.num_classes)
-        return result.top1
+        rows = torch.tensor([model.class_names.index(c) for c in (among or model.class_names)])
+        correct = 0
+        for images, labels, _ in data_module.eval_loader(val, 50, 0):
+            with torch.no_grad():
+                correct += int((rows[model(images)[:, rows].argmax(1)] == labels).sum())
+        return correct / len(val.samples)
 
-    before = old_class_accuracy(kept)  # the old head, inside the extended network, before training
-    after = old_class_accuracy(new)
-    assert before > 0.6
-    assert after >= before - 0.08, (before, after)  # measured: 0.85 -> 0.87 (two threads), 0.93 -> 0.87 (one)
-    # the new classes are learned: from (almost) never predicted to well above chance (1/7). Measured 0.42-0.48 on
-    # AMD VMs, 0.30 on one thread of an Intel Xeon VM (the pretrained five-class network differs by CPU and threads)
-    untrained = old_class_accuracy(kept, ["Coat", "Pullover"])
-    learned = old_class_accuracy(new, ["Coat", "Pullover"])
-    assert untrained <= 0.05 and learned >= 0.25, (untrained, learned)
+    # Three runs of the extension (seeds 0-2): one run's drop varies too much to bound (measured on one thread of
+    # a 2-core Intel Xeon VM, three pretrained networks x three seeds: old-class top-1 among seven rows fell
+    # 0-13 points, sd 4; among the old five rows 0-8, median 1). Means: seven rows 2-10 points, five rows 1-5.
+    before7, before5 = accuracy(kept, FIVE_CLASSES), accuracy(kept, FIVE_CLASSES, FIVE_CLASSES)
+    after7, after5, learned = [], [], []
+    for seed in (0, 1, 2):
+        run = tmp_path / f"run{seed}"
+        # a gentle rate: the new rows learn, the old ones move little (at 0.05 old-class accuracy fell 12 points)
+        assert head_only(data, run, pretrained_five, "--extend-classes", "--epochs", "6", "--lr-max", "0.02",
+                         "--seed", str(seed), "--feature-cache", str(tmp_path / "cache")) == 0
+        new = load_model(run / "checkpoints" / "last.pt")
+        after7.append(accuracy(new, FIVE_CLASSES))
+        after5.append(accuracy(new, FIVE_CLASSES, FIVE_CLASSES))
+        learned.append(accuracy(new, ["Coat", "Pullover"]))
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    assert before5 >= before7 > 0.6  # more rows can only take images away
+    assert mean(after5) >= before5 - 0.08, (before5, after5)  # the old rows still tell the old classes apart
+    assert mean(after7) >= before7 - 0.15, (before7, after7)
+    # the new classes are learned: from (almost) never predicted to well above chance (1/7); single runs measured
+    # 0.30-0.55
+    untrained = accuracy(kept, ["Coat", "Pullover"])
+    assert untrained <= 0.05 and mean(learned) >= 0.25, (untrained, learned)
 
 
 def test_extend_classes_needs_names(three_new, tmp_path, capsys):
