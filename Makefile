@@ -7,10 +7,15 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install test demo demo-quick bench clean fashion-mnist
 
-$(VENV)/.installed: pyproject.toml
+# the demo needs the package with its ONNX export and plots; the suite also needs the test extras
+$(VENV)/.installed-demo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[export,plot]'
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-demo
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
@@ -22,10 +27,10 @@ fashion-mnist:
 		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 		(apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null); fi
 
-demo: install fashion-mnist
+demo: $(VENV)/.installed-demo fashion-mnist
 	$(PY) -m mobilenetv2 demo
 
-demo-quick: install fashion-mnist
+demo-quick: $(VENV)/.installed-demo fashion-mnist
 	$(PY) -m mobilenetv2 demo --quick --per-class 300 --val-per-class 100 --output runs/demo-quick
 
 test: install fashion-mnist

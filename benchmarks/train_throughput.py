@@ -1,22 +1,25 @@
-"""Training images/s: our train step (channels-last, the seed's loss and optimizer) against torchvision's
-mobilenet_v2 in a plain PyTorch loop (NCHW, fp32, CrossEntropyLoss, SGD), same batches, same process.
+"""Training images/s: our train step (as the loop runs it) against torchvision's mobilenet_v2 in a plain eager
+PyTorch loop (NCHW, fp32, CrossEntropyLoss, SGD, PyTorch's defaults), same batches, same process, at two shapes:
+ImageNet's (224 px, batch 32, width 1.0) and the demo's (48 px, batch 128, width 0.5). Ours in fp32 and bf16
+autocast, channels-last and NCHW, eager and torch.compile'd (inductor, training mode).
 
-Two baselines: PyTorch's defaults, and the same loop with denormal flushing on (what our CPU runtime turns on), so
-the share of our own code is visible apart from that one flag. The workload learns: crops of real photos labelled
-by photo, so each variant's loss is printed at its first and last step (it must fall).
-Timing: rotating best-of-N windows (benchmarks/timing.py).
+The workload learns: crops of real photos labelled by photo, so each variant's loss is printed at its first and
+last step (it must fall). Timing: rotating best-of-N windows (benchmarks/timing.py). The CPU is named in the first
+line, as `bench` names it.
 
-    python benchmarks/train_throughput.py [--batch-size 32] [--image-size 224] [--seconds 6] [--rounds 3]
+    python benchmarks/train_throughput.py [--shapes 224,demo] [--no-compile] [--seconds 4] [--rounds 3]
 """
 
 from __future__ import annotations
 
+import time
 
 import numpy as np
 import torch
 import torchvision
 
 from mobilenetv2.config import TrainConfig
+from mobilenetv2.deploy.timing import cpu_description
 from mobilenetv2.model import MobileNetV2
 from mobilenetv2.runtime import setup
 from mobilenetv2.training.loop import train_step
@@ -57,14 +60,15 @@ class Variant:
         self.losses.append(float(self.step(images, labels)))
 
 
-def baseline(device: torch.device, batches, flush_denormal: bool) -> Variant:
+def baseline(device: torch.device, batches, num_classes: int, width: float) -> Variant:
+    """torchvision's mobilenet_v2 in a plain eager loop: NCHW, fp32, CrossEntropyLoss, SGD, PyTorch's defaults."""
     torch.manual_seed(0)
-    model = torchvision.models.mobilenet_v2(num_classes=len(PHOTOS)).to(device).train()
+    model = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=4e-5)
     criterion = torch.nn.CrossEntropyLoss()
 
     def step(images, labels):
-        torch.set_flush_denormal(flush_denormal)
+        torch.set_flush_denormal(False)
         loss = criterion(model(images.to(device)), labels.to(device))
         optimizer.zero_grad()
         loss.backward()
@@ -74,46 +78,67 @@ def baseline(device: torch.device, batches, flush_denormal: bool) -> Variant:
     return Variant(step, batches)
 
 
-def ours(device_name: str, amp: str, batches) -> Variant:
-    runtime = setup(device_name, amp, channels_last=True)
+def ours(device_name: str, amp: str, batches, num_classes: int, width: float, channels_last: bool = True,
+         compile_model: bool = False) -> Variant:
+    """Our train step as the loop runs it (runtime.setup's decisions, the seed's loss and optimizer)."""
+    runtime = setup(device_name, amp, channels_last=channels_last, compile_model=compile_model)
     torch.manual_seed(0)
-    model = runtime.prepare_model(MobileNetV2(num_classes=len(PHOTOS))).train()
+    model = runtime.prepare_model(MobileNetV2(num_classes=num_classes, width_mult=width)).train()
     optimizer, scaler = build_optimizer(model, TrainConfig(lr_init=0.01, amp=amp)), runtime.grad_scaler()
-    criterion = build_loss(TrainConfig(), len(PHOTOS))
-    flush_denormal = runtime.device.type == "cpu"  # what runtime.setup decides; the baselines set their own each step
+    trainable = runtime.wrap_distributed(model)
+    criterion = build_loss(TrainConfig(), num_classes)
+    flush_denormal = runtime.device.type == "cpu"  # what runtime.setup decides; the baseline sets its own each step
 
     def step(images, labels):
         torch.set_flush_denormal(flush_denormal)
-        return train_step(model, images, labels, criterion, optimizer, scaler, runtime)[0]
+        return train_step(trainable, images, labels, criterion, optimizer, scaler, runtime)[0]
 
     return Variant(step, batches)
 
 
+SHAPES = {  # name: (image size, batch, width, classes)
+    "224": (224, 32, 1.0, len(PHOTOS)),
+    "demo": (48, 128, 0.5, len(PHOTOS)),  # configs/fashion_mnist.yaml's network and batch
+    "tiny": (32, 8, 0.25, len(PHOTOS)),  # for the suite: that the script runs
+}
+
+
 def main() -> None:
-    parser = timing_parser(__doc__.splitlines()[0], seconds=6.0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser = timing_parser(__doc__.splitlines()[0], seconds=4.0)
+    parser.add_argument("--shapes", default="224,demo", help="224 (batch 32, width 1.0) and/or demo (48 px, batch "
+                        "128, width 0.5)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    batches = photo_batches(args.batch_size, args.image_size)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    runs = {"baseline": baseline(device, batches, flush_denormal=False),
-            "baseline_flush": baseline(device, batches, flush_denormal=device.type == "cpu"),
-            "fp32": ours(args.device, "off", batches),
-            "bf16": ours(args.device, "bf16", batches)}
-    rates = best_rates(runs, args.batch_size, args.seconds, args.rounds, sync)
-    print(f"device {device}, batch {args.batch_size}, {args.image_size} px, threads {torch.get_num_threads()}, "
+    print(f"CPU: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; "
           f"best of {args.rounds} windows of {args.seconds:g} s; crops of {len(PHOTOS)} real photos")
-    labels = {"baseline": "baseline torchvision NCHW fp32, PyTorch defaults",
-              "baseline_flush": "baseline, denormals flushed (our flag)",
-              "fp32": "ours channels-last fp32 (the default)",
-              "bf16": "ours channels-last bf16 autocast"}
-    for key, label in labels.items():
-        run = runs[key]
-        print(f"{label:48s}: {rates[key]:7.1f} images/s  vs defaults {rates[key] / rates['baseline']:.2f}x  "
-              f"vs same flag {rates[key] / rates['baseline_flush']:.2f}x  loss {run.losses[0]:.3f} -> "
-              f"{np.mean(run.losses[-5:]):.3f} over {run.calls} steps")
+    for shape in args.shapes.split(","):
+        size, batch, width, classes = SHAPES[shape]
+        batches = photo_batches(batch, size)
+        runs = {"baseline": baseline(device, batches, classes, width),
+                "fp32": ours(args.device, "off", batches, classes, width),
+                "fp32_nchw": ours(args.device, "off", batches, classes, width, channels_last=False),
+                "bf16": ours(args.device, "bf16", batches, classes, width)}
+        if not args.no_compile:
+            started = time.perf_counter()
+            runs["fp32_compile"] = ours(args.device, "off", batches, classes, width, compile_model=True)
+            runs["bf16_compile"] = ours(args.device, "bf16", batches, classes, width, compile_model=True)
+            for name in ("fp32_compile", "bf16_compile"):
+                runs[name]()  # compiles here, not in a timed window
+            compiled = time.perf_counter() - started
+        rates = best_rates(runs, batch, args.seconds, args.rounds, sync)
+        print(f"\n{shape}: {size} px, batch {batch}, width {width}" +
+              (f" (compiling both: {compiled:.0f} s)" if not args.no_compile else ""))
+        print("| variant | images/s | vs torchvision eager | loss, first step -> last 5 |\n|---|---|---|---|")
+        labels = {"baseline": "torchvision eager, NCHW fp32, PyTorch defaults",
+                  "fp32": "ours fp32, channels-last (the CPU default)", "fp32_nchw": "ours fp32, NCHW",
+                  "bf16": "ours bf16 autocast, channels-last", "fp32_compile": "ours fp32, torch.compile",
+                  "bf16_compile": "ours bf16, torch.compile"}
+        for key, run in runs.items():
+            print(f"| {labels[key]} | {rates[key]:.1f} | {rates[key] / rates['baseline']:.2f}x | "
+                  f"{run.losses[0]:.3f} -> {np.mean(run.losses[-5:]):.3f} ({run.calls} steps) |", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,15 @@ def run(script, *args):
     return result.stdout
 
 
-def test_train_throughput_reports_both_baselines_and_falling_losses():
-    out = run("train_throughput.py", "--image-size", "32", "--batch-size", "8", "--seconds", "0.3", "--rounds", "1")
-    rows = [line for line in out.splitlines() if "images/s" in line]
-    assert len(rows) == 4 and "PyTorch defaults" in rows[0] and "denormals flushed" in rows[1]
+def test_train_throughput_names_the_cpu_and_reports_each_variant_against_torchvision():
+    from mobilenetv2.deploy.timing import cpu_description
+
+    out = run("train_throughput.py", "--shapes", "tiny", "--no-compile", "--seconds", "0.3", "--rounds", "1")
+    assert out.startswith(f"CPU: {cpu_description()}")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert len(rows) == 4 and "torchvision eager" in rows[0] and "| 1.00x |" in rows[0]
     for row in rows:
-        assert re.search(r"vs defaults \d+\.\d\dx +vs same flag \d+\.\d\dx", row), row
+        assert re.search(r"\| \d+\.\d \| \d+\.\d\dx \| \d+\.\d+ -> \d+\.\d+ \(\d+ steps\) \|$", row), row
 
 
 @pytest.mark.parametrize("script,args,expected", [

@@ -87,3 +87,78 @@ def test_compile_wraps_what_the_loop_trains(dataset, tmp_path, monkeypatch):
                  "--compile"]) == 0
     assert len(compiled) == 1 and type(compiled[0]).__name__ == "MobileNetV2"
     assert not Runtime(torch.device("cpu"), None).compile_model
+
+
+def _cpu_runtime(channels_last=True):
+    return Runtime(torch.device("cpu"), None, channels_last=channels_last)
+
+
+def test_amp_auto_on_cpu_takes_bf16_only_where_timed_faster_by_the_margin(tmp_path, monkeypatch):
+    from mobilenetv2.model import MobileNetV2
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    model = MobileNetV2(num_classes=3, width_mult=0.25)
+    timings = []
+
+    def timed(ratio):
+        def fake(network, state, batch, size, classes):
+            timings.append((batch, size, classes))
+            return {"fp32": 100.0, "bf16": 100.0 * ratio}
+        return fake
+
+    monkeypatch.setattr(runtime, "_time_precisions", timed(2.0))
+    tuned, note = runtime.tune_cpu_amp(_cpu_runtime(), "auto", model, 8, 32, 3)
+    assert tuned.amp_dtype is torch.bfloat16 and note.startswith("amp auto: bf16 (") and "2.00x" in note
+    assert timings == [(8, 32, 3)]
+    # kept: the same question is answered from the record, without timing again
+    monkeypatch.setattr(runtime, "_time_precisions", timed(0.1))
+    again, note = runtime.tune_cpu_amp(_cpu_runtime(), "auto", model, 8, 32, 3)
+    assert again.amp_dtype is torch.bfloat16 and "timing kept in" in note and len(timings) == 1
+    # another batch, size or memory format is another question
+    for batch, size, layout in ((16, 32, True), (8, 48, True), (8, 32, False)):
+        other, _ = runtime.tune_cpu_amp(_cpu_runtime(layout), "auto", model, batch, size, 3)
+        assert other.amp_dtype is None
+    assert len(timings) == 4
+    # faster, but by less than the margin: fp32 stays
+    monkeypatch.setattr(runtime, "_time_precisions", timed(runtime.BF16_MARGIN - 0.05))
+    slow, note = runtime.tune_cpu_amp(_cpu_runtime(), "auto", model, 4, 32, 3)
+    assert slow.amp_dtype is None and note.startswith("amp auto: fp32")
+
+
+def test_amp_auto_times_nothing_without_bf16_or_when_amp_is_given(tmp_path, monkeypatch):
+    from mobilenetv2.model import MobileNetV2
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(runtime, "_time_precisions", lambda *a: pytest.fail("timed"))
+    model = MobileNetV2(num_classes=3, width_mult=0.25)
+    for amp in ("off", "bf16"):
+        state = Runtime(torch.device("cpu"), resolve_amp(amp, torch.device("cpu")))
+        assert runtime.tune_cpu_amp(state, amp, model, 8, 32, 3) == (state, None)
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    state, note = runtime.tune_cpu_amp(_cpu_runtime(), "auto", model, 8, 32, 3)
+    assert state.amp_dtype is None and "no native bf16" in note
+    gpu = Runtime(torch.device("cuda"), torch.bfloat16)
+    assert runtime.tune_cpu_amp(gpu, "auto", model, 8, 32, 3) == (gpu, None)
+
+
+def test_precision_timing_runs_real_steps_and_leaves_model_and_rng_alone():
+    from mobilenetv2.model import MobileNetV2
+
+    torch.manual_seed(5)
+    model = MobileNetV2(num_classes=3, width_mult=0.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = torch.get_rng_state()
+    rates = runtime._time_precisions(model, _cpu_runtime(), 4, 32, 3)
+    assert set(rates) == {"fp32", "bf16"} and min(rates.values()) > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_training_log_says_what_amp_auto_decided(dataset, tmp_path, capsys):
+    from conftest import train
+
+    assert train(dataset, tmp_path / "run", "--epochs", "1", "--max-steps", "1") == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("amp auto: "))
+    assert line in (tmp_path / "run" / "train.log").read_text()
+    assert ("no native bf16" in line) != runtime.cpu_has_bf16()

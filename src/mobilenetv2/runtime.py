@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -218,3 +220,115 @@ def set_rng_state(state: dict) -> None:
 
 def _to_lists(value):
     return [_to_lists(v) for v in value] if isinstance(value, tuple) else value
+
+
+# --amp auto on a CPU: bf16 only where this CPU runs this training step that much faster than fp32, timed here
+BF16_MARGIN = 1.15  # below it fp32 stays: full precision, and the run's loss curve as on every other CPU
+AMP_TIMING_STEPS = 2  # timed steps per precision and round, after two warm-up steps each
+AMP_TIMING_ROUNDS = 2
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mobilenetv2"
+
+
+def _time_precisions(model: torch.nn.Module, runtime: Runtime, batch: int, size: int, classes: int) -> dict:
+    """Training images/s of a copy of `model` at this batch and size, in fp32 and in bf16 autocast, steps taken
+    in turn so a slow spell of the machine falls on both."""
+    import copy
+    import time
+
+    network = copy.deepcopy(model).train()
+    optimizer = torch.optim.SGD(network.parameters(), lr=1e-6, momentum=0.9)
+
+    def step(dtype):
+        context = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+        with context:
+            loss = torch.nn.functional.cross_entropy(network(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    seconds = {"fp32": 0.0, "bf16": 0.0}
+    with preserved_rng():  # the run's random streams are the same whether it timed here or read the record
+        images = runtime.to_input(torch.randn(batch, 3, size, size))
+        labels = torch.randint(0, classes, (batch,))
+        for _ in range(2):
+            for dtype in (None, torch.bfloat16):
+                step(dtype)  # warm-up: oneDNN builds its kernels, the allocator its pools
+        for _ in range(AMP_TIMING_ROUNDS):
+            for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+                start = time.perf_counter()
+                for _ in range(AMP_TIMING_STEPS):
+                    step(dtype)
+                seconds[name] += time.perf_counter() - start
+    return {name: AMP_TIMING_ROUNDS * AMP_TIMING_STEPS * batch / value for name, value in seconds.items()}
+
+
+def tune_cpu_amp(runtime: Runtime, amp: str, model: torch.nn.Module, batch: int, size: int,
+                 classes: int) -> tuple[Runtime, str | None]:
+    """`--amp auto` on a CPU: the runtime with bf16 autocast when this CPU trains `model` at this batch and size at
+    least BF16_MARGIN times faster in bf16 than in fp32, else unchanged (fp32); and a line saying what was decided.
+    The timing (a few steps of a copy of the model) is kept in the user's cache per CPU, threads, torch, network,
+    batch, size and memory format, so later runs (and resumed ones) decide alike without timing again; under
+    torchrun every rank takes rank 0's decision."""
+    if amp != "auto" or runtime.device.type != "cpu":
+        return runtime, None
+    if not cpu_has_bf16():
+        return runtime, "amp auto: fp32 (this CPU has no native bf16)"
+    import json
+
+    parameters = sum(p.numel() for p in model.parameters())
+    key = (f"{_cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__} | {parameters} "
+           f"parameters | batch {batch} | {size} px | {'channels-last' if runtime.channels_last else 'NCHW'}")
+    record = _user_cache() / "amp_timings.json"
+    known: dict = {}
+    try:
+        if record.stat().st_size < 1 << 20:
+            known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        pass
+    if not isinstance(known, dict):
+        known = {}
+    rates = known.get(key)
+    timed_now = not (isinstance(rates, dict) and set(rates) == {"fp32", "bf16"})
+    if timed_now:
+        rates = _time_precisions(model, runtime, batch, size, classes)
+        try:
+            from mobilenetv2.files import atomic_write_bytes
+
+            record.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(record, json.dumps({**known, key: rates}, indent=1).encode())
+        except (OSError, UserError):
+            pass  # timed again next run
+    ratio = rates["bf16"] / rates["fp32"]
+    choice = torch.tensor([float(ratio >= BF16_MARGIN)], device=runtime.device)
+    if runtime.distributed:  # rank 0's decision
+        dist.broadcast(choice, src=0)
+    bf16 = bool(choice.item())
+    source = "timed now" if timed_now else f"timing kept in {record}"
+    note = (f"amp auto: {'bf16' if bf16 else 'fp32'} (bf16 trains this model {ratio:.2f}x as fast as fp32 on this "
+            f"CPU at batch {batch}, {size} px; {source})")
+    return (dataclasses.replace(runtime, amp_dtype=torch.bfloat16) if bf16 else runtime), note
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", "rb") as file:
+            text = file.read(1 << 16).decode("utf-8", "replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    import platform
+
+    return platform.processor() or platform.machine()

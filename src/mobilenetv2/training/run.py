@@ -37,6 +37,11 @@ def run_training(config: TrainConfig) -> LoopState:
             config, resume_notes = resume.kept_options(config) if resume else (config, [])
             runtime_module.seed_everything(config.seed + runtime.rank)  # augmentation differs across ranks
             model = runtime.prepare_model(setup.model)
+            amp_note = None
+            if config.freeze == "none":  # head-only training runs on cached features: nothing worth timing
+                runtime, amp_note = runtime_module.tune_cpu_amp(runtime, config.amp, model, config.batch_size,
+                                                                config.train_crop_size or config.image_size,
+                                                                model.num_classes)
             task = build_task(config, model, splits, runtime, output)
             if task is None:  # this rank helped extract features; the head trains on rank 0
                 return LoopState()
@@ -45,7 +50,7 @@ def run_training(config: TrainConfig) -> LoopState:
                 if task.runtime.is_main:
                     write_yaml(config.to_dict(), output / "config.yaml")
                 notes = [lr_note(config.batch_size, config.lr_reference_batch, config.lr_scaling, config.lr_max),
-                         *resume_notes]
+                         *resume_notes, amp_note]
                 for note in setup.notes + task.notes + [n for n in notes if n]:
                     monitor.line(note)
                 monitor.line(f"device {task.runtime.device}, world size {task.runtime.world_size}, amp "
