@@ -19,6 +19,7 @@ LAYERS = [
     {"interop"},
     {"checkpoint", "data"},
     {"evaluation"},
+    {"engines"},
     {"training"},
     {"deploy"},
     {"demo"},

@@ -203,7 +203,7 @@ def test_bench_prints_a_row_per_runtime_and_batch(pretrained_five, capsys):
 
 def test_openvino_runs_the_int8_file_close_to_onnxruntime_and_auto_keeps_onnxruntime(int8_five, five_48):
     from mobilenetv2.deploy.export import INT8_TOLERANCE, check_images
-    from mobilenetv2.deploy.runtimes import load_classifier
+    from mobilenetv2.engines.choose import load_classifier
 
     images = check_images(load_model(five_48), 8)
     ort, ov = (load_classifier(int8_five, runtime_name=name) for name in ("onnx", "openvino"))

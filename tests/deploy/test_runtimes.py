@@ -10,7 +10,7 @@ import torch
 
 from mobilenetv2 import load_model, save_model
 from mobilenetv2.cli import main
-from mobilenetv2.deploy import runtimes
+from mobilenetv2.engines import choose as runtimes
 from mobilenetv2.deploy.export import check_images
 
 from conftest import FIVE_CLASSES, head_only, one_line_exit_2, subset

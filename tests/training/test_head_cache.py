@@ -115,7 +115,7 @@ def test_cache_reused_rebuilt_on_change_never_after_crash(three_new, pretrained_
 def test_augmented_views(three_new, pretrained_five, tmp_path, capsys):
     assert head_only(three_new, tmp_path / "run", pretrained_five, "--epochs", "2", "--feature-views", "3",
                      "--feature-cache", str(tmp_path / "cache")) == 0
-    assert "(360 train rows)" in capsys.readouterr().out
+    assert "(360 train rows, backbone run by " in capsys.readouterr().out
     folder = next(p for p in (tmp_path / "cache").iterdir())
     rows = np.load(folder / "train_features.npy")
     assert rows.shape[0] == 360

@@ -27,7 +27,7 @@ RUNTIMES = ("torch", "onnx", "onnx-int8", "openvino", "openvino-int8", "executor
 
 def default_runtimes() -> str:
     """What `bench` times when not told: every CPU engine installed here, ExecuTorch aside (a phone's engine)."""
-    from mobilenetv2.deploy.runtimes import installed
+    from mobilenetv2.engines.onnx_files import installed
 
     return ",".join(["torch", "onnx", "onnx-int8"] + (["openvino", "openvino-int8"] if installed("openvino") else []))
 
@@ -97,7 +97,7 @@ def bench(model: MobileNetV2, runtimes: list[str], batch_sizes: list[int], *, se
     if unknown:
         raise UserError(f"unknown `formats` {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
     if any(name.startswith("openvino") for name in runtimes):
-        from mobilenetv2.deploy.runtimes import installed
+        from mobilenetv2.engines.onnx_files import installed
 
         if not installed("openvino"):
             raise UserError("the openvino rows need OpenVINO: pip install 'mobilenetv2[openvino]'")

@@ -15,22 +15,18 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from mobilenetv2.deploy.formats import FORMATS, require_format
+from mobilenetv2.engines.onnx_files import TOLERANCE, ExportCheckError, check_images, compare
 from mobilenetv2.errors import UserError
 from mobilenetv2.files import temp_path_beside, write_error
 from mobilenetv2.metadata import FORMAT_NAME
 from mobilenetv2.model import MobileNetV2
 
-TOLERANCE = 1e-4  # max |difference| from eager, relative to max(1, logit scale)
-
-
-class ExportCheckError(Exception):
-    """The written file disagrees with the eager model beyond the tolerance."""
-
+__all__ = ["TOLERANCE", "ExportCheckError", "check_images", "compare", "export", "export_onnx", "WithSoftmax",
+           "INT8_TOLERANCE"]
 
 class WithSoftmax(nn.Module):
     """Logits and probabilities, as the seed's exported graph ends in a Softmax."""
@@ -42,33 +38,6 @@ class WithSoftmax(nn.Module):
     def forward(self, images: torch.Tensor):
         logits = self.model(images)
         return logits, torch.softmax(logits, dim=1)
-
-
-def check_images(model: MobileNetV2, batch: int) -> torch.Tensor:
-    """A batch of real photos (scikit-image, if installed) preprocessed by the model's own contract."""
-    from PIL import Image
-
-    from mobilenetv2.data.transforms import eval_transform
-
-    try:
-        from skimage import data as photos
-
-        arrays = [photos.astronaut(), photos.chelsea(), photos.coffee(), photos.rocket()]
-    except ImportError:  # a deterministic textured image when scikit-image is absent
-        grid = np.indices((300, 400)).sum(0)
-        arrays = [np.stack([(grid * k) % 255 for k in (3, 5, 7)], -1).astype(np.uint8)]
-    transform = eval_transform(model.preprocess)
-    return torch.stack([transform(Image.fromarray(arrays[i % len(arrays)])) for i in range(batch)])
-
-
-def compare(expected: torch.Tensor, actual, what: str, tolerance: float | None = None) -> float:
-    """Max |difference|; raises ExportCheckError above `tolerance` (default TOLERANCE) x max(1, max |expected|)."""
-    expected = expected.detach().numpy()
-    difference = float(np.abs(expected - np.asarray(actual)).max())
-    limit = (TOLERANCE if tolerance is None else tolerance) * max(1.0, float(np.abs(expected).max()))
-    if not difference <= limit:
-        raise ExportCheckError(f"{what} differs from eager PyTorch by {difference:.3g} (> {limit:.3g})")
-    return difference
 
 
 def _check_against_eager(model: MobileNetV2, run: Callable, batch_sizes: list[int], with_softmax: bool,

@@ -1,5 +1,5 @@
 """Classify images, and evaluate a model file (ours, any format `load_model` reads, or an exported .onnx) on a
-folder of class folders, each run by the engine `deploy.runtimes` chooses (or the one asked for)."""
+folder of class folders, each run by the engine `engines.choose` picks (or the one asked for)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from mobilenetv2.data.folders import (DECODE_ERRORS, class_folders, decode_rgb, eval_loader, find_val_folder,
                                       image_folder, pad_class_names)
 from mobilenetv2.data.transforms import eval_transform
-from mobilenetv2.deploy.runtimes import Classifier, as_classifier, imagenet_class_names, load_classifier
+from mobilenetv2.engines.choose import Classifier, as_classifier, imagenet_class_names, load_classifier
 from mobilenetv2.errors import DataError, UserError
 from mobilenetv2.evaluation import EvalResult, evaluate, ranked
 from mobilenetv2.model import MobileNetV2

@@ -110,7 +110,7 @@ def build_cache(model: MobileNetV2, splits: dict[str, SafeImageFolder],
         shutil.rmtree(partial, ignore_errors=True)  # a killed extraction's leftovers are never reused
         partial.mkdir(parents=True)
     runtime.barrier()
-    from mobilenetv2.deploy.runtimes import feature_function
+    from mobilenetv2.engines.choose import feature_function
 
     features_fn, engine = feature_function(model, runtime, config.feature_runtime, config.batch_size)
     features = model.num_features

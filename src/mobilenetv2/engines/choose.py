@@ -1,5 +1,5 @@
-"""Inference engines: what runs a model's forward pass for `eval`, `predict`, `eval --compare` and the frozen
-backbone of head-only training.
+"""Which engine runs a model's forward pass for `eval`, `predict`, `eval --compare` and the frozen backbone of
+head-only training.
 
 A checkpoint (any file `load_model` reads) runs in eager PyTorch, or in ONNX Runtime or OpenVINO through an ONNX
 export cached beside it: `.mobilenetv2-cache/NAME.KEY.onnx`, KEY a hash of the checkpoint's bytes, written once,
@@ -8,23 +8,20 @@ not writable: `$XDG_CACHE_HOME/mobilenetv2`). An `.onnx` file runs in ONNX Runti
 
 `auto` decides on this machine: on a GPU, PyTorch (the engines we ship to run on the CPU); on a CPU, the fastest
 installed engine as timed here for this model, size and batch, in interleaved rounds. The timing is kept beside the
-cached export, per CPU, threads and batch, so it is paid once.
+cached export, per CPU, threads and batch, so it is paid once. An int8 file stays in ONNX Runtime under `auto`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
 import tempfile
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +29,14 @@ import torch
 from torch import nn
 
 from mobilenetv2.config import Preprocess
+from mobilenetv2.engines.onnx_files import (ENGINE_RUNNERS, ENGINES, EXTRAS, check_images, export_for_engines,
+                                           installed, read_onnx_metadata, require_runtime)
 from mobilenetv2.errors import CheckpointError, UserError, first_line
-from mobilenetv2.metadata import FORMAT_NAME, parse
+from mobilenetv2.metadata import parse
 from mobilenetv2.model import MobileNetV2
 
-RUNTIMES = ("auto", "torch", "onnx", "openvino")
-ENGINES = RUNTIMES[1:]
-EXTRAS = {"onnx": "pip install 'mobilenetv2[export]'", "openvino": "pip install 'mobilenetv2[openvino]'"}
 CACHE_FOLDER = ".mobilenetv2-cache"
 CACHE_FORMAT = 1  # bump when the cached export changes shape; old files are then rebuilt
-MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit for one message
 TIMING_BATCH = 16  # the largest batch `auto` times with: the order of the engines holds from there up
 TIMING_SECONDS = 0.3  # per engine, over the interleaved rounds
 
@@ -75,102 +70,14 @@ def as_classifier(model: MobileNetV2) -> Classifier:
                       _names_or_imagenet(model.class_names, model.num_classes))
 
 
-def installed(engine: str) -> bool:
-    """Whether `engine` can run here (ONNX Runtime and OpenVINO also need onnx, to export and read metadata)."""
-    if engine == "torch":
-        return True
-    needs = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}[engine]
-    return all(find_spec(name) is not None for name in needs)
-
-
-def require_runtime(name: str) -> None:
-    if name not in RUNTIMES:
-        raise UserError(f"unknown `runtime` {name!r}; choose one of {', '.join(RUNTIMES)}")
-    if name != "auto" and not installed(name):
-        raise UserError(f"`runtime` {name} is not installed: {EXTRAS[name]}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# engines over an ONNX file: run(images: float32 ndarray N x 3 x H x W) -> logits ndarray
-
-
-def _threads() -> int:
-    return torch.get_num_threads()
-
-
-def onnxruntime_run(path: Path, threads: int | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], object]:
-    """run(images) -> logits through ONNX Runtime's CPU provider on `threads` (torch's count when None), and the
-    file's batch dimension (an int when fixed)."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads or _threads(), 1
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return (lambda images: session.run(["logits"], {"input": images})[0]), session.get_inputs()[0].shape[0]
-
-
-def openvino_run(path: Path, threads: int | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], object]:
-    """As `onnxruntime_run`, through OpenVINO on the CPU."""
-    import openvino
-
-    core = openvino.Core()
-    network = core.read_model(str(path))
-    # f32 everywhere: on CPUs with bf16 units OpenVINO would otherwise run float layers in bf16 (int8 layers of a
-    # quantized file stay int8 either way)
-    compiled = core.compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                   "INFERENCE_NUM_THREADS": threads or _threads()})
-    request = compiled.create_infer_request()
-    output = compiled.output("logits")
-
-    def run(images: np.ndarray) -> np.ndarray:
-        return request.infer({"input": images})[output].copy()
-
-    batch = network.input("input").get_partial_shape()[0]
-    return run, (batch.get_length() if batch.is_static else None)
-
-
-_ENGINE_RUNNERS = {"onnx": onnxruntime_run, "openvino": openvino_run}
-
-
-def _read_onnx_metadata(path: Path):
-    """The mobilenetv2 metadata of an ONNX file, parsed, and the record as written (an int8 file's holds its
-    `quantization`); CheckpointError for anything else."""
-    import onnx
-
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.stat().st_size > MAX_ONNX_BYTES:
-        raise CheckpointError(f"{path}: {path.stat().st_size} bytes is more than the {MAX_ONNX_BYTES} an ONNX file "
-                              "can hold")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and others for foreign bytes
-        raise CheckpointError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
-    try:
-        properties = {entry.key: entry.value for entry in proto.metadata_props}
-    except ValueError as exc:  # a property that is not UTF-8 (UnicodeDecodeError)
-        raise CheckpointError(f"{path}: its metadata is not text ({first_line(exc, 120)})") from None
-    if FORMAT_NAME not in properties:
-        raise CheckpointError(f"{path}: an ONNX file without mobilenetv2 metadata (export it with 'mobilenetv2 export')")
-    try:
-        record = json.loads(properties[FORMAT_NAME])
-        meta = parse(record, str(path))
-    except (ValueError, TypeError):  # not JSON, or not even UTF-8
-        raise CheckpointError(f"{path}: its mobilenetv2 metadata is not a JSON record") from None
-    num_classes = meta.architecture.get("num_classes")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise CheckpointError(f"{path}: its mobilenetv2 metadata has no class count")
-    return meta, record
-
-
 def onnx_classifier(path: str | os.PathLike, engine: str = "onnx") -> Classifier:
     """An exported .onnx (ours: it carries the metadata record) run by ONNX Runtime or OpenVINO on the CPU."""
     path = Path(path)
     if not installed(engine):
         raise CheckpointError(f"reading .onnx files with {engine} needs it installed: {EXTRAS[engine]}")
-    meta, _record = _read_onnx_metadata(path)
+    meta, _record = read_onnx_metadata(path)
     try:
-        run, batch_dim = _ENGINE_RUNNERS[engine](path)
+        run, batch_dim = ENGINE_RUNNERS[engine](path)
     except Exception as exc:  # noqa: BLE001 - the engines' own load errors (Fail, InvalidGraph, RuntimeError, ...)
         raise CheckpointError(f"{path}: {engine} cannot load it ({first_line(exc, 160)})") from None
     static_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
@@ -214,47 +121,8 @@ def _cache_folders(checkpoint: Path) -> list[Path]:
     return [checkpoint.resolve().parent / CACHE_FOLDER, user]
 
 
-def _export_onnx(model: nn.Module, target: Path, sample: torch.Tensor, metadata: dict) -> None:
-    """`model` (images -> one output) as ONNX with a dynamic batch, written atomically to `target` after it ran in
-    ONNX Runtime on `sample` and matched eager. The TorchScript-based exporter: under a second where torch.export's
-    takes ten; the dynamo one when it is gone."""
-    import onnx
-
-    from mobilenetv2.deploy.export import ExportCheckError, compare
-    from mobilenetv2.files import temp_path_beside
-
-    temp = temp_path_beside(target)
-    try:
-        for dynamo in (False, True):
-            try:
-                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                    warnings.simplefilter("ignore")
-                    torch.onnx.export(model, (sample[:1],), str(temp), input_names=["input"], output_names=["logits"],
-                                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                                      opset_version=18 if dynamo else 17, dynamo=dynamo, external_data=False)
-                break
-            except Exception:  # noqa: BLE001 - no legacy exporter in this torch: the current one
-                if dynamo:
-                    raise
-        proto = onnx.load(str(temp))
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = FORMAT_NAME, json.dumps(metadata)
-        temp.write_bytes(proto.SerializeToString())
-        run, _batch = onnxruntime_run(temp)
-        with torch.no_grad():
-            expected = model(sample)
-        try:
-            compare(expected, run(sample.numpy()), "the cached ONNX export")
-        except ExportCheckError as exc:
-            raise CheckpointError(f"{target}: {exc}") from None
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
 def cached_export(checkpoint: str | os.PathLike, model: MobileNetV2) -> Path:
     """The ONNX export of `checkpoint` (whose network is `model`), from the cache or written there now."""
-    from mobilenetv2.deploy.export import check_images
     from mobilenetv2.errors import WriteError
 
     checkpoint = Path(checkpoint)
@@ -264,13 +132,13 @@ def cached_export(checkpoint: str | os.PathLike, model: MobileNetV2) -> Path:
         target = folder / name
         if target.is_file():
             try:
-                if _read_onnx_metadata(target)[0] == parse(model.metadata(), str(checkpoint)):
+                if read_onnx_metadata(target)[0] == parse(model.metadata(), str(checkpoint)):
                     return target
             except CheckpointError:
                 pass  # damaged or foreign: written again below
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            _export_onnx(model.eval(), target, check_images(model, 3), model.metadata())
+            export_for_engines(model.eval(), target, check_images(model, 3), model.metadata())
         except (OSError, WriteError) as exc:
             failures.append(first_line(exc, 160))
             continue
@@ -290,9 +158,9 @@ def cached_export(checkpoint: str | os.PathLike, model: MobileNetV2) -> Path:
 
 def _timing_key(size: int, batch: int) -> str:
     """What a timing holds for: this CPU, thread count, batch and image size."""
-    from mobilenetv2.deploy.timing import cpu_description
+    from mobilenetv2.engines.timing import cpu_description
 
-    return f"{cpu_description()} | {_threads()} threads | batch {batch} | {size} px"
+    return f"{cpu_description()} | {torch.get_num_threads()} threads | batch {batch} | {size} px"
 
 
 def _read_record(record: Path | None) -> dict:
@@ -307,7 +175,7 @@ def _read_record(record: Path | None) -> dict:
 
 def _time(candidates: dict[str, Callable], size: int, batch: int) -> dict[str, float]:
     """images/s of each forward on this CPU, timed in interleaved rounds on one random batch."""
-    from mobilenetv2.deploy.timing import interleaved
+    from mobilenetv2.engines.timing import interleaved
 
     images = torch.randn(batch, 3, size, size)
     with torch.inference_mode():
@@ -371,7 +239,7 @@ def load_classifier(path: str | os.PathLike, device: torch.device | None = None,
     if path.suffix == ".onnx":
         if runtime_name == "torch":
             raise UserError(f"{path} is an ONNX file: run it with --runtime onnx or openvino (or auto)")
-        meta, record = _read_onnx_metadata(path)
+        meta, record = read_onnx_metadata(path)
         engines = [e for e in _cpu_engines(runtime_name) if e != "torch"] or ["onnx"]
         if runtime_name == "auto" and isinstance(record, dict) and record.get("quantization"):
             # int8 arithmetic differs between engines: auto keeps the one `quantize` measured the file with
@@ -412,20 +280,18 @@ def feature_function(model: MobileNetV2, runtime, runtime_name: str = "auto",
         if runtime.device.type != "cpu" and runtime_name not in ("auto", "torch"):
             raise UserError(f"`feature_runtime` {runtime_name} runs on the CPU; training is on {runtime.device}")
         return model.features, "torch"
-    from mobilenetv2.deploy.export import check_images
-
     def builder(engine: str, target: Path):
         def build():
             if engine == "torch":
                 return engine, model.features
-            run, _batch = _ENGINE_RUNNERS[engine](target)
+            run, _batch = ENGINE_RUNNERS[engine](target)
             return engine, lambda images: torch.from_numpy(run(np.ascontiguousarray(
                 images.detach().float().cpu().numpy())))
         return build
 
     with tempfile.TemporaryDirectory(prefix="mobilenetv2-features-") as folder:  # engines keep the graph in memory
         target = Path(folder) / "features.onnx"
-        _export_onnx(_Features(model).eval(), target, check_images(model, 3), model.metadata())
+        export_for_engines(_Features(model).eval(), target, check_images(model, 3), model.metadata())
         engine, forward = _fastest({engine: builder(engine, target) for engine in _cpu_engines(runtime_name)},
                                    lambda built: built[1], model.preprocess.image_size,
                                    max(1, min(batch_size, TIMING_BATCH)), None, runtime)

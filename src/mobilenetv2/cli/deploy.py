@@ -1,83 +1,15 @@
-"""The `mobilenetv2` command: subcommands mapped onto the package's functions, no logic of its own.
-
-Errors a user can cause end in one line on stderr and exit code 2; the library names arguments in backticks
-(`batch_size`), which this module shows as the flags that set them (--batch-size). torch is imported only by the
-commands that need it, so `--help` and a wrong flag answer at once.
-"""
+"""The commands that use a trained model: `eval`, `predict`, `export`, `quantize`, `bench` (handlers and flags)."""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import re
 import sys
-import typing
 
-from mobilenetv2 import __version__
-from mobilenetv2.config import TrainConfig
 from mobilenetv2.deploy.formats import FORMATS as EXPORT_FORMATS
 from mobilenetv2.deploy.formats import default_output, require_format
-from mobilenetv2.errors import TrainingStopped, UserError
+from mobilenetv2.errors import UserError
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:  # one line, exit 2, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One flag per config field; defaults are suppressed so we can tell which flags were given."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kwargs = {"help": f"{f.metadata.get('help', '')} (default: {f.default!r})", "default": argparse.SUPPRESS}
-        if hints[f.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            parser.add_argument(flag, type=hints[f.name], metavar=f.name.upper(), **kwargs)
-
-
-def _cmd_convert(args) -> int:
-    from mobilenetv2.checkpoint import load_state_into, read_weights, save_model
-
-    loaded = read_weights(args.source)
-    model = loaded.build()
-    load_state_into(model, loaded)
-    if args.class_names:
-        names = _read_class_names(args.class_names)
-        if len(names) != model.num_classes:
-            raise UserError(f"{args.class_names} has {len(names)} class names; the model has {model.num_classes} classes")
-        model.class_names = names
-    save_model(model, args.output)
-    if loaded.ignored:
-        print(f"ignored {len(loaded.ignored)} non-weight entries: {', '.join(sorted(loaded.ignored)[:8])}"
-              + (" ..." if len(loaded.ignored) > 8 else ""))
-    print(f"converted {loaded.source_format} checkpoint {args.source} (width {loaded.width_mult}, "
-          f"{loaded.num_classes} classes) -> {args.output}")
-    return 0
-
-
-def _read_class_names(path: str) -> list[str]:
-    from pathlib import Path
-
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"class names file not found: {path}")
-    return [line.strip() for line in file.read_text().splitlines() if line.strip()]
-
-
-def _cmd_train(args) -> int:
-    from mobilenetv2.config import build_config
-    from mobilenetv2.training.run import run_training
-
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "config")}
-    recipe = build_config(TrainConfig, args.config, notify=False)
-    if "batch_size" in overrides and "lr_reference_batch" not in overrides:
-        overrides["lr_reference_batch"] = recipe.lr_reference_batch or recipe.batch_size  # what the rates are for
-    run_training(build_config(TrainConfig, args.config, overrides))
-    return 0
+RUNTIME_HELP = ("auto: on a CPU the fastest engine installed, timed here (a .pt runs through an ONNX export cached "
+                "beside it), on a GPU torch; torch | onnx (ONNX Runtime) | openvino")
 
 
 def _cmd_eval(args) -> int:
@@ -187,63 +119,7 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-def _cmd_data(args) -> int:
-    if args.name == "synthetic":
-        from mobilenetv2.data.synthetic import write_synthetic
-
-        out = write_synthetic(args.output, images=args.images, size=args.size)
-        print(f"synthetic JPEG ImageFolder ({args.images} images, about {args.size}) ready in {out}")
-        return 0
-    from mobilenetv2.data.fashion_mnist import write_fashion_mnist
-
-    out = write_fashion_mnist(args.output, per_class=args.per_class, val_per_class=args.val_per_class,
-                              source=args.source, download=args.download)
-    print(f"Fashion-MNIST ImageFolder ready in {out}")
-    return 0
-
-
-def _cmd_demo(args) -> int:
-    from pathlib import Path
-
-    from mobilenetv2.demo import DemoOptions, run_demo
-
-    options = DemoOptions(output=Path(args.output), config=Path(args.config), data=Path(args.data), quick=args.quick,
-                          per_class=args.per_class, val_per_class=args.val_per_class, device=args.device)
-    summary = run_demo(options)
-    print(f"demo: top-1 {summary['top1']:.2%} on {summary['count']} test images, ONNX top-1 {summary['onnx_top1']:.2%}, "
-          f"{summary['seconds']['total']:.0f} s in all; report in {options.output / 'report.md'}")
-    return 0
-
-
-def _cmd_plot(args) -> int:
-    from mobilenetv2.monitor import plot_run
-
-    print(f"wrote {plot_run(args.run_dir, args.output)}")
-    return 0
-
-
-RUNTIME_HELP = ("auto: on a CPU the fastest engine installed, timed here (a .pt runs through an ONNX export cached "
-                "beside it), on a GPU torch; torch | onnx (ONNX Runtime) | openvino")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mobilenetv2", description="Train, fine-tune, evaluate, export and serve MobileNetV2.")
-    parser.add_argument("--version", action="version", version=f"mobilenetv2 {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    train = commands.add_parser("train", help="train from scratch, fine-tune, or continue training")
-    train.add_argument("--config", metavar="FILE.yaml", help="recipe file; flags override its values")
-    _add_dataclass_options(train, TrainConfig)
-    # before --weight-decay-on: still read (as all / weights), with a notice
-    train.add_argument("--decay-bn-bias", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                       help=argparse.SUPPRESS)
-    train.set_defaults(handler=_cmd_train)
-
-    convert = commands.add_parser("convert", help="convert MindSpore / torchvision / timm weights to our .pt")
-    convert.add_argument("source", help="a .ckpt (MindSpore), .pth/.pt (torchvision, timm, ours) or .safetensors")
-    convert.add_argument("--output", "-o", required=True, help="destination .pt or .safetensors")
-    convert.add_argument("--class-names", help="text file with one class name per line, stored in the output")
-    convert.set_defaults(handler=_cmd_convert)
+def add_deploy_commands(commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint (or .onnx) on a folder; prints the seed's result line")
     evaluate.add_argument("--data", required=True, help="dataset root (uses val/ or validation_preprocess/) or a class-folder root")
     evaluate.add_argument("--checkpoint", help="any format load_model reads, or an exported .onnx")
@@ -302,62 +178,3 @@ def build_parser() -> argparse.ArgumentParser:
     bench_.add_argument("--seconds", type=float, default=3.0, help="timed seconds per runtime and batch size")
     bench_.add_argument("--json", action="store_true")
     bench_.set_defaults(handler=_cmd_bench)
-
-    data = commands.add_parser("data", help="write a real dataset as an ImageFolder tree")
-    data.add_argument("name", choices=["fashion-mnist", "synthetic"],
-                      help="fashion-mnist: Debian's Fashion-MNIST; synthetic: ImageNet-like JPEGs from scikit-image's "
-                           "photos, for benchmarks")
-    data.add_argument("output", help="folder to write train/ and val/ into")
-    data.add_argument("--per-class", type=int, help="train images per class (default: all)")
-    data.add_argument("--val-per-class", type=int, help="val images per class (default: all)")
-    data.add_argument("--source", help="folder with the *-ubyte.gz files (default /usr/share/datasets/fashion-mnist)")
-    data.add_argument("--download", action="store_true", help="download with torchvision when the files are missing")
-    data.add_argument("--images", type=int, default=1000, help="synthetic: how many JPEGs (a tenth go to val/)")
-    data.add_argument("--size", default="500x375", help="synthetic: typical width x height, varied by +-20 %%")
-    data.set_defaults(handler=_cmd_data)
-
-    demo = commands.add_parser("demo", help="the main job on Fashion-MNIST: train, evaluate, export, predict, report")
-    demo.add_argument("--quick", action="store_true", help="a smoke run in seconds (tiny settings)")
-    demo.add_argument("--output", default="runs/demo")
-    demo.add_argument("--config", default="configs/fashion_mnist.yaml", help="the recipe")
-    demo.add_argument("--data", default="data/fashion-mnist", help="where the ImageFolder tree is written once")
-    demo.add_argument("--per-class", type=int, help="train images per class (default: all 6,000)")
-    demo.add_argument("--val-per-class", type=int, help="test images per class (default: all 1,000)")
-    demo.add_argument("--device", default="auto")
-    demo.set_defaults(handler=_cmd_demo)
-
-    plot = commands.add_parser("plot", help="draw loss, accuracy and learning-rate curves of a run")
-    plot.add_argument("run_dir")
-    plot.add_argument("--output", help="PNG path (default RUN_DIR/curves.png)")
-    plot.set_defaults(handler=_cmd_plot)
-    return parser
-
-
-def as_flags(message: str) -> str:
-    """A library message with its `argument_names` shown as the --flags that set them."""
-    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda match: "--" + match.group(1).replace("_", "-"), message)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except UserError as exc:
-        print(f"mobilenetv2 {args.command}: error: {as_flags(str(exc))}", file=sys.stderr)
-        return 2
-    except TrainingStopped as exc:
-        print(f"mobilenetv2 {args.command}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"mobilenetv2 {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,180 @@
+"""ONNX files and the engines that run them on the CPU (ONNX Runtime; OpenVINO, which reads the same files): their
+sessions, the metadata record our files carry, the export an engine runs a checkpoint through (checked against
+eager PyTorch on real photos), and the photos and comparison every export check uses."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from collections.abc import Callable
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mobilenetv2.errors import CheckpointError, UserError, first_line
+from mobilenetv2.metadata import FORMAT_NAME, parse
+from mobilenetv2.model import MobileNetV2
+
+RUNTIMES = ("auto", "torch", "onnx", "openvino")
+ENGINES = RUNTIMES[1:]
+EXTRAS = {"onnx": "pip install 'mobilenetv2[export]'", "openvino": "pip install 'mobilenetv2[openvino]'"}
+MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit for one message
+TOLERANCE = 1e-4  # max |difference| from eager, relative to max(1, logit scale)
+
+
+class ExportCheckError(Exception):
+    """The written file disagrees with the eager model beyond the tolerance."""
+
+
+def check_images(model: MobileNetV2, batch: int) -> torch.Tensor:
+    """A batch of real photos (scikit-image, if installed) preprocessed by the model's own contract."""
+    from PIL import Image
+
+    from mobilenetv2.data.transforms import eval_transform
+
+    try:
+        from skimage import data as photos
+
+        arrays = [photos.astronaut(), photos.chelsea(), photos.coffee(), photos.rocket()]
+    except ImportError:  # a deterministic textured image when scikit-image is absent
+        grid = np.indices((300, 400)).sum(0)
+        arrays = [np.stack([(grid * k) % 255 for k in (3, 5, 7)], -1).astype(np.uint8)]
+    transform = eval_transform(model.preprocess)
+    return torch.stack([transform(Image.fromarray(arrays[i % len(arrays)])) for i in range(batch)])
+
+
+def compare(expected: torch.Tensor, actual, what: str, tolerance: float | None = None) -> float:
+    """Max |difference|; raises ExportCheckError above `tolerance` (default TOLERANCE) x max(1, max |expected|)."""
+    expected = expected.detach().numpy()
+    difference = float(np.abs(expected - np.asarray(actual)).max())
+    limit = (TOLERANCE if tolerance is None else tolerance) * max(1.0, float(np.abs(expected).max()))
+    if not difference <= limit:
+        raise ExportCheckError(f"{what} differs from eager PyTorch by {difference:.3g} (> {limit:.3g})")
+    return difference
+
+
+def installed(engine: str) -> bool:
+    """Whether `engine` can run here (ONNX Runtime and OpenVINO also need onnx, to export and read metadata)."""
+    if engine == "torch":
+        return True
+    needs = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}[engine]
+    return all(find_spec(name) is not None for name in needs)
+
+
+def require_runtime(name: str) -> None:
+    if name not in RUNTIMES:
+        raise UserError(f"unknown `runtime` {name!r}; choose one of {', '.join(RUNTIMES)}")
+    if name != "auto" and not installed(name):
+        raise UserError(f"`runtime` {name} is not installed: {EXTRAS[name]}")
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def onnxruntime_run(path: Path, threads: int | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], object]:
+    """run(images) -> logits through ONNX Runtime's CPU provider on `threads` (torch's count when None), and the
+    file's batch dimension (an int when fixed)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads or _threads(), 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return (lambda images: session.run(["logits"], {"input": images})[0]), session.get_inputs()[0].shape[0]
+
+
+def openvino_run(path: Path, threads: int | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], object]:
+    """As `onnxruntime_run`, through OpenVINO on the CPU."""
+    import openvino
+
+    core = openvino.Core()
+    network = core.read_model(str(path))
+    # f32 everywhere: on CPUs with bf16 units OpenVINO would otherwise run float layers in bf16 (int8 layers of a
+    # quantized file stay int8 either way)
+    compiled = core.compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                   "INFERENCE_NUM_THREADS": threads or _threads()})
+    request = compiled.create_infer_request()
+    output = compiled.output("logits")
+
+    def run(images: np.ndarray) -> np.ndarray:
+        return request.infer({"input": images})[output].copy()
+
+    batch = network.input("input").get_partial_shape()[0]
+    return run, (batch.get_length() if batch.is_static else None)
+
+
+ENGINE_RUNNERS = {"onnx": onnxruntime_run, "openvino": openvino_run}
+
+
+def read_onnx_metadata(path: Path):
+    """The mobilenetv2 metadata of an ONNX file, parsed, and the record as written (an int8 file's holds its
+    `quantization`); CheckpointError for anything else."""
+    import onnx
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size > MAX_ONNX_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes is more than the {MAX_ONNX_BYTES} an ONNX file "
+                              "can hold")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others for foreign bytes
+        raise CheckpointError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+    try:
+        properties = {entry.key: entry.value for entry in proto.metadata_props}
+    except ValueError as exc:  # a property that is not UTF-8 (UnicodeDecodeError)
+        raise CheckpointError(f"{path}: its metadata is not text ({first_line(exc, 120)})") from None
+    if FORMAT_NAME not in properties:
+        raise CheckpointError(f"{path}: an ONNX file without mobilenetv2 metadata (export it with 'mobilenetv2 export')")
+    try:
+        record = json.loads(properties[FORMAT_NAME])
+        meta = parse(record, str(path))
+    except (ValueError, TypeError):  # not JSON, or not even UTF-8
+        raise CheckpointError(f"{path}: its mobilenetv2 metadata is not a JSON record") from None
+    num_classes = meta.architecture.get("num_classes")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise CheckpointError(f"{path}: its mobilenetv2 metadata has no class count")
+    return meta, record
+
+
+def export_for_engines(model: nn.Module, target: Path, sample: torch.Tensor, metadata: dict) -> None:
+    """`model` (images -> one output) as ONNX with a dynamic batch, written atomically to `target` after it ran in
+    ONNX Runtime on `sample` and matched eager. The TorchScript-based exporter: under a second where torch.export's
+    takes ten; the dynamo one when it is gone."""
+    import onnx
+
+    from mobilenetv2.files import temp_path_beside
+
+    temp = temp_path_beside(target)
+    try:
+        for dynamo in (False, True):
+            try:
+                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                    warnings.simplefilter("ignore")
+                    torch.onnx.export(model, (sample[:1],), str(temp), input_names=["input"], output_names=["logits"],
+                                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                                      opset_version=18 if dynamo else 17, dynamo=dynamo, external_data=False)
+                break
+            except Exception:  # noqa: BLE001 - no legacy exporter in this torch: the current one
+                if dynamo:
+                    raise
+        proto = onnx.load(str(temp))
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = FORMAT_NAME, json.dumps(metadata)
+        temp.write_bytes(proto.SerializeToString())
+        run, _batch = onnxruntime_run(temp)
+        with torch.no_grad():
+            expected = model(sample)
+        try:
+            compare(expected, run(sample.numpy()), "the cached ONNX export")
+        except ExportCheckError as exc:
+            raise CheckpointError(f"{target}: {exc}") from None
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
