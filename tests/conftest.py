@@ -208,3 +208,4 @@ def one_line_exit_2(capsys, argv):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     return err
+
