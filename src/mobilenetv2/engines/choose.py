@@ -219,7 +219,8 @@ def _fastest(builders: dict[str, Callable[[], object]], forward_of: Callable[[ob
     return built[_agreed(max(rates, key=rates.get), names, runtime)]
 
 
-AUTO_ENGINES = ("torch", "onnx")  # OpenVINO runs when asked for: slower than ONNX Runtime on every model we timed
+# OpenVINO runs when asked for: loaded inside long-lived test processes it coincided with lost workers (not found why)
+AUTO_ENGINES = ("torch", "onnx")
 
 
 def _cpu_engines(runtime_name: str) -> list[str]:
