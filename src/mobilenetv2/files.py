@@ -101,3 +101,28 @@ def written_with(marker: str | os.PathLike, key: str, wanted) -> bool:
         return json.loads(Path(marker).read_text()).get(key) == wanted
     except (OSError, json.JSONDecodeError, AttributeError):
         return False
+
+
+RECORD_BYTES = 1 << 20  # a kept-timings record larger than this is not ours: read as empty
+
+
+def read_record(path: str | os.PathLike | None) -> dict:
+    """A JSON record of dicts kept by a cache (timings per question); empty when absent, too large or damaged."""
+    try:
+        if path is None or Path(path).stat().st_size > RECORD_BYTES:
+            return {}
+        known = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in known.items() if isinstance(v, dict)} if isinstance(known, dict) else {}
+
+
+def keep_record(path: str | os.PathLike | None, known: dict) -> None:
+    """Write a record for `read_record`; a folder that refuses is no error (the question is asked again)."""
+    if path is None:
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps(known, indent=1).encode())
+    except (OSError, WriteError):
+        pass

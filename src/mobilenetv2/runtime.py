@@ -236,8 +236,31 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def _user_cache() -> Path:
+def user_cache() -> Path:
+    """The user's cache folder for what this package keeps between runs (timings, exports it cannot put beside
+    their checkpoint)."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mobilenetv2"
+
+
+CPUINFO_BYTES = 1 << 16  # the first processor's entry is well inside this
+
+
+def cpu_fields(cpuinfo: str | None = None) -> dict[str, str]:
+    """The first processor's entry of /proc/cpuinfo (`cpuinfo`: its text, read here when None) as name -> value;
+    the other entries repeat it. Empty where the OS has none."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", "rb") as file:
+                cpuinfo = file.read(CPUINFO_BYTES).decode("utf-8", "replace")
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
 def _time_precisions(model: torch.nn.Module, runtime: Runtime, batch: int, size: int, classes: int) -> dict:
@@ -284,31 +307,21 @@ def tune_cpu_amp(runtime: Runtime, amp: str, model: torch.nn.Module, batch: int,
         return runtime, None
     if not cpu_has_bf16():
         return runtime, "amp auto: fp32 (this CPU has no native bf16)"
-    import json
+    from mobilenetv2.files import keep_record, read_record
 
     parameters = sum(p.numel() for p in model.parameters())
-    key = (f"{_cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__} | {parameters} "
+    import platform
+
+    cpu = cpu_fields().get("model name") or platform.processor() or platform.machine()
+    key = (f"{cpu} | {torch.get_num_threads()} threads | torch {torch.__version__} | {parameters} "
            f"parameters | batch {batch} | {size} px | {'channels-last' if runtime.channels_last else 'NCHW'}")
-    record = _user_cache() / "amp_timings.json"
-    known: dict = {}
-    try:
-        if record.stat().st_size < 1 << 20:
-            known = json.loads(record.read_text())
-    except (OSError, ValueError):
-        pass
-    if not isinstance(known, dict):
-        known = {}
+    record = user_cache() / "amp_timings.json"
+    known = read_record(record)
     rates = known.get(key)
-    timed_now = not (isinstance(rates, dict) and set(rates) == {"fp32", "bf16"})
+    timed_now = set(rates or ()) != {"fp32", "bf16"}
     if timed_now:
         rates = _time_precisions(model, runtime, batch, size, classes)
-        try:
-            from mobilenetv2.files import atomic_write_bytes
-
-            record.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(record, json.dumps({**known, key: rates}, indent=1).encode())
-        except (OSError, UserError):
-            pass  # timed again next run
+        keep_record(record, {**known, key: rates})
     ratio = rates["bf16"] / rates["fp32"]
     choice = torch.tensor([float(ratio >= BF16_MARGIN)], device=runtime.device)
     if runtime.distributed:  # rank 0's decision
@@ -319,16 +332,3 @@ def tune_cpu_amp(runtime: Runtime, amp: str, model: torch.nn.Module, batch: int,
             f"CPU at batch {batch}, {size} px; {source})")
     return (dataclasses.replace(runtime, amp_dtype=torch.bfloat16) if bf16 else runtime), note
 
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", "rb") as file:
-            text = file.read(1 << 16).decode("utf-8", "replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    import platform
-
-    return platform.processor() or platform.machine()

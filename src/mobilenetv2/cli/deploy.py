@@ -8,8 +8,8 @@ from mobilenetv2.deploy.formats import FORMATS as EXPORT_FORMATS
 from mobilenetv2.deploy.formats import default_output, require_format
 from mobilenetv2.errors import UserError
 
-RUNTIME_HELP = ("auto: on a CPU the fastest engine installed, timed here (a .pt runs through an ONNX export cached "
-                "beside it), on a GPU torch; torch | onnx (ONNX Runtime) | openvino")
+RUNTIME_HELP = ("auto: on a CPU the faster of torch and ONNX Runtime, timed here (a .pt runs through an ONNX export "
+                "cached beside it), on a GPU torch; torch | onnx (ONNX Runtime) | openvino")
 
 
 def _cmd_eval(args) -> int:

@@ -1,9 +1,9 @@
 """`mobilenetv2 bench`: latency and throughput of one model in every runtime we ship to, on this machine, in one run.
 
 Each runtime is built from the same checkpoint (fp32 eager PyTorch in channels-last, fp32 ONNX Runtime, int8 ONNX
-Runtime, OpenVINO on the same fp32 and int8 ONNX files, ExecuTorch with XNNPACK) and measured in interleaved rounds, every runtime with the same thread count. The
-int8 file is the one given, or one quantized here with real photos as calibration (speed does not depend on
-calibration; for accuracy use `mobilenetv2 quantize`, which measures it).
+Runtime, OpenVINO on the same fp32 and int8 ONNX files, ExecuTorch with XNNPACK) and measured in interleaved rounds,
+every runtime with the same thread count. The int8 file is the one given, or one quantized here with real photos as
+calibration (speed does not depend on calibration; for accuracy use `mobilenetv2 quantize`, which measures it).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from mobilenetv2.model import MobileNetV2
 __all__ = ["TOLERANCE", "ExportCheckError", "check_images", "compare", "export", "export_onnx", "WithSoftmax",
            "INT8_TOLERANCE"]
 
+
 class WithSoftmax(nn.Module):
     """Logits and probabilities, as the seed's exported graph ends in a Softmax."""
 

@@ -14,9 +14,7 @@ cached export, per CPU, threads and batch, so it is paid once. An int8 file stay
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
 import re
 import tempfile
@@ -90,7 +88,7 @@ def onnx_classifier(path: str | os.PathLike, engine: str = "onnx") -> Classifier
             raise CheckpointError(f"{path}: {engine} cannot run it ({first_line(exc, 160)})") from None
 
     def forward(images: torch.Tensor) -> torch.Tensor:
-        images = np.ascontiguousarray(images.detach().float().cpu().numpy())
+        images = as_engine_input(images)
         if static_batch is None:
             return torch.from_numpy(checked(images))
         chunks = []  # a fixed-batch export runs chunk by chunk, the last one zero-padded
@@ -103,6 +101,11 @@ def onnx_classifier(path: str | os.PathLike, engine: str = "onnx") -> Classifier
     num_classes = meta.architecture["num_classes"]
     return Classifier(forward, num_classes, meta.preprocess, _names_or_imagenet(meta.class_names, num_classes),
                       engine)
+
+
+def as_engine_input(images: torch.Tensor) -> np.ndarray:
+    """A batch as the ONNX engines take it: float32, on the CPU, C-contiguous (channels-last tensors are not)."""
+    return np.ascontiguousarray(images.detach().float().cpu().numpy())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,8 +121,9 @@ def _digest(path: Path) -> str:
 
 
 def _cache_folders(checkpoint: Path) -> list[Path]:
-    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mobilenetv2"
-    return [checkpoint.resolve().parent / CACHE_FOLDER, user]
+    from mobilenetv2.runtime import user_cache
+
+    return [checkpoint.resolve().parent / CACHE_FOLDER, user_cache()]
 
 
 def cached_export(checkpoint: str | os.PathLike, model: MobileNetV2) -> Path:
@@ -164,16 +168,6 @@ def _timing_key(size: int, batch: int) -> str:
     return f"{cpu_description()} | {torch.get_num_threads()} threads | batch {batch} | {size} px"
 
 
-def _read_record(record: Path | None) -> dict:
-    if record is None or not record.is_file() or record.stat().st_size > 1 << 20:
-        return {}
-    try:
-        known = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return {}
-    return {k: v for k, v in known.items() if isinstance(v, dict)} if isinstance(known, dict) else {}
-
-
 def _time(candidates: dict[str, Callable], size: int, batch: int) -> dict[str, float]:
     """images/s of each forward on this CPU, timed in interleaved rounds on one random batch."""
     from mobilenetv2.engines.timing import interleaved
@@ -200,22 +194,19 @@ def _fastest(builders: dict[str, Callable[[], object]], forward_of: Callable[[ob
              batch: int, record: Path | None, runtime) -> object:
     """The built engine that runs fastest here: from `record` (timings kept per CPU, threads, batch and size) when
     it has them, else every candidate built and timed now (and the timings kept in `record`)."""
-    from mobilenetv2.files import atomic_write_bytes
+    from mobilenetv2.files import keep_record, read_record
 
     names = list(builders)
     if len(names) == 1:
         return builders[names[0]]()
     key = _timing_key(size, batch)
-    known = _read_record(record)
+    known = read_record(record)
     if set(known.get(key, {})) == set(names):
         choice = _agreed(max(known[key], key=known[key].get), names, runtime)
         return builders[choice]()
     built = {name: build() for name, build in builders.items()}
     rates = _time({name: forward_of(engine) for name, engine in built.items()}, size, batch)
-    if record is not None:
-        known[key] = rates
-        with contextlib.suppress(OSError, UserError):
-            atomic_write_bytes(record, json.dumps(known, indent=1).encode())
+    keep_record(record, {**known, key: rates})
     return built[_agreed(max(rates, key=rates.get), names, runtime)]
 
 
@@ -285,13 +276,13 @@ def feature_function(model: MobileNetV2, runtime, runtime_name: str = "auto",
         if runtime.device.type != "cpu" and runtime_name not in ("auto", "torch"):
             raise UserError(f"`feature_runtime` {runtime_name} runs on the CPU; training is on {runtime.device}")
         return model.features, "torch"
+
     def builder(engine: str, target: Path):
         def build():
             if engine == "torch":
                 return engine, model.features
             run, _batch = ENGINE_RUNNERS[engine](target)
-            return engine, lambda images: torch.from_numpy(run(np.ascontiguousarray(
-                images.detach().float().cpu().numpy())))
+            return engine, lambda images: torch.from_numpy(run(as_engine_input(images)))
         return build
 
     with tempfile.TemporaryDirectory(prefix="mobilenetv2-features-") as folder:  # engines keep the graph in memory

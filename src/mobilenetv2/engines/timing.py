@@ -12,7 +12,6 @@ ROUNDS = 5  # rounds per measurement; each candidate is timed once per round, in
 # /proc/cpuinfo flags of the instructions that multiply-add int8 (int8 kernels are fast only with one of them)
 INT8_DOT_PRODUCT = {"avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI", "amx_int8": "AMX-INT8",
                     "asimddp": "Arm dot product", "i8mm": "Arm I8MM"}
-CPUINFO_BYTES = 1 << 16  # the first processor's entry is well inside this
 
 
 def cpu_description(cpuinfo: str | None = None) -> str:
@@ -20,18 +19,9 @@ def cpu_description(cpuinfo: str | None = None) -> str:
     dot-product instructions it has (or "none"). `cpuinfo` is /proc/cpuinfo's text (read here when None)."""
     import torch
 
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", "rb") as file:
-                cpuinfo = file.read(CPUINFO_BYTES).decode("utf-8", "replace")
-        except OSError:
-            cpuinfo = ""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        if not line.strip():
-            break  # the first processor's entry: the others repeat it
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
+    from mobilenetv2.runtime import cpu_fields
+
+    fields = cpu_fields(cpuinfo)
     model = fields.get("model name") or platform.processor() or "model not listed"
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
     dot = [name for flag, name in INT8_DOT_PRODUCT.items() if flag in flags]
