@@ -128,6 +128,17 @@ def _as_tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A file's tensors under the names the file gives them (a torch file's state dict, or a safetensors file's),
+    for models of other families that our key maps do not rename."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)[0]
+    return _as_tensor_dict(read_torch_file(path), path)
+
+
 def read_weights(path: str | os.PathLike) -> LoadedWeights:
     """Read any supported format and rename its keys onto ours."""
     path = Path(path)

@@ -115,6 +115,15 @@ class TrainConfig:
     filter_head: bool = _help("load everything but the head from --pretrained (full fine-tune)", default=False)
     freeze: str = _help("none | backbone (train only the head, from cached backbone features)", default="none")
     extend_classes: bool = _help("class-incremental: keep the checkpoint's head rows, add rows for new classes", default=False)
+    teacher: str = _help("distil from this model file (any format load_model reads, or --teacher-arch's weights)",
+                         default="")
+    teacher_arch: str = _help("the teacher's architecture when it is not a MobileNetV2: torchvision:NAME or timm:NAME",
+                              default="")
+    distill_loss: str = _help("kl (Hinton's, at a temperature) | dist (DIST's Pearson relations)", default="kl")
+    distill_temperature: float = _help("softmax temperature of the distillation loss (0: 4 for kl, 1 for dist)",
+                                       default=0.0)
+    distill_weight: float = _help("weight of the distillation loss", default=1.0)
+    task_loss_weight: float = _help("weight of the label loss beside the distillation loss", default=1.0)
     feature_cache: str = _help("folder for cached backbone features (default OUTPUT/feature_cache)", default="")
     feature_views: int = _help("augmented views per image in the feature cache (1: eval transform only)", default=1)
     feature_runtime: str = _help("engine that runs the frozen backbone over the images: auto (on a CPU the fastest "
@@ -225,6 +234,12 @@ class TrainConfig:
             (self.clip_grad_norm >= 0, "`clip_grad_norm` must be >= 0"),
             (0 <= self.drop_path < 1, "`drop_path` must be in [0, 1)"),
             (self.ema_every >= 1, "`ema_every` must be >= 1"),
+            (self.distill_loss in ("kl", "dist"), f"`distill_loss` must be kl or dist, got {self.distill_loss!r}"),
+            (self.distill_temperature >= 0 and self.distill_weight >= 0 and self.task_loss_weight >= 0,
+             "`distill_temperature`, `distill_weight` and `task_loss_weight` must be >= 0"),
+            (not self.teacher_arch or bool(self.teacher), "`teacher_arch` needs `teacher` (the file of its weights)"),
+            (not self.teacher or self.freeze == "none",
+             "`teacher` with `freeze` backbone: the head trains on cached features, which a teacher cannot see"),
             (self.data_backend in ("pil", "device"), f"`data_backend` must be pil or device, got {self.data_backend!r}"),
         ]
         for ok, message in checks:

@@ -40,6 +40,40 @@ class EvalResult:
                 "confusion_matrix": self.confusion.tolist(), "class_names": names}
 
 
+TTA_MODES = ("none", "flip", "flip-crops")
+
+
+def with_tta(model_fn: Callable[[torch.Tensor], torch.Tensor], mode: str, crop_size: int):
+    """`model_fn` answering with logits averaged over views of each image: `flip`, the image and its mirror;
+    `flip-crops`, torchvision's TenCrop: five `crop_size` crops of the (larger) batch given, its four corners and
+    its centre, and their mirrors. `none` returns `model_fn` itself."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {mode!r}")
+    if mode == "none":
+        return model_fn
+
+    def views(images: torch.Tensor) -> list[torch.Tensor]:
+        if mode == "flip":
+            return [images]
+        height, width = images.shape[-2:]
+        if min(height, width) < crop_size:
+            raise ValueError(f"flip-crops needs images of at least {crop_size} px, got {height}x{width}")
+        top, left = int(round((height - crop_size) / 2)), int(round((width - crop_size) / 2))
+        corners = [(0, 0), (0, width - crop_size), (height - crop_size, 0), (height - crop_size, width - crop_size),
+                   (top, left)]
+        return [images[..., y:y + crop_size, x:x + crop_size] for y, x in corners]
+
+    def averaged(images: torch.Tensor) -> torch.Tensor:
+        total, count = None, 0
+        for view in views(images):
+            for flipped in (view, view.flip(-1)):
+                logits = model_fn(flipped).float()
+                total, count = (logits if total is None else total + logits), count + 1
+        return total / count
+
+    return averaged
+
+
 @torch.no_grad()
 def evaluate(model_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, runtime: Runtime,
              num_classes: int) -> EvalResult:

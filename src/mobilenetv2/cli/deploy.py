@@ -32,14 +32,14 @@ def _cmd_eval(args) -> int:
     with runtime.session(device, "off") as state:
         result, classes, classifier = predict.evaluate_checkpoint(
             args.checkpoint, folder, state, batch_size=args.batch_size, workers=args.workers, resize_mode=args.resize,
-            runtime_name=args.runtime, data_backend=args.data_backend)
+            runtime_name=args.runtime, data_backend=args.data_backend, tta=args.tta)
     if state.is_main:
         print(f"result:{{'acc': {result.top1}, 'top5': {result.top5}}} ckpt={args.checkpoint} "
-              f"runtime={classifier.runtime}")
+              f"runtime={classifier.runtime}" + (f" tta={args.tta}" if args.tta != "none" else ""))
         print(f"evaluated {result.count} images" + (f", skipped {result.skipped} unreadable" if result.skipped else ""))
         if args.json:
             report = {"checkpoint": str(args.checkpoint), "data": str(folder), "runtime": classifier.runtime,
-                      "data_backend": args.data_backend, **result.to_dict(classes)}
+                      "data_backend": args.data_backend, "tta": args.tta, **result.to_dict(classes)}
             Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
@@ -90,6 +90,32 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_average(args) -> int:
+    from mobilenetv2 import runtime
+    from mobilenetv2.deploy import predict
+    from mobilenetv2.deploy.average import average, last_checkpoints
+
+    if bool(args.checkpoints) == bool(args.last):
+        raise UserError("give the checkpoints to average, or `last` N RUN_DIR")
+    paths = last_checkpoints(args.last[1], _positive_int(args.last[0], "last")) if args.last else args.checkpoints
+    average(paths, args.output)
+    print(f"averaged {len(paths)} checkpoints: {', '.join(str(p) for p in paths)}")
+    print(f"wrote {args.output}")
+    if args.data:
+        with runtime.session("cpu", "off") as state:
+            result, _classes, classifier = predict.evaluate_checkpoint(
+                args.output, predict.eval_folder(args.data), state, workers=args.workers, runtime_name="torch")
+        print(f"result:{{'acc': {result.top1}, 'top5': {result.top5}}} ckpt={args.output} runtime={classifier.runtime}")
+    return 0
+
+
+def _positive_int(text: str, name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"`{name}` must be a whole number, got {text!r}") from None
+
+
 def _cmd_quantize(args) -> int:
     from mobilenetv2.checkpoint import load_model
     from mobilenetv2.deploy.quantize import quantize
@@ -133,6 +159,9 @@ def add_deploy_commands(commands) -> None:
     evaluate.add_argument("--runtime", default="auto", help=RUNTIME_HELP)
     evaluate.add_argument("--data-backend", default="pil", help="pil: decode in the loader's workers; device: "
                           "workers read bytes, the device decodes each batch (nvJPEG on a GPU), as in training")
+    evaluate.add_argument("--tta", default="none", help="test-time augmentation, logits averaged over the views: none "
+                          "| flip (the image and its mirror) | flip-crops (four corner crops and the centre crop of "
+                          "the resized image, and their mirrors)")
     evaluate.set_defaults(handler=_cmd_eval)
 
     predict = commands.add_parser("predict", help="classify images: class names and probabilities")
@@ -157,6 +186,14 @@ def add_deploy_commands(commands) -> None:
     export.add_argument("--onnx-exporter", choices=["dynamo", "legacy"], default="dynamo",
                         help="dynamo: torch's current exporter (opset 18); legacy: the deprecated TorchScript-based one")
     export.set_defaults(handler=_cmd_export)
+
+    average = commands.add_parser("average", help="the mean of several checkpoints of one network (EMA weights too)")
+    average.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT", help="any format load_model reads")
+    average.add_argument("--last", nargs=2, metavar=("N", "RUN_DIR"), help="the N newest numbered checkpoints of a run")
+    average.add_argument("--output", "-o", required=True, help="destination .pt or .safetensors")
+    average.add_argument("--data", help="dataset root: evaluate the average on its val/")
+    average.add_argument("--workers", type=int, default=2)
+    average.set_defaults(handler=_cmd_average)
 
     quantize = commands.add_parser("quantize", help="int8 ONNX (static, per-channel), top-1 before and after")
     quantize.add_argument("--checkpoint", required=True)

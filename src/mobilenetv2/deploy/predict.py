@@ -16,7 +16,7 @@ from mobilenetv2.data.folders import (DECODE_ERRORS, class_folders, decode_rgb, 
 from mobilenetv2.data.transforms import eval_transform
 from mobilenetv2.engines.choose import Classifier, as_classifier, imagenet_class_names, load_classifier
 from mobilenetv2.errors import DataError, UserError
-from mobilenetv2.evaluation import EvalResult, evaluate, ranked
+from mobilenetv2.evaluation import TTA_MODES, EvalResult, evaluate, ranked, with_tta
 from mobilenetv2.model import MobileNetV2
 
 __all__ = ["Classifier", "as_classifier", "imagenet_class_names", "load_classifier", "predict", "evaluate_checkpoint",
@@ -91,19 +91,25 @@ DATA_BACKENDS = ("pil", "device")
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, folder: str | os.PathLike, runtime, *, batch_size: int = 100,
                         workers: int = 2, resize_mode: str | None = None, runtime_name: str = "auto",
-                        data_backend: str = "pil") -> tuple[EvalResult, list[str], Classifier]:
+                        data_backend: str = "pil", tta: str = "none") -> tuple[EvalResult, list[str], Classifier]:
     """Top-1/top-5/confusion of a checkpoint (or .onnx) on a folder of class folders; this rank's shard under
     torchrun, counts summed over ranks. `data_backend` pil decodes in the loader's workers; device decodes each batch
-    on the runtime's device (nvJPEG on a GPU), as training's. Returns the result, the class names its rows follow
-    and the classifier (its `runtime` names the engine that ran)."""
+    on the runtime's device (nvJPEG on a GPU), as training's. `tta` averages the logits of views of each image
+    (evaluation.with_tta; flip-crops cuts its crops from the whole resized square). Returns the result, the class
+    names its rows follow and the classifier (its `runtime` names the engine that ran)."""
     from mobilenetv2.data import on_device
 
     if data_backend not in DATA_BACKENDS:
         raise UserError(f"`data_backend` must be one of {', '.join(DATA_BACKENDS)}, got {data_backend!r}")
+    if tta not in TTA_MODES:
+        raise UserError(f"`tta` must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     classifier = load_classifier(checkpoint, runtime.device, runtime_name, batch_size, runtime)
     preprocess = classifier.preprocess
     if resize_mode:
         preprocess = dataclasses.replace(preprocess, resize_mode=resize_mode)
+    forward = with_tta(classifier.forward, tta, preprocess.image_size)
+    if tta == "flip-crops":  # the loader hands over the resized square; the crops are cut from it
+        preprocess = dataclasses.replace(preprocess, image_size=preprocess.resize_size)
     if data_backend == "pil":
         dataset = labelled_dataset(classifier, Path(folder), eval_transform(preprocess))
         batches = eval_loader(dataset, batch_size, workers, runtime.rank, runtime.world_size)
@@ -112,7 +118,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, folder: str | os.PathLike
         loader = eval_loader(dataset, batch_size, workers, runtime.rank, runtime.world_size,
                              runtime.device.type == "cuda", collate=on_device.collate_encoded)
         batches = on_device.on_device(loader, on_device.DeviceEvalTransform(preprocess), runtime.device)
-    return evaluate(classifier.forward, batches, runtime, classifier.num_classes), dataset.classes, classifier
+    return evaluate(forward, batches, runtime, classifier.num_classes), dataset.classes, classifier
 
 
 @dataclass

@@ -26,6 +26,7 @@ from mobilenetv2.evaluation import EvalResult
 from mobilenetv2.monitor import RunMonitor, epoch_line, step_line
 from mobilenetv2.runtime import Runtime
 from mobilenetv2.training import run_checkpoints
+from mobilenetv2.training.distill import Teacher, TeacherFile
 from mobilenetv2.training.recipe import build_ema, build_loss, build_optimizer, build_schedule
 from mobilenetv2.training.run_checkpoints import LoopState, ResumePoint
 from mobilenetv2.training.schedule import SeedSchedule, StepSchedule
@@ -67,7 +68,7 @@ def train_step(trainable: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     loss and whether fp16 overflow made the scaler skip the step."""
     inputs, labels = runtime.to_input(inputs), labels.to(runtime.device, non_blocking=True)
     with runtime.autocast():
-        loss = criterion(trainable(inputs), labels)
+        loss = criterion(trainable(inputs), labels, inputs)
     optimizer.zero_grad(set_to_none=True)
     scale_before = scaler.get_scale() if scaler.is_enabled() else None
     scaler.scale(loss).backward()
@@ -94,6 +95,7 @@ class _Run:
     schedule: SeedSchedule | StepSchedule
     criterion: nn.Module
     batch_ops: BatchOps | None
+    teacher_file: TeacherFile | None = None
     skipped_images: int = 0
     skipped_steps: int = 0  # fp16 overflows
     pending: list = field(default_factory=list)  # step records whose loss is still on the device
@@ -117,10 +119,11 @@ class _Epoch:
 
 
 def fit(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Path | None,
-        resume: ResumePoint | None = None) -> LoopState:
+        resume: ResumePoint | None = None, teacher: tuple[Teacher, TeacherFile] | None = None) -> LoopState:
     """The one training loop: epochs of steps, then eval, log and checkpoint at each epoch's end. `config` already
-    holds what `resume` keeps from the run's start (ResumePoint.kept_options)."""
-    run = _start(task, config, monitor, output)
+    holds what `resume` keeps from the run's start (ResumePoint.kept_options). With a `teacher` the loss is the
+    distillation loss, and checkpoints record the teacher's file and hash."""
+    run = _start(task, config, monitor, output, teacher)
     state = resume.restore(task.model, run.ema, run.optimizer, run.scaler) if resume else LoopState()
     if resume:
         monitor.line(f"resumed from {resume.path} at epoch {state.epoch}, step {state.global_step}")
@@ -199,11 +202,13 @@ def _check_finite(run: _Run, read: list[float] | None = None) -> None:
         f"longer --warmup-epochs, or --amp off", DIVERGED_EXIT)
 
 
-def _start(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Path | None) -> _Run:
+def _start(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Path | None,
+           teacher: tuple[Teacher, TeacherFile] | None) -> _Run:
     return _Run(task, config, monitor, output / "checkpoints" if output else None,
                 build_optimizer(task.model, config, task.runtime.device), task.runtime.grad_scaler(),
                 build_ema(task.model, config), build_schedule(config, task.steps_per_epoch),
-                build_loss(config, task.model.num_classes), batch_ops(config, task.model.num_classes),
+                build_loss(config, task.model.num_classes, teacher[0] if teacher else None),
+                batch_ops(config, task.model.num_classes), teacher_file=teacher[1] if teacher else None,
                 first_bad=torch.tensor([-1.0, 0.0], dtype=torch.float64, device=task.runtime.device))
 
 
@@ -301,7 +306,8 @@ def _end_epoch(run: _Run, state: LoopState, epoch: _Epoch) -> None:
 def _save(run: _Run, state: LoopState, names: list[str]) -> Path | None:
     """Rank 0 writes the run's state under `names`; every rank waits for it. Returns where last.pt went."""
     if run.task.runtime.is_main and run.checkpoints is not None:
-        record = run_checkpoints.payload(run.task.model, run.ema, run.optimizer, run.scaler, state, run.config)
+        record = run_checkpoints.payload(run.task.model, run.ema, run.optimizer, run.scaler, state, run.config,
+                                         run.teacher_file)
         run_checkpoints.save(record, run.checkpoints, names, run.config.keep_max)
     run.task.runtime.barrier()
     return run.checkpoints / names[0] if run.checkpoints is not None else None

@@ -22,7 +22,8 @@ class SeedLabelSmoothingLoss(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.smoothing, self.num_classes = smoothing, num_classes
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """`inputs` (the batch the logits came from) is what a distillation criterion needs; this loss ignores it."""
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"the loss is for {self.num_classes} classes, the logits have {logits.shape[1]}")
         log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)

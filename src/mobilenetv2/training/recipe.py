@@ -3,7 +3,7 @@ the learning-rate schedule and the weight average. The training loop takes them 
 them, so one step of the recipe can be run on a batch anywhere (a test, a notebook) exactly as the loop runs it:
 
     optimizer, criterion = build_optimizer(model, config), build_loss(config, model.num_classes)
-    criterion(model(images), labels).backward(); optimizer.step()
+    criterion(model(images), labels, images).backward(); optimizer.step()
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from torch import nn
 
 from mobilenetv2.config import TrainConfig
 from mobilenetv2.errors import UserError
+from mobilenetv2.training.distill import Teacher, distillation_loss
 from mobilenetv2.training.loss import SeedLabelSmoothingLoss
 from mobilenetv2.training.schedule import SeedSchedule, StepSchedule, schedule_for
 
@@ -82,9 +83,11 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device 
     return _OPTIMIZERS[config.optimizer](groups, config, fused)
 
 
-def build_loss(config: TrainConfig, num_classes: int) -> nn.Module:
-    """The seed's label-smoothed cross-entropy over `num_classes` outputs."""
-    return SeedLabelSmoothingLoss(config.label_smoothing, num_classes)
+def build_loss(config: TrainConfig, num_classes: int, teacher: Teacher | None = None) -> nn.Module:
+    """The seed's label-smoothed cross-entropy over `num_classes` outputs; with a `teacher`, that loss beside the
+    distillation loss the config names (training/distill.py). Called as criterion(logits, labels, inputs)."""
+    task_loss = SeedLabelSmoothingLoss(config.label_smoothing, num_classes)
+    return distillation_loss(task_loss, teacher, config) if teacher is not None else task_loss
 
 
 def build_schedule(config: TrainConfig, steps_per_epoch: int) -> SeedSchedule | StepSchedule:

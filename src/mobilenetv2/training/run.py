@@ -14,6 +14,7 @@ from mobilenetv2.config import TrainConfig, write_yaml
 from mobilenetv2.data.folders import find_splits
 from mobilenetv2.monitor import RunMonitor
 from mobilenetv2.runtime import Runtime
+from mobilenetv2.training.distill import load_teacher
 from mobilenetv2.training.loop import fit
 from mobilenetv2.training.run_checkpoints import LoopState, ResumePoint, resume_path
 from mobilenetv2.training.schedule import lr_note
@@ -42,6 +43,9 @@ def run_training(config: TrainConfig) -> LoopState:
                 runtime, amp_note = runtime_module.tune_cpu_amp(runtime, config.amp, model, config.batch_size,
                                                                 config.train_crop_size or config.image_size,
                                                                 model.num_classes)
+            teacher = load_teacher(config, model, runtime)
+            if resume:
+                resume.check_teacher(teacher[1] if teacher else None)
             task = build_task(config, model, splits, runtime, output)
             if task is None:  # this rank helped extract features; the head trains on rank 0
                 return LoopState()
@@ -55,7 +59,10 @@ def run_training(config: TrainConfig) -> LoopState:
                     monitor.line(note)
                 monitor.line(f"device {task.runtime.device}, world size {task.runtime.world_size}, amp "
                              f"{task.runtime.amp_dtype or 'off'}, {task.steps_per_epoch} steps per epoch")
-                return fit(task, config, monitor, output, resume)
+                if teacher:
+                    monitor.line(f"distilling from {teacher[1].path} ({config.teacher_arch or 'mobilenetv2'}, sha256 "
+                                 f"{teacher[1].sha256[:12]}): {config.distill_loss} loss")
+                return fit(task, config, monitor, output, resume, teacher)
             finally:
                 monitor.close()
 

@@ -17,7 +17,11 @@ from mobilenetv2.config import WEIGHT_DECAY_SETS, TrainConfig, upgrade_legacy_op
 from mobilenetv2.errors import CheckpointError, UserError, first_line
 from mobilenetv2.files import atomic_write_bytes, remove_stale_temps
 from mobilenetv2.model import MobileNetV2
+from mobilenetv2.training.distill import TeacherFile
 
+# options a distilled run keeps from its start on resume (its loss; the teacher's path when none is given)
+DISTILLATION_OPTIONS = ("teacher", "teacher_arch", "distill_loss", "distill_temperature", "distill_weight",
+                        "task_loss_weight")
 NUMBERED = re.compile(r"^mobilenetv2-(\d+)_(\d+)\.pt$")
 
 
@@ -33,14 +37,17 @@ def numbered_name(epoch: int, steps_per_epoch: int) -> str:
     return f"mobilenetv2-{epoch}_{steps_per_epoch}.pt"
 
 
-def payload(model: MobileNetV2, ema, optimizer, scaler, state: LoopState, config: TrainConfig) -> dict:
+def payload(model: MobileNetV2, ema, optimizer, scaler, state: LoopState, config: TrainConfig,
+            teacher: TeacherFile | None = None) -> dict:
     """Everything a resume needs. `model` holds the EMA weights when there is an EMA (what eval and export use);
-    `train_model` then holds the raw weights the optimizer steps on."""
+    `train_model` then holds the raw weights the optimizer steps on. A teacher is named, not saved."""
     evaluated = ema.module if ema is not None else model
     record = model.metadata()
     record.update(model=cpu_state(evaluated), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                   epoch=state.epoch, global_step=state.global_step, best_acc=state.best_acc,
                   rng=runtime_module.rng_state(), train_config=config.to_dict())
+    if teacher is not None:
+        record["teacher"] = teacher.to_dict()
     if ema is not None:
         record["train_model"] = cpu_state(model)
         record["ema_averaged"] = ema.n_averaged.cpu()
@@ -87,7 +94,24 @@ class ResumePoint:
             notes.append(f"resuming with weight_decay_on {started}, the set the run was started with (the options "
                          f"now say {config.weight_decay_on})")
             config = dataclasses.replace(config, weight_decay_on=started)
+        if "teacher" in self.record:  # the loss a distilled run started with, whatever the options now say
+            kept = {name: saved[name] for name in DISTILLATION_OPTIONS if name in saved}
+            if config.teacher:  # the file may have moved; check_teacher compares its contents
+                kept.pop("teacher", None)
+            changed = [name for name, value in kept.items() if getattr(config, name) != value]
+            if changed:
+                notes.append(f"resuming with the distillation the run was started with ({', '.join(changed)} as "
+                             f"{self.path} records)")
+                config = dataclasses.replace(config, **kept)
         return config, notes
+
+    def check_teacher(self, teacher: TeacherFile | None) -> None:
+        """Refuse to continue a distilled run with a teacher file other than the one it started with."""
+        started = self.record.get("teacher")
+        if isinstance(started, dict) and (teacher is None or started.get("sha256") != teacher.sha256):
+            now = f"{teacher.path} has sha256 {teacher.sha256[:12]}" if teacher else "there is no teacher now"
+            raise UserError(f"{self.path} was distilled from {started.get('path')} (sha256 "
+                            f"{str(started.get('sha256'))[:12]}); {now}: give the same teacher file to resume")
 
     def restore(self, model: nn.Module, ema, optimizer, scaler) -> LoopState:
         """Load the checkpoint into the run's objects (RNG states too) and return where it stopped."""
