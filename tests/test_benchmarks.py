@@ -58,3 +58,14 @@ def test_the_gpu_suite_runs_as_prepared_on_the_cpu(tmp_path):
                 "train end to end from JPEG, pil", "train end to end from JPEG, device", "eval from JPEG, device"):
         assert report[row] > 0, row
     assert "x baseline" in result.stdout
+
+
+def test_the_distillation_benchmark_trains_a_teacher_and_the_students(tmp_path):
+    out = run("distill.py", "--data", str(tmp_path / "fm"), "--per-class", "12", "--val-per-class", "3",
+              "--image-size", "32", "--epochs", "1", "--teacher-epochs", "1", "--teacher-width", "0.35",
+              "--seconds", "0.2", "--rounds", "1")
+    assert out.startswith("CPU: ")
+    assert [line.split(" |")[0] for line in out.splitlines() if line.startswith("| ")] == [
+        "| teacher (width 0.35, 1 epochs)", "| student plain (1 epochs)", "| student kl (1 epochs)",
+        "| student dist (1 epochs)"]
+    assert re.search(r"with the teacher's forward \d+ \(\d\.\d\dx\)", out)

@@ -148,6 +148,9 @@ class TrainConfig:
     repeated_aug: int = _help("repeated augmentation: each image this many times per epoch, each copy augmented "
                               "apart, the copies spread across ranks (timm's RepeatAugSampler; 1: off; needs timm)",
                               default=1)
+    class_weights: str = _help("loss weight per class: auto (inverse frequency) or a file (JSON list or mapping, or "
+                               "one number a line)", default="")
+    balanced_sampler: bool = _help("draw training images class-balanced (with replacement)", default=False)
     color_jitter: float = _help("brightness/contrast/saturation jitter of the train transform", default=0.4)
     min_scale: float = _help("smallest RandomResizedCrop area fraction", default=0.08)
     workers: int = _help("data loader worker processes", default=4)
@@ -240,6 +243,8 @@ class TrainConfig:
             (not self.teacher_arch or bool(self.teacher), "`teacher_arch` needs `teacher` (the file of its weights)"),
             (not self.teacher or self.freeze == "none",
              "`teacher` with `freeze` backbone: the head trains on cached features, which a teacher cannot see"),
+            (not (self.balanced_sampler and self.repeated_aug > 1), "`balanced_sampler` and `repeated_aug` both order "
+             "the epoch; use one"),
             (self.data_backend in ("pil", "device"), f"`data_backend` must be pil or device, got {self.data_backend!r}"),
         ]
         for ok, message in checks:

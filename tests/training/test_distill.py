@@ -109,7 +109,7 @@ def test_a_teacher_with_another_mean_std_and_size_sees_what_its_own_preprocessin
         expected = network(own)
     scale = expected.abs().max().item()
     assert (expected[0] - expected[1]).abs().max() > 0.1 * scale  # the network's answer depends on the image
-    assert torch.allclose(teacher(as_student), expected, atol=1e-4 * scale)
+    assert torch.allclose(teacher(as_student), expected, atol=1e-3 * scale)  # float order: affine, then resize
     for wrong in [distill.Teacher(network, student_mean, student_std, student_mean, student_std, 64),
                   distill.Teacher(network, student_mean, student_std, teacher_mean, teacher_std, None)]:
         assert not torch.allclose(wrong(as_student), expected, atol=1e-2 * scale)

@@ -26,6 +26,7 @@ from mobilenetv2.evaluation import EvalResult
 from mobilenetv2.monitor import RunMonitor, epoch_line, step_line
 from mobilenetv2.runtime import Runtime
 from mobilenetv2.training import run_checkpoints
+from mobilenetv2.training.balance import class_weights
 from mobilenetv2.training.distill import Teacher, TeacherFile
 from mobilenetv2.training.recipe import build_ema, build_loss, build_optimizer, build_schedule
 from mobilenetv2.training.run_checkpoints import LoopState, ResumePoint
@@ -123,7 +124,11 @@ def fit(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Path 
     """The one training loop: epochs of steps, then eval, log and checkpoint at each epoch's end. `config` already
     holds what `resume` keeps from the run's start (ResumePoint.kept_options). With a `teacher` the loss is the
     distillation loss, and checkpoints record the teacher's file and hash."""
-    run = _start(task, config, monitor, output, teacher)
+    weights = class_weights(config.class_weights, task.class_counts, task.model.class_names)
+    if weights is not None:
+        shown = ", ".join(f"{name} {value:.3g}" for name, value in zip(task.model.class_names, weights.tolist()))
+        monitor.line(f"class weights ({config.class_weights}): {shown[:300]}")
+    run = _start(task, config, monitor, output, teacher, weights)
     state = resume.restore(task.model, run.ema, run.optimizer, run.scaler) if resume else LoopState()
     if resume:
         monitor.line(f"resumed from {resume.path} at epoch {state.epoch}, step {state.global_step}")
@@ -203,11 +208,11 @@ def _check_finite(run: _Run, read: list[float] | None = None) -> None:
 
 
 def _start(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Path | None,
-           teacher: tuple[Teacher, TeacherFile] | None) -> _Run:
+           teacher: tuple[Teacher, TeacherFile] | None, weights: torch.Tensor | None) -> _Run:
     return _Run(task, config, monitor, output / "checkpoints" if output else None,
                 build_optimizer(task.model, config, task.runtime.device), task.runtime.grad_scaler(),
                 build_ema(task.model, config), build_schedule(config, task.steps_per_epoch),
-                build_loss(config, task.model.num_classes, teacher[0] if teacher else None),
+                build_loss(config, task.model.num_classes, teacher[0] if teacher else None, weights),
                 batch_ops(config, task.model.num_classes), teacher_file=teacher[1] if teacher else None,
                 first_bad=torch.tensor([-1.0, 0.0], dtype=torch.float64, device=task.runtime.device))
 

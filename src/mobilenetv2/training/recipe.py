@@ -83,10 +83,12 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device 
     return _OPTIMIZERS[config.optimizer](groups, config, fused)
 
 
-def build_loss(config: TrainConfig, num_classes: int, teacher: Teacher | None = None) -> nn.Module:
-    """The seed's label-smoothed cross-entropy over `num_classes` outputs; with a `teacher`, that loss beside the
-    distillation loss the config names (training/distill.py). Called as criterion(logits, labels, inputs)."""
-    task_loss = SeedLabelSmoothingLoss(config.label_smoothing, num_classes)
+def build_loss(config: TrainConfig, num_classes: int, teacher: Teacher | None = None,
+               class_weights: torch.Tensor | None = None) -> nn.Module:
+    """The seed's label-smoothed cross-entropy over `num_classes` outputs (its target entries weighted by
+    `class_weights` when given); with a `teacher`, that loss beside the distillation loss the config names
+    (training/distill.py). Called as criterion(logits, labels, inputs)."""
+    task_loss = SeedLabelSmoothingLoss(config.label_smoothing, num_classes, class_weights)
     return distillation_loss(task_loss, teacher, config) if teacher is not None else task_loss
 
 

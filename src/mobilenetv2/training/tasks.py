@@ -29,6 +29,7 @@ from mobilenetv2.evaluation import EvalResult, evaluate
 from mobilenetv2.model import MobileNetV2
 from mobilenetv2.runtime import Runtime
 from mobilenetv2.training import head_cache
+from mobilenetv2.training.balance import BalancedSampler
 
 
 @dataclass
@@ -42,6 +43,7 @@ class TrainTask:
     evaluate: Callable[[nn.Module], EvalResult] | None  # full network (or its EMA) -> metrics on val
     runtime: Runtime  # where the loop runs (the head-only task trains on one process)
     notes: list[str] = field(default_factory=list)
+    class_counts: np.ndarray | None = None  # training images per output (class weights 'auto' need them)
 
 
 class _SkipSampler(Sampler[int]):
@@ -124,13 +126,16 @@ class _RepeatedAugmentation(Sampler[int]):
         return len(self.sampler)
 
 
-def _train_sampler(length: int, config: TrainConfig, runtime: Runtime) -> tuple[Sampler[int], bool, int]:
-    """This rank's shuffled share of `length` items (with repeated augmentation when asked), whether to drop the
-    remainder, and the steps per epoch.
+def _train_sampler(labels, config: TrainConfig, runtime: Runtime) -> tuple[Sampler[int], bool, int]:
+    """This rank's shuffled share of the items labelled `labels` (with repeated augmentation, or drawn class-balanced,
+    when asked), whether to drop the remainder, and the steps per epoch.
 
     The seed drops the remainder; a set smaller than one batch keeps its single batch.
     """
-    if config.repeated_aug > 1:
+    length = len(labels)
+    if config.balanced_sampler:
+        sampler = BalancedSampler(np.asarray(labels), config.seed, runtime.rank, runtime.world_size)
+    elif config.repeated_aug > 1:
         sampler = _RepeatedAugmentation(length, config.repeated_aug, runtime, config.seed)
     else:
         sampler = DistributedSampler(range(length), num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True,
@@ -151,6 +156,11 @@ def _epoch_loader(dataset, sampler: Sampler[int], drop_last: bool, config: Train
                       generator=torch.Generator().manual_seed(config.seed + epoch))
 
 
+def _counts(labels, model: MobileNetV2) -> np.ndarray:
+    """Training images per output of the model's head."""
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=model.num_classes)
+
+
 def _known_classes(model: MobileNetV2, splits: folders.DatasetSplits) -> list[str]:
     """The class names that have folders (the head may have more outputs)."""
     return model.class_names[: len(splits.classes)]
@@ -164,7 +174,8 @@ def image_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetS
     train_set = _SeededSamples(folders.image_folder(splits.train, train_transform(
         model.preprocess, config.min_scale, config.color_jitter, normalized=False, crop_size=config.train_crop_size,
         policy=policy), known), config.seed, runtime.rank)
-    sampler, drop_last, steps = _train_sampler(len(train_set), config, runtime)
+    targets = train_set.dataset.targets
+    sampler, drop_last, steps = _train_sampler(targets, config, runtime)
     pin = runtime.device.type == "cuda"
 
     def batches(epoch: int, skip: int):  # uint8 from the workers, normalised on the device
@@ -185,7 +196,8 @@ def image_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetS
         def evaluate_fn(network: nn.Module) -> EvalResult:
             return evaluate(network, val_loader, runtime, model.num_classes)
 
-    return TrainTask(runtime.wrap_distributed(model), model, batches, steps, evaluate_fn, runtime)
+    return TrainTask(runtime.wrap_distributed(model), model, batches, steps, evaluate_fn, runtime,
+                     class_counts=_counts(targets, model))
 
 
 def device_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetSplits, runtime: Runtime,
@@ -193,7 +205,7 @@ def device_task(config: TrainConfig, model: MobileNetV2, splits: folders.Dataset
     """Train on images that DataLoader workers only read; the training device decodes and augments each batch."""
     known = _known_classes(model, splits)
     train_set = folders.image_folder(splits.train, None, known, kind=on_device.EncodedFolder)
-    sampler, drop_last, steps = _train_sampler(len(train_set), config, runtime)
+    sampler, drop_last, steps = _train_sampler(train_set.targets, config, runtime)
     train_augment = on_device.DeviceTrainAugment(model.preprocess, config.min_scale, config.color_jitter,
                                                  config.train_crop_size, augment.image_policy(config, model.preprocess))
     pin = runtime.device.type == "cuda"
@@ -214,7 +226,8 @@ def device_task(config: TrainConfig, model: MobileNetV2, splits: folders.Dataset
                             model.num_classes)
 
     return TrainTask(runtime.wrap_distributed(model), model, batches, steps, evaluate_fn, runtime,
-                     notes=[f"data backend device: batches decoded and augmented on {runtime.device}"])
+                     notes=[f"data backend device: batches decoded and augmented on {runtime.device}"],
+                     class_counts=_counts(train_set.targets, model))
 
 
 def memory_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetSplits, runtime: Runtime,
@@ -225,7 +238,7 @@ def memory_task(config: TrainConfig, model: MobileNetV2, splits: folders.Dataset
                                                  preprocess.resize_size, config.workers)
     train_augment = batched.BatchAugment(preprocess, config.min_scale, config.color_jitter, config.train_crop_size,
                                          augment.image_policy(config, preprocess))
-    sampler, drop_last, steps = _train_sampler(len(labels), config, runtime)
+    sampler, drop_last, steps = _train_sampler(labels.numpy(), config, runtime)
 
     def batches(epoch: int, skip: int):
         sampler.set_epoch(epoch)
@@ -248,7 +261,8 @@ def memory_task(config: TrainConfig, model: MobileNetV2, splits: folders.Dataset
             return result
 
     return TrainTask(runtime.wrap_distributed(model), model, batches, steps, evaluate_fn, runtime,
-                     notes=[f"{len(labels)} training images decoded into memory at {preprocess.resize_size} px"])
+                     notes=[f"{len(labels)} training images decoded into memory at {preprocess.resize_size} px"],
+                     class_counts=_counts(labels.numpy(), model))
 
 
 class HeadOnFeatures(nn.Module):
@@ -289,10 +303,14 @@ def feature_task(config: TrainConfig, model: MobileNetV2, splits: folders.Datase
     views = config.feature_views
     images = len(labels) // views if views > 1 else len(labels)
     steps = max(images // config.batch_size, 1)
+    balanced = BalancedSampler(labels[::views], config.seed) if config.balanced_sampler else None
 
     def batches(epoch: int, skip: int):
         generator = np.random.default_rng([config.seed, epoch])
-        if views > 1:  # one random view of each image per epoch
+        if config.balanced_sampler:  # images drawn class-balanced, with replacement
+            balanced.set_epoch(epoch)
+            order = np.array(list(balanced)) * views + (generator.integers(0, views, images) if views > 1 else 0)
+        elif views > 1:  # one random view of each image per epoch
             order = generator.permutation(np.arange(images) * views + generator.integers(0, views, images))
         else:
             order = generator.permutation(len(labels))
@@ -309,7 +327,8 @@ def feature_task(config: TrainConfig, model: MobileNetV2, splits: folders.Datase
 
     return TrainTask(HeadOnFeatures(model.head), model, batches, steps, evaluate_fn, local,
                      notes=[f"feature cache {'reused' if reused else 'built'}: {folder} ({len(labels)} train rows, "
-                            f"backbone run by {head_cache.built_with(folder)})"])
+                            f"backbone run by {head_cache.built_with(folder)})"],
+                     class_counts=_counts(labels[::views], model))
 
 
 def build_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetSplits, runtime: Runtime,
