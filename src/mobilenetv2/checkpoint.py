@@ -9,6 +9,7 @@ carry the same record as JSON. Foreign layouts (MindSpore `.ckpt`, torchvision, 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -22,7 +23,7 @@ import torch
 from mobilenetv2 import metadata as metadata_schema
 from mobilenetv2.errors import CheckpointError, first_line
 from mobilenetv2.files import atomic_write_bytes
-from mobilenetv2.interop import keymaps, mindspore
+from mobilenetv2.interop import keymaps, mindspore, published
 from mobilenetv2.metadata import ModelMetadata
 from mobilenetv2.model import SEED_INVERTED_RESIDUAL_SETTING, MobileNetV2, channel_plan
 
@@ -140,7 +141,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def read_weights(path: str | os.PathLike) -> LoadedWeights:
-    """Read any supported format and rename its keys onto ours."""
+    """Read any supported format and rename its keys onto ours. A published name (`torchvision:IMAGENET1K_V2`,
+    `timm:mobilenetv2_100.ra_in1k`, ...: interop/published.py) reads the checked file from its library's cache,
+    with its publisher's preprocessing contract."""
+    if published.is_published_name(str(path)):
+        file, entry = published.resolve(str(path))
+        loaded = read_weights(file)
+        loaded.metadata = dataclasses.replace(loaded.metadata, preprocess=entry.preprocess)
+        return loaded
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")

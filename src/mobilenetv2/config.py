@@ -111,7 +111,9 @@ class TrainConfig:
     image_size: int = _help("eval crop size in pixels, and the training crop's unless train-crop-size is set",
                             default=224)
     resize_size: int = _help("eval resize before the centre crop (0: image_size * 256 / 224, the seed's ratio)", default=0)
-    pretrained: str = _help("checkpoint to start from (any format load_model reads)", default="")
+    pretrained: str = _help("checkpoint to start from (any format load_model reads), or published weights by name: "
+                            "torchvision:IMAGENET1K_V1/V2, timm:mobilenetv2_050.lamb_in1k/100.ra_in1k/140.ra_in1k",
+                            default="")
     filter_head: bool = _help("load everything but the head from --pretrained (full fine-tune)", default=False)
     freeze: str = _help("none | backbone (train only the head, from cached backbone features)", default="none")
     extend_classes: bool = _help("class-incremental: keep the checkpoint's head rows, add rows for new classes", default=False)
