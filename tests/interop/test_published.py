@@ -98,6 +98,13 @@ def test_torchvision_weights_download_once_checked_then_work_offline(server, tor
         assert torch.allclose(model(images), network(images), atol=1e-5)
     monkeypatch.setenv("MOBILENETV2_TORCHVISION_URL", "http://127.0.0.1:9/unreachable")  # offline now
     assert main(["convert", "torchvision:TEST", "--output", str(tmp_path / "b.pt")]) == 0
+    from PIL import Image
+
+    Image.fromarray(photos["chelsea"]).save(tmp_path / "cat.png")
+    for engine in ("torch", "onnx"):  # onnx: its export is cached beside the file in torch.hub's cache
+        assert main(["predict", "--checkpoint", "torchvision:TEST", str(tmp_path / "cat.png"), "--runtime", engine,
+                     "--json"]) == 0
+    assert list(cached.parent.glob(".mobilenetv2-cache/*.onnx"))
     assert len(server.requests) == 1
 
 

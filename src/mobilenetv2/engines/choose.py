@@ -31,6 +31,7 @@ from mobilenetv2.config import Preprocess
 from mobilenetv2.engines.onnx_files import (ENGINE_RUNNERS, EXTRAS, check_images, export_for_engines,
                                            installed, read_onnx_metadata, require_runtime)
 from mobilenetv2.errors import CheckpointError, UserError, first_line
+from mobilenetv2.interop import published
 from mobilenetv2.metadata import parse
 from mobilenetv2.model import MobileNetV2
 
@@ -227,12 +228,12 @@ def load_classifier(path: str | os.PathLike, device: torch.device | None = None,
     from mobilenetv2.checkpoint import load_model
 
     require_runtime(runtime_name)
-    path = Path(path)
     on_gpu = device is not None and device.type != "cpu"
     if on_gpu and runtime_name not in ("auto", "torch"):
         raise UserError(f"`runtime` {runtime_name} runs on the CPU; use --device cpu, or --runtime torch on {device}")
     batch = max(1, min(batch_size, TIMING_BATCH))
-    if path.suffix == ".onnx":
+    if str(path).endswith(".onnx"):
+        path = Path(path)
         if runtime_name == "torch":
             raise UserError(f"{path} is an ONNX file: run it with --runtime onnx or openvino (or auto)")
         meta, record = read_onnx_metadata(path)
@@ -246,6 +247,8 @@ def load_classifier(path: str | os.PathLike, device: torch.device | None = None,
     model = load_model(path)
     if on_gpu or _cpu_engines(runtime_name) == ["torch"]:
         return as_classifier(model.to(device) if device is not None else model)
+    if published.is_published_name(str(path)):  # its export is cached beside the file in its library's cache
+        path = published.resolve(str(path))[0]
     export = cached_export(path, model)
     builders = {engine: (lambda: as_classifier(model)) if engine == "torch" else
                 (lambda engine=engine: onnx_classifier(export, engine)) for engine in _cpu_engines(runtime_name)}
