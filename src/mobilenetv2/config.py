@@ -243,8 +243,6 @@ class TrainConfig:
             (self.distill_temperature >= 0 and self.distill_weight >= 0 and self.task_loss_weight >= 0,
              "`distill_temperature`, `distill_weight` and `task_loss_weight` must be >= 0"),
             (not self.teacher_arch or bool(self.teacher), "`teacher_arch` needs `teacher` (the file of its weights)"),
-            (not self.teacher or self.freeze == "none",
-             "`teacher` with `freeze` backbone: the head trains on cached features, which a teacher cannot see"),
             (not (self.balanced_sampler and self.repeated_aug > 1), "`balanced_sampler` and `repeated_aug` both order "
              "the epoch; use one"),
             (self.data_backend in ("pil", "device"), f"`data_backend` must be pil or device, got {self.data_backend!r}"),

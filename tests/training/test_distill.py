@@ -201,7 +201,7 @@ def test_a_torchvision_teacher_of_another_family(dataset, tmp_path):
                  "torchvision:resnet18") == 0
 
 
-@pytest.mark.parametrize("case", ["classes", "arch", "arch-fit", "missing", "loss", "weight", "freeze"])
+@pytest.mark.parametrize("case", ["classes", "arch", "arch-fit", "missing", "loss", "weight"])
 def test_bad_distillation_input_one_line_exit_2(dataset, tmp_path, teacher_file, capsys, case):
     five = tmp_path / "five.pt"
     save_model(_tiny(1, classes=5), five)
@@ -211,7 +211,6 @@ def test_bad_distillation_input_one_line_exit_2(dataset, tmp_path, teacher_file,
              "missing": ["--teacher", str(tmp_path / "nowhere.pt")],
              "loss": ["--teacher", str(teacher_file), "--distill-loss", "mse"],
              "weight": ["--teacher", str(teacher_file), "--distill-weight", "-1"],
-             "freeze": ["--teacher", str(teacher_file), "--pretrained", str(MS_CHECKPOINT), "--freeze", "backbone"],
              }[case]
     line = one_line_exit_2(capsys, ["train", "--data", str(dataset), "--output", str(tmp_path / "run"), *TINY,
                                     "--epochs", "1", *extra])
@@ -241,3 +240,28 @@ def test_the_teacher_sees_the_batch_the_student_sees_after_mixing(dataset, tmp_p
     student, teacher = batches[True], batches[False]
     assert len(student) == len(teacher) == 3
     assert all(torch.equal(s, t) for s, t in zip(student, teacher))
+
+
+def test_head_only_training_caches_the_teachers_logits_beside_the_features(dataset, tmp_path, teacher_file):
+    from mobilenetv2.data.folders import image_folder
+    from mobilenetv2.data.transforms import eval_transform
+
+    common = ["--epochs", "2", "--pretrained", str(MS_CHECKPOINT), "--freeze", "backbone", "--width-mult", "0.5",
+              "--feature-runtime", "torch"]
+    assert train(dataset, tmp_path / "plain", *common) == 0
+    assert train(dataset, tmp_path / "taught", *common, "--teacher", str(teacher_file), "--distill-loss", "dist") == 0
+    (folder,) = [p for p in (tmp_path / "taught" / "feature_cache").iterdir() if p.is_dir()]
+    rows = np.load(folder / "train_features.npy")
+    assert rows.shape == (24, 1280 + 3)  # MindSpore's width-0.5 backbone keeps 1280 features; 3 teacher logits
+    student = torch.load(tmp_path / "taught/checkpoints/last.pt", weights_only=True)
+    preprocess = Preprocess.from_dict(student["preprocess"])
+    images = image_folder(dataset / "train", eval_transform(preprocess), ["astronaut", "chelsea", "coffee"])
+    teacher = distill.load_teacher(
+        distill.TrainConfig(teacher=str(teacher_file)),
+        MobileNetV2(num_classes=3, width_mult=0.25, class_names=["astronaut", "chelsea", "coffee"],
+                    preprocess=preprocess), distill.Runtime(torch.device("cpu"), None))[0]
+    expected = teacher(torch.stack([images[i][0] for i in range(len(images))]))
+    assert np.allclose(rows[:, 1280:], expected.numpy(), atol=1e-4 * float(expected.abs().max()))
+    plain = torch.load(tmp_path / "plain/checkpoints/last.pt", weights_only=True)["model"]
+    assert not torch.equal(plain["head.classifier.weight"], student["model"]["head.classifier.weight"])
+    assert torch.equal(plain["backbone.0.0.weight"], student["model"]["backbone.0.0.weight"])  # still frozen

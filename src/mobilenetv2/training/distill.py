@@ -85,11 +85,22 @@ class Teacher(nn.Module):
         return self.network(inputs)
 
 
+class CachedLogits(nn.Module):
+    """The teacher of head-only training: its logits were cached after the features in each row (head_cache)."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.features = features
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows[:, self.features:]
+
+
 class DistillationLoss(nn.Module):
     """task_weight * task loss + weight * distillation loss between the student's logits and the teacher's on the
     same inputs."""
 
-    def __init__(self, task_loss: nn.Module, teacher: Teacher, kind: str, temperature: float, weight: float,
+    def __init__(self, task_loss: nn.Module, teacher: Teacher | CachedLogits, kind: str, temperature: float, weight: float,
                  task_weight: float):
         super().__init__()
         self.task_loss, self.teacher, self.kind = task_loss, teacher, kind
@@ -180,7 +191,7 @@ def load_teacher(config: TrainConfig, student: MobileNetV2, runtime: Runtime) ->
     return runtime.prepare_model(teacher), TeacherFile(str(path), config.teacher_arch, file_sha256(path))
 
 
-def distillation_loss(task_loss: nn.Module, teacher: Teacher, config: TrainConfig) -> DistillationLoss:
+def distillation_loss(task_loss: nn.Module, teacher: Teacher | CachedLogits, config: TrainConfig) -> DistillationLoss:
     temperature = config.distill_temperature or DEFAULT_TEMPERATURE[config.distill_loss]
     return DistillationLoss(task_loss, teacher, config.distill_loss, temperature, config.distill_weight,
                             config.task_loss_weight)

@@ -46,12 +46,13 @@ def _hash_files(samples, digest) -> None:
         digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
 
 
-def cache_key(model: MobileNetV2, splits: dict[str, SafeImageFolder], config: TrainConfig) -> str:
+def cache_key(model: MobileNetV2, splits: dict[str, SafeImageFolder], config: TrainConfig,
+              teacher: str | None = None) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps({"format": CACHE_FORMAT, "preprocess": config.preprocess.to_dict(),
                               "views": config.feature_views, "min_scale": config.min_scale,
                               "color_jitter": config.color_jitter, "seed": config.seed,
-                              "splits": sorted(splits)}, sort_keys=True).encode())
+                              "splits": sorted(splits), "teacher": teacher}, sort_keys=True).encode())
     _hash_backbone(model, digest)
     for name, dataset in sorted(splits.items()):
         digest.update(name.encode())
@@ -99,9 +100,11 @@ class _Indexed(torch.utils.data.Dataset):
 
 def build_cache(model: MobileNetV2, splits: dict[str, SafeImageFolder],
                 augmented: SafeImageFolder | None, config: TrainConfig, runtime: Runtime,
-                root: Path) -> tuple[Path, bool]:
-    """The complete cache folder for these inputs, and whether it was reused (its key matched) or built."""
-    key = cache_key(model, splits, config)
+                root: Path, teacher: tuple[torch.nn.Module, str] | None = None) -> tuple[Path, bool]:
+    """The complete cache folder for these inputs, and whether it was reused (its key matched) or built. With a
+    `teacher` (its module and sha256), each train row also holds the teacher's logits on the same view after the
+    pooled features (distillation of the head: `tasks.feature_task`)."""
+    key = cache_key(model, splits, config, teacher[1] if teacher else None)
     final = root / key
     if (final / "complete.json").is_file():
         return final, True
@@ -113,11 +116,12 @@ def build_cache(model: MobileNetV2, splits: dict[str, SafeImageFolder],
     from mobilenetv2.engines.choose import feature_function
 
     features_fn, engine = feature_function(model, runtime, config.feature_runtime, config.batch_size)
-    features = model.num_features
     counts = {}
     for name, dataset in splits.items():
         views = config.feature_views if name == "train" else 1
         count = len(dataset) * views
+        features = model.num_features + (model.num_classes if teacher and name == "train" else 0)
+        extract = _with_teacher(features_fn, teacher[0]) if teacher and name == "train" else features_fn
         if runtime.is_main:
             arrays = _open_arrays(partial, name, count, features, create=True)
         runtime.barrier()  # the files exist before the other ranks open them
@@ -127,7 +131,7 @@ def build_cache(model: MobileNetV2, splits: dict[str, SafeImageFolder],
             source = dataset if (name != "train" or views == 1) else augmented
             if source is augmented:  # each view draws its own augmentation, reproducibly
                 torch.manual_seed(config.seed * 1000 + view * 17 + runtime.rank)
-            _extract(features_fn, source, *arrays, view, views, runtime, config.batch_size, config.workers,
+            _extract(extract, source, *arrays, view, views, runtime, config.batch_size, config.workers,
                      f"features {name} view {view + 1}/{views} ({engine})")
         for array in arrays:
             array.flush()
@@ -135,13 +139,22 @@ def build_cache(model: MobileNetV2, splits: dict[str, SafeImageFolder],
         del arrays
     runtime.barrier()
     if runtime.is_main:
-        (partial / "complete.json").write_text(json.dumps({"counts": counts, "features": features,
+        (partial / "complete.json").write_text(json.dumps({"counts": counts, "features": model.num_features,
                                                            "views": config.feature_views, "runtime": engine}))
         if final.exists():  # an incomplete folder under the final name (an older layout): replace it
             shutil.rmtree(final)
         os.replace(partial, final)
     runtime.barrier()
     return final, False
+
+
+def _with_teacher(features_fn, teacher: torch.nn.Module):
+    """Pooled features, then the teacher's logits on the same batch, one row per image."""
+
+    def both(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([features_fn(images).float(), teacher(images).float()], dim=1)
+
+    return both
 
 
 def _open_arrays(folder: Path, name: str, count: int, features: int, create: bool):

@@ -46,9 +46,11 @@ def run_training(config: TrainConfig) -> LoopState:
             teacher = load_teacher(config, model, runtime)
             if resume:
                 resume.check_teacher(teacher[1] if teacher else None)
-            task = build_task(config, model, splits, runtime, output)
+            task = build_task(config, model, splits, runtime, output, teacher)
             if task is None:  # this rank helped extract features; the head trains on rank 0
                 return LoopState()
+            if teacher and task.teacher is not None:  # head-only: the teacher's logits come cached with the features
+                teacher = (task.teacher, teacher[1])
             monitor = RunMonitor(output, enabled=task.runtime.is_main, tensorboard=config.tensorboard)
             try:
                 if task.runtime.is_main:

@@ -30,6 +30,7 @@ from mobilenetv2.model import MobileNetV2
 from mobilenetv2.runtime import Runtime
 from mobilenetv2.training import head_cache
 from mobilenetv2.training.balance import BalancedSampler
+from mobilenetv2.training.distill import CachedLogits
 
 
 @dataclass
@@ -44,6 +45,7 @@ class TrainTask:
     runtime: Runtime  # where the loop runs (the head-only task trains on one process)
     notes: list[str] = field(default_factory=list)
     class_counts: np.ndarray | None = None  # training images per output (class weights 'auto' need them)
+    teacher: nn.Module | None = None  # head-only distillation: the teacher's logits, read from each batch's rows
 
 
 class _SkipSampler(Sampler[int]):
@@ -266,14 +268,15 @@ def memory_task(config: TrainConfig, model: MobileNetV2, splits: folders.Dataset
 
 
 class HeadOnFeatures(nn.Module):
-    """Pooled features -> logits through the network's own head (what the loop trains in head-only mode)."""
+    """Pooled features -> logits through the network's own head (what the loop trains in head-only mode). Rows
+    may carry more columns after the features (a teacher's cached logits); the head reads the first `features`."""
 
-    def __init__(self, head: nn.Module):
+    def __init__(self, head: nn.Module, features: int):
         super().__init__()
-        self.head = head
+        self.head, self.features = head, features
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.head.classify(pooled)
+        return self.head.classify(pooled[:, :self.features])
 
 
 def _feature_batches(rows: np.ndarray, labels: np.ndarray, batch_size: int, order: np.ndarray):
@@ -283,8 +286,10 @@ def _feature_batches(rows: np.ndarray, labels: np.ndarray, batch_size: int, orde
 
 
 def feature_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetSplits, runtime: Runtime,
-                 output: Path) -> TrainTask | None:
-    """Extract (split across ranks) or reuse the feature cache, then train the head on the main process only."""
+                 output: Path, teacher=None) -> TrainTask | None:
+    """Extract (split across ranks) or reuse the feature cache, then train the head on the main process only. A
+    `teacher` (Teacher, TeacherFile) runs during extraction; its logits are cached beside the features, and the
+    task's `teacher` reads them back from each batch."""
     head_cache.freeze_backbone(model)
     preprocess, known = model.preprocess, _known_classes(model, splits)
     datasets = {"train": folders.image_folder(splits.train, eval_transform(preprocess), known)}
@@ -295,7 +300,8 @@ def feature_task(config: TrainConfig, model: MobileNetV2, splits: folders.Datase
         augmented = folders.image_folder(splits.train, train_transform(preprocess, config.min_scale,
                                                                        config.color_jitter), known)
     root = Path(config.feature_cache) if config.feature_cache else output / "feature_cache"
-    folder, reused = head_cache.build_cache(model, datasets, augmented, config, runtime, root)
+    folder, reused = head_cache.build_cache(model, datasets, augmented, config, runtime, root,
+                                            (teacher[0], teacher[1].sha256) if teacher else None)
     if not runtime.is_main:
         return None
     local = dataclasses.replace(runtime, rank=0, world_size=1)  # the head is trained once, here
@@ -325,18 +331,19 @@ def feature_task(config: TrainConfig, model: MobileNetV2, splits: folders.Datase
             val_batches = _feature_batches(val_rows, val_labels, config.batch_size, np.arange(len(val_labels)))
             return evaluate(network.head.classify, val_batches, local, model.num_classes)
 
-    return TrainTask(HeadOnFeatures(model.head), model, batches, steps, evaluate_fn, local,
+    return TrainTask(HeadOnFeatures(model.head, model.num_features), model, batches, steps, evaluate_fn, local,
+                     teacher=CachedLogits(model.num_features) if teacher else None,
                      notes=[f"feature cache {'reused' if reused else 'built'}: {folder} ({len(labels)} train rows, "
                             f"backbone run by {head_cache.built_with(folder)})"],
                      class_counts=_counts(labels[::views], model))
 
 
 def build_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetSplits, runtime: Runtime,
-               output: Path) -> TrainTask | None:
-    """The task for the config's mode."""
+               output: Path, teacher=None) -> TrainTask | None:
+    """The task for the config's mode; the head-only one caches a `teacher`'s logits with the features."""
     if config.freeze == "backbone":
-        builder = feature_task
-    elif config.in_memory:
+        return feature_task(config, model, splits, runtime, output, teacher)
+    if config.in_memory:
         builder = memory_task
     else:
         builder = device_task if config.data_backend == "device" else image_task
