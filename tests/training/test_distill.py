@@ -265,3 +265,22 @@ def test_head_only_training_caches_the_teachers_logits_beside_the_features(datas
     plain = torch.load(tmp_path / "plain/checkpoints/last.pt", weights_only=True)["model"]
     assert not torch.equal(plain["head.classifier.weight"], student["model"]["head.classifier.weight"])
     assert torch.equal(plain["backbone.0.0.weight"], student["model"]["backbone.0.0.weight"])  # still frozen
+
+
+def test_distillation_under_torchrun_with_class_weights_and_balanced_sampling(dataset, tmp_path, teacher_file):
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "mobilenetv2", "train", "--data", str(dataset), "--output", str(run), *TINY, "--batch-size", "4",
+               "--epochs", "1", "--teacher", str(teacher_file), "--distill-loss", "dist", "--class-weights", "auto",
+               "--balanced-sampler"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = (run / "train.log").read_text()
+    assert "distilling from" in log and log.count("epoch time:") == 1
+    record = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert record["teacher"]["sha256"] == distill.file_sha256(teacher_file) and record["global_step"] == 3
