@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # served from local disk on our machines; pyproject declares the ranges (torch>=2.4)
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo demo-quick bench clean fashion-mnist
+.PHONY: install test demo demo-quick bench clean fashion-mnist browser
 
 # uv installs the same wheels as pip in less than half the time (torch's CUDA wheels unpack to ~4 GB; measured
 # 43 s against 62 s for the demo's set, 4 s against 30 s for the test extra); pip takes over wherever uv fails.
@@ -30,13 +30,19 @@ fashion-mnist:
 		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 		(apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null); fi
 
+# headless Chromium and its WebDriver, for the test of the page `serve` shows
+browser:
+	@if ! command -v chromedriver >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null); fi
+
 demo: $(VENV)/.installed-demo fashion-mnist
 	$(PY) -m mobilenetv2 demo
 
 demo-quick: $(VENV)/.installed-demo fashion-mnist
 	$(PY) -m mobilenetv2 demo --quick --per-class 300 --val-per-class 100 --output runs/demo-quick
 
-test: install fashion-mnist
+test: install fashion-mnist browser
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: install

@@ -22,6 +22,7 @@ LAYERS = [
     {"engines"},
     {"training"},
     {"deploy"},
+    {"serving"},
     {"demo"},
     {"cli", "__main__"},
 ]

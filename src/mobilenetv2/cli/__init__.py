@@ -15,6 +15,7 @@ import typing
 
 from mobilenetv2 import __version__
 from mobilenetv2.cli.deploy import add_deploy_commands
+from mobilenetv2.cli.serve import add_serve_command
 from mobilenetv2.config import TrainConfig
 from mobilenetv2.errors import TrainingStopped, UserError
 
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--class-names", help="text file with one class name per line, stored in the output")
     convert.set_defaults(handler=_cmd_convert)
     add_deploy_commands(commands)
+    add_serve_command(commands)
 
     data = commands.add_parser("data", help="write a real dataset as an ImageFolder tree")
     data.add_argument("name", choices=["fashion-mnist", "synthetic"],

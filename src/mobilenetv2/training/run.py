@@ -55,18 +55,27 @@ def run_training(config: TrainConfig) -> LoopState:
             try:
                 if task.runtime.is_main:
                     write_yaml(config.to_dict(), output / "config.yaml")
-                notes = [lr_note(config.batch_size, config.lr_reference_batch, config.lr_scaling, config.lr_max),
-                         *resume_notes, amp_note]
-                for note in setup.notes + task.notes + [n for n in notes if n]:
-                    monitor.line(note)
-                monitor.line(f"device {task.runtime.device}, world size {task.runtime.world_size}, amp "
-                             f"{task.runtime.amp_dtype or 'off'}, {task.steps_per_epoch} steps per epoch")
-                if teacher:
-                    monitor.line(f"distilling from {teacher[1].path} ({config.teacher_arch or 'mobilenetv2'}, sha256 "
-                                 f"{teacher[1].sha256[:12]}): {config.distill_loss} loss")
+                _announce(monitor, config, [*setup.notes, *task.notes, _lr_note(config), *resume_notes, amp_note], task,
+                          teacher)
                 return fit(task, config, monitor, output, resume, teacher)
             finally:
                 monitor.close()
+
+
+def _lr_note(config: TrainConfig) -> str | None:
+    return lr_note(config.batch_size, config.lr_reference_batch, config.lr_scaling, config.lr_max)
+
+
+def _announce(monitor: RunMonitor, config: TrainConfig, notes: list[str | None], task, teacher) -> None:
+    """The run's opening lines: how it was set up, where it runs, what teaches it."""
+    for note in notes:
+        if note:
+            monitor.line(note)
+    monitor.line(f"device {task.runtime.device}, world size {task.runtime.world_size}, amp "
+                 f"{task.runtime.amp_dtype or 'off'}, {task.steps_per_epoch} steps per epoch")
+    if teacher:
+        monitor.line(f"distilling from {teacher[1].path} ({config.teacher_arch or 'mobilenetv2'}, sha256 "
+                     f"{teacher[1].sha256[:12]}): {config.distill_loss} loss")
 
 
 def _output_folder(config: TrainConfig, runtime: Runtime) -> Path:

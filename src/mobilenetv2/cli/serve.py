@@ -1,0 +1,72 @@
+"""`mobilenetv2 serve`: a model over HTTP (serving/app.py) on uvicorn."""
+
+from __future__ import annotations
+
+from mobilenetv2.errors import UserError
+
+SERVE_RUNTIMES = ("onnx", "onnx-int8", "torch")
+
+
+def _cmd_serve(args) -> int:
+    import signal
+
+    import torch
+
+    try:
+        import uvicorn
+
+        from mobilenetv2.serving.app import ServeOptions, create_app
+    except ImportError:
+        raise UserError("serve needs its extra: pip install 'mobilenetv2[serve]'") from None
+    from mobilenetv2.deploy import predict
+
+    if args.runtime not in SERVE_RUNTIMES:
+        raise UserError(f"`runtime` must be one of {', '.join(SERVE_RUNTIMES)}, got {args.runtime!r}")
+    checks = [(args.max_batch >= 1, "`max_batch` must be >= 1"), (args.max_delay_ms >= 0, "`max_delay_ms` must be >= 0"),
+              (args.max_queue >= args.max_batch, "`max_queue` must be >= `max_batch`"),
+              (args.max_body_mb > 0, "`max_body_mb` must be > 0"), (args.timeout_s > 0, "`timeout_s` must be > 0"),
+              (0 <= args.port < 65536, "`port` must be 0 to 65535"), (args.threads >= 0, "`threads` must be >= 0")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    is_int8 = args.checkpoint.endswith(".onnx") and ".int8" in args.checkpoint
+    if args.runtime == "onnx-int8" and not is_int8:
+        raise UserError("`runtime` onnx-int8 serves an int8 .onnx: make one with `mobilenetv2 quantize`")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = "onnx" if args.runtime.startswith("onnx") else "torch"
+    classifier = predict.load_classifier(args.checkpoint, runtime_name=engine, batch_size=args.max_batch)
+    platform = "onnxruntime_onnx" if classifier.runtime == "onnx" else "pytorch_eager"
+    options = ServeOptions(name=args.name, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
+                           max_queue=args.max_queue, timeout_s=args.timeout_s, max_body_mb=args.max_body_mb)
+    app = create_app(classifier, options, platform)
+    print(f"serving {args.checkpoint} as {args.name!r} ({classifier.runtime}) on http://{args.host}:{args.port}",
+          flush=True)
+    # SIGTERM: uvicorn stops accepting, lets requests in flight finish, then the app drains its batcher. uvicorn
+    # re-raises the signal to the handler it found; this one makes that drained stop an exit 0, not a kill
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=8,
+                    limit_concurrency=args.max_connections)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def add_serve_command(commands) -> None:
+    serve = commands.add_parser("serve", help="an HTTP server: Open Inference Protocol v2, /v1/classify, metrics, a "
+                                              "web page; dynamic batching")
+    serve.add_argument("--checkpoint", required=True, help="any model file we read, or an exported (int8) .onnx")
+    serve.add_argument("--runtime", default="onnx", help="onnx (ONNX Runtime; a .pt through its checked, cached "
+                       "export) | onnx-int8 (an int8 .onnx from quantize) | torch")
+    serve.add_argument("--name", default="mobilenetv2", help="the model's name in /v2/models/NAME")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=32, help="most images per model call")
+    serve.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    serve.add_argument("--max-queue", type=int, default=256, help="images waiting before requests get 503")
+    serve.add_argument("--timeout-s", type=float, default=30.0, help="per request, queue and model together")
+    serve.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
+    serve.add_argument("--max-connections", type=int, default=1024, help="open connections before 503")
+    serve.add_argument("--threads", type=int, default=0, help="inference threads (0: torch's default)")
+    serve.set_defaults(handler=_cmd_serve)

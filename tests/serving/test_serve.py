@@ -1,0 +1,294 @@
+"""`mobilenetv2 serve`, started for real on a free loopback port: Open Inference Protocol v2, /v1/classify against
+`predict`, metrics, every kind of bad input (4xx, the server still healthy after), SIGTERM drain and 64 concurrent
+clients."""
+
+import concurrent.futures
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FIVE_CLASSES, subset
+from mobilenetv2.deploy import predict
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    def __init__(self, checkpoint, *extra):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "mobilenetv2", "serve", "--checkpoint", str(checkpoint),
+                                         "--port", str(self.port), *extra], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited: {self.process.stderr.read()[-2000:]}")
+            try:
+                if self.get("/v2/health/ready")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("server not ready in 120 s")
+
+    def request(self, path, data=None, headers=None, method=None):
+        request = urllib.request.Request(self.url + path, data=data, headers=headers or {}, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.read(), dict(response.headers)
+        except urllib.error.HTTPError as error:
+            return error.code, error.read(), dict(error.headers)
+
+    def get(self, path):
+        status, body, _ = self.request(path)
+        return status, body
+
+    def json(self, path, payload=None, raw=None):
+        data = raw if raw is not None else (json.dumps(payload).encode() if payload is not None else None)
+        status, body, headers = self.request(path, data, {"Content-Type": "application/json"} if data else {})
+        return status, json.loads(body), headers
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def five_data(fashion, tmp_path_factory):
+    return subset(fashion, tmp_path_factory.mktemp("serve") / "data", FIVE_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def model_file(pretrained_five, tmp_path_factory):
+    import shutil
+
+    return Path(shutil.copy(pretrained_five, tmp_path_factory.mktemp("served") / "model.pt"))
+
+
+@pytest.fixture(scope="module")
+def server(model_file):
+    served = Server(model_file, "--max-body-mb", "1", "--max-delay-ms", "20")
+    yield served
+    served.stop()
+
+
+def _val_images(five_data, count=10):
+    return sorted((five_data / "val").rglob("*.png"))[::20][:count]
+
+
+def test_health_metadata_and_infer_match_predict(server, model_file, five_data):
+    assert server.json("/v2/health/live")[0] == 200
+    assert server.json("/v2/health/ready")[:2] == (200, {"ready": True})
+    assert server.json("/v2/models/mobilenetv2/ready")[1]["ready"] is True
+    status, meta, _ = server.json("/v2/models/mobilenetv2")
+    assert status == 200 and meta["platform"] == "onnxruntime_onnx"
+    assert meta["inputs"][0]["shape"] == [-1, 3, 32, 32] and meta["outputs"][0]["shape"] == [-1, 5]
+    assert meta["parameters"]["class_names"] == sorted(FIVE_CLASSES)
+    assert server.json("/v2/models/other")[0] == 404
+    classifier = predict.load_classifier(model_file, runtime_name="onnx")
+    from mobilenetv2.data.transforms import eval_transform
+
+    images = torch.stack([eval_transform(classifier.preprocess)(predict.read_image(p)) for p in _val_images(five_data, 4)])
+    expected = classifier.forward(images).numpy()
+    status, answer, _ = server.json("/v2/models/mobilenetv2/infer", {
+        "id": "r1", "inputs": [{"name": "input", "datatype": "FP32", "shape": list(images.shape),
+                                "data": images.numpy().reshape(-1).tolist()}]})
+    assert status == 200 and answer["id"] == "r1" and answer["outputs"][0]["shape"] == [4, 5]
+    logits = np.array(answer["outputs"][0]["data"], dtype=np.float32).reshape(4, 5)
+    assert np.abs(logits - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
+
+
+def test_classify_gives_predicts_answer_raw_and_multipart(server, model_file, five_data):
+    classifier = predict.load_classifier(model_file, runtime_name="onnx")
+    paths = _val_images(five_data)
+    expected = predict.predict(classifier, paths, topk=3)
+    for path, reference in zip(paths, expected):
+        status, raw, _ = server.request("/v1/classify?topk=3", path.read_bytes(), {"Content-Type": "image/png"})
+        assert status == 200
+        answer = json.loads(raw)
+        assert [p["class"] for p in answer["predictions"]] == [p["class"] for p in reference["predictions"]]
+        assert answer["predictions"][0]["probability"] == pytest.approx(reference["predictions"][0]["probability"],
+                                                                        abs=1e-5)
+        assert answer["latency_ms"] > 0
+    boundary = "xYz"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + paths[0].read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    status, raw, _ = server.request("/v1/classify", form, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200
+    assert json.loads(raw)["predictions"][0]["class"] == expected[0]["predictions"][0]["class"]
+
+
+def _bomb() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (12_000, 12_000)).save(buffer, format="PNG")  # 144 M pixels in a small file
+    return buffer.getvalue()
+
+
+def test_bad_input_is_a_4xx_with_a_json_error_and_the_server_stays_healthy(server, five_data):
+    good = _val_images(five_data, 1)[0].read_bytes()
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}
+    cases = {
+        "not an image": ("/v1/classify", b"plain text, not pixels", 415),
+        "truncated": ("/v1/classify", good[: len(good) // 2], 415),
+        "decompression bomb": ("/v1/classify", _bomb(), 415),
+        "over --max-body-mb": ("/v1/classify", b"\0" * (2 << 20), 413),
+        "empty": ("/v1/classify", b"", 400),
+        "malformed JSON": ("/v2/models/mobilenetv2/infer", b'{"inputs": [', 400),
+        "wrong shape": ("/v2/models/mobilenetv2/infer", json.dumps({"inputs": [{**tensor, "shape": [1, 3, 16, 16]}]}).encode(), 400),
+        "wrong dtype": ("/v2/models/mobilenetv2/infer", json.dumps({"inputs": [{**tensor, "datatype": "INT8"}]}).encode(), 400),
+        "short data": ("/v2/models/mobilenetv2/infer", json.dumps({"inputs": [{**tensor, "data": [1.0]}]}).encode(), 400),
+        "not numbers": ("/v2/models/mobilenetv2/infer", json.dumps({"inputs": [{**tensor, "data": ["a"] * 3072}]}).encode(), 400),
+        "no inputs": ("/v2/models/mobilenetv2/infer", b"[]", 400),
+        "unknown model": ("/v2/models/resnet/infer", json.dumps({"inputs": [tensor]}).encode(), 404),
+    }
+    for name, (path, data, expected) in cases.items():
+        status, body, headers = server.request(path, data, {"Content-Type": "application/octet-stream"}, method="POST")
+        assert status == expected, (name, status, body[:200])
+        assert "error" in json.loads(body), name
+        assert server.get("/v2/health/ready")[0] == 200, name
+    assert server.request("/v1/classify?topk=0", good, method="POST")[0] == 400
+    assert server.request("/v1/classify?topk=x", good, method="POST")[0] == 422
+
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    for line in text.splitlines():
+        if line.startswith(name + (("{" + labels) if labels else "")) and not line.startswith("#"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_64_clients_20_requests_each_no_errors_and_batches_form(server, five_data):
+    images = [p.read_bytes() for p in _val_images(five_data, 8)]
+    before = server.get("/metrics")[1].decode()
+    count_before = _metric(before, "mobilenetv2_batch_size_count")
+
+    def client(index):
+        codes = []
+        for i in range(20):
+            status, _, _ = server.request("/v1/classify", images[(index + i) % len(images)], method="POST")
+            codes.append(status)
+        return codes
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        codes = [code for result in pool.map(client, range(64)) for code in result]
+    assert len(codes) == 1280 and set(codes) == {200}
+    text = server.get("/metrics")[1].decode()
+    batches = _metric(text, "mobilenetv2_batch_size_count") - count_before
+    images_run = _metric(text, "mobilenetv2_batch_size_sum") - _metric(before, "mobilenetv2_batch_size_sum")
+    assert images_run == 1280
+    assert batches < 1280  # some model calls served several requests
+    assert _metric(text, "mobilenetv2_requests_total", 'code="200",endpoint="/v1/classify"') >= 1280
+    assert "mobilenetv2_request_seconds_bucket" in text and "mobilenetv2_queue_images" in text
+
+
+def test_a_full_queue_answers_503_with_retry_after(model_file, five_data):
+    served = Server(model_file, "--max-batch", "1", "--max-queue", "1", "--max-delay-ms", "0", "--runtime", "torch")
+    try:
+        image = _val_images(five_data, 1)[0].read_bytes()
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(lambda _: served.request("/v1/classify", image, method="POST"), range(96)))
+        refused = [{k.lower(): v for k, v in headers.items()} for status, _, headers in answers if status == 503]
+        assert refused and all(h.get("retry-after") == "1" for h in refused)
+        assert {status for status, _, _ in answers} <= {200, 503}
+    finally:
+        served.stop()
+
+
+def test_sigterm_finishes_what_is_in_flight_and_exits_0(model_file, five_data):
+    served = Server(model_file, "--max-delay-ms", "1500", "--max-batch", "64")
+    image = _val_images(five_data, 1)[0].read_bytes()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        pending = [pool.submit(served.request, "/v1/classify", image, None, "POST") for _ in range(8)]
+        time.sleep(0.5)  # the requests wait for their batch to fill
+        started = time.time()
+        served.process.send_signal(signal.SIGTERM)
+        answers = [future.result() for future in pending]
+    assert [status for status, _, _ in answers] == [200] * 8
+    assert served.process.wait(15) == 0
+    assert time.time() - started < 10
+    served.stop()
+
+
+def _browser():
+    """Headless Chromium through its WebDriver (Debian's chromium and chromium-driver; `make test` installs them)."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("chromium and chromium-driver are not installed (make test installs them as root)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--no-first-run", "--disable-background-networking"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_the_page_classifies_a_picked_image_in_a_real_browser(server, model_file, five_data):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    status, page = server.get("/")
+    assert status == 200 and b"http://" not in page and b"https://" not in page  # nothing fetched from elsewhere
+    path = _val_images(five_data, 1)[0]
+    expected = predict.predict(predict.load_classifier(model_file, runtime_name="onnx"), [path], topk=5)[0]
+    browser = _browser()
+    try:
+        browser.get(server.url + "/")
+        WebDriverWait(browser, 30).until(lambda b: "(" in b.find_element(By.ID, "model").text)
+        assert browser.find_element(By.ID, "model").text == "mobilenetv2 (onnxruntime_onnx)"
+        browser.find_element(By.ID, "file").send_keys(str(path))
+        WebDriverWait(browser, 30).until(lambda b: b.execute_script("return document.body.dataset.done") == "1")
+        rows = browser.find_elements(By.CSS_SELECTOR, ".prediction")
+        assert len(rows) == 5
+        shown = [row.find_element(By.CLASS_NAME, "name").text for row in rows]
+        assert shown == [p["class"] for p in expected["predictions"]]
+        top = rows[0].find_element(By.CLASS_NAME, "probability").text
+        assert top == f"{100 * expected['predictions'][0]['probability']:.1f} %"
+        widths = [float(row.find_element(By.CLASS_NAME, "bar").get_attribute("style").split("width:")[1]
+                        .split("%")[0]) for row in rows]
+        assert widths == sorted(widths, reverse=True) and widths[0] > 0
+        assert "ms" in browser.find_element(By.ID, "status").text
+        origins = browser.execute_script(
+            "return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)")
+        assert origins and set(origins) == {server.url}
+        # a file that is no image: the page shows the server's error instead of bars
+        bad = Path(model_file).with_name("notes.txt")
+        bad.write_text("not an image")
+        browser.execute_script("document.body.dataset.done = ''")
+        browser.find_element(By.ID, "file").send_keys(str(bad))
+        WebDriverWait(browser, 30).until(lambda b: "error" in b.find_element(By.ID, "status").get_attribute("class"))
+        assert "not a readable image" in browser.find_element(By.ID, "status").text
+        assert browser.find_elements(By.CSS_SELECTOR, ".prediction") == []
+    finally:
+        browser.quit()
