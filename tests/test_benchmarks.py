@@ -69,3 +69,21 @@ def test_the_distillation_benchmark_trains_a_teacher_and_the_students(tmp_path):
         "| teacher (width 0.35, 1 epochs)", "| student plain (1 epochs)", "| student kl (1 epochs)",
         "| student dist (1 epochs)"]
     assert re.search(r"with the teacher's forward \d+ \(\d\.\d\dx\)", out)
+
+
+def test_the_serving_load_benchmark_reports_each_concurrency(tmp_path):
+    pytest.importorskip("fastapi")
+    import torch
+
+    from mobilenetv2 import MobileNetV2, save_model
+    from mobilenetv2.config import Preprocess
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "model.pt"
+    save_model(MobileNetV2(num_classes=3, width_mult=0.25, class_names=["a", "b", "c"],
+                           preprocess=Preprocess(image_size=32, resize_size=36)), checkpoint)
+    out = run("serve_load.py", "--checkpoint", str(checkpoint), "--seconds", "1", "--concurrency", "1,4",
+              "--max-batch", "8")
+    rows = [line for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [row.split(" | ")[0] for row in rows] == ["| 1", "| 4", "| 4"]
+    assert all(row.endswith("| 0 | 0 |") for row in rows), rows  # no errors, no 5xx, bad requests included

@@ -1,0 +1,167 @@
+"""Load on `mobilenetv2 serve` over loopback: concurrency 1, 8 and 64 clients for a bounded time each, p50 / p99
+latency and images/s, against the same runtime's offline throughput at the server's batch size, measured in the same
+run; then the same load with a share of bad requests mixed in, which must give no 5xx.
+
+Each client keeps one HTTP connection and posts real photos (scikit-image's, resized to the model's resize size, as
+PNG) to /v1/classify, so a request costs what a user's costs: upload, decode, preprocess, a place in a batch. The
+server runs in its own process with the threads it is given; the clients share this process.
+
+    python benchmarks/serve_load.py --checkpoint runs/demo/checkpoints/last.pt [--seconds 10] [--concurrency 1,8,64]
+                                    [--max-batch 32] [--bad-fraction 0.1] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat")
+
+
+def photo_bodies(size: int) -> list[bytes]:
+    from PIL import Image
+    from skimage import data
+
+    bodies = []
+    for name in PHOTOS:
+        photo = getattr(data, name)()
+        photo = np.stack([photo] * 3, -1) if photo.ndim == 2 else photo[..., :3]
+        buffer = io.BytesIO()
+        Image.fromarray(photo).resize((size, size)).save(buffer, format="PNG")
+        bodies.append(buffer.getvalue())
+    return bodies
+
+
+BAD = [b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, b""]
+
+
+def offline_rate(checkpoint: str, batch: int, seconds: float) -> float:
+    """Images/s of the server's engine (ONNX Runtime through the cached export) on batches of `batch` tensors."""
+    from mobilenetv2.deploy.predict import load_classifier
+
+    classifier = load_classifier(checkpoint, runtime_name="onnx", batch_size=batch)
+    size = classifier.preprocess.image_size
+    images = torch.randn(batch, 3, size, size)
+    for _ in range(3):
+        classifier.forward(images)
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        classifier.forward(images)
+        count += batch
+    return count / (time.perf_counter() - started)
+
+
+def client(port: int, bodies: list[bytes], bad_fraction: float, stop: float, seed: int, results: list) -> None:
+    rng = np.random.default_rng(seed)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    while time.perf_counter() < stop:
+        bad = rng.random() < bad_fraction
+        body = BAD[rng.integers(len(BAD))] if bad else bodies[rng.integers(len(bodies))]
+        started = time.perf_counter()
+        try:
+            connection.request("POST", "/v1/classify", body=body, headers={"Content-Type": "image/png"})
+            response = connection.getresponse()
+            response.read()
+            status = response.status
+        except (OSError, http.client.HTTPException):
+            status = -1
+            connection.close()
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        results.append((bad, status, time.perf_counter() - started))
+    connection.close()
+
+
+def load(port: int, bodies: list[bytes], concurrency: int, seconds: float, bad_fraction: float) -> dict:
+    results: list = []
+    stop = time.perf_counter() + seconds
+    threads = [threading.Thread(target=client, args=(port, bodies, bad_fraction, stop, seed, results))
+               for seed in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    good = [latency for bad, status, latency in results if not bad and status == 200]
+    latencies = sorted(good) or [float("nan")]
+    return {"concurrency": concurrency, "requests": len(results), "images_per_s": len(good) / elapsed,
+            "p50_ms": 1000 * statistics.median(latencies),
+            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "errors": sum(1 for bad, status, _ in results if not bad and status != 200),
+            "bad_requests": sum(1 for bad, _, _ in results if bad),
+            "server_errors": sum(1 for _, status, _ in results if status >= 500 or status < 0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--seconds", type=float, default=10.0, help="load time per concurrency")
+    parser.add_argument("--concurrency", default="1,8,64")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-delay-ms", type=float, default=5.0)
+    parser.add_argument("--bad-fraction", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=1, help="the server's inference threads")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    from mobilenetv2.checkpoint import load_model
+    from mobilenetv2.deploy.timing import cpu_description
+
+    torch.set_num_threads(args.threads)
+    print(f"CPU: {cpu_description()}, torch {torch.__version__}, server threads {args.threads}", flush=True)
+    preprocess = load_model(args.checkpoint).preprocess
+    offline = offline_rate(args.checkpoint, args.max_batch, max(args.seconds / 2, 1.0))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mobilenetv2", "serve", "--checkpoint", args.checkpoint,
+                               "--port", str(port), "--max-batch", str(args.max_batch), "--max-delay-ms",
+                               str(args.max_delay_ms), "--threads", str(args.threads)],
+                              env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    rows = []
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                connection.request("GET", "/v2/health/ready")
+                if connection.getresponse().status == 200:
+                    break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise SystemExit("the server did not come up")
+                time.sleep(0.2)
+        bodies = photo_bodies(preprocess.resize_size)
+        print(f"offline ONNX Runtime at batch {args.max_batch}: {offline:,.0f} images/s")
+        print("| concurrency | bad requests | images/s | vs offline | p50 ms | p99 ms | p99/p50 | errors | 5xx |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        plan = [(int(c), 0.0) for c in args.concurrency.split(",")] + [(int(args.concurrency.split(",")[-1]),
+                                                                          args.bad_fraction)]
+        for concurrency, bad in plan:
+            row = load(port, bodies, concurrency, args.seconds, bad)
+            row["offline_images_per_s"] = offline
+            rows.append(row)
+            print(f"| {concurrency} | {row['bad_requests']} ({bad:.0%}) | {row['images_per_s']:,.0f} | "
+                  f"{row['images_per_s'] / offline:.0%} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
+                  f"{row['p99_ms'] / row['p50_ms']:.1f}x | {row['errors']} | {row['server_errors']} |", flush=True)
+    finally:
+        server.terminate()
+        server.wait(30)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
