@@ -79,7 +79,8 @@ def _cmd_export(args) -> int:
             from mobilenetv2.deploy.quantize import calibration_from
 
             options = {"int8": True, "calibration": calibration_from(model, args.data, args.calibration_images)}
-        reports = export(model, args.format, output, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch,
+        batch_size = args.batch_size or (32 if args.format == "triton" else 1)  # triton: its max_batch_size
+        reports = export(model, args.format, output, batch_size=batch_size, dynamic_batch=args.dynamic_batch,
                          with_softmax=args.with_softmax, **options)
     except ExportCheckError as exc:
         print(f"mobilenetv2 export: check failed: {exc}", file=sys.stderr)
@@ -177,7 +178,8 @@ def add_deploy_commands(commands) -> None:
     export.add_argument("--format", required=True, help="; ".join(f"{name}: {fmt.description}"
                                                                    for name, fmt in EXPORT_FORMATS.items()))
     export.add_argument("--output", "-o", help="output file (default: next to the checkpoint)")
-    export.add_argument("--batch-size", type=int, default=1)
+    export.add_argument("--batch-size", type=int, help="the exported batch (default 1); triton: max_batch_size "
+                        "(default 32)")
     export.add_argument("--dynamic-batch", action="store_true", help="any batch size at run time")
     export.add_argument("--with-softmax", action="store_true", help="also output probabilities ('probs')")
     export.add_argument("--int8", action="store_true", help="executorch: int8 through the PT2E quantizer")

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from mobilenetv2.deploy.formats import FORMATS, require_format
+from mobilenetv2.deploy.triton import export_triton
 from mobilenetv2.engines.onnx_files import TOLERANCE, ExportCheckError, check_images, compare
 from mobilenetv2.errors import UserError
 from mobilenetv2.files import temp_path_beside, write_error
@@ -210,12 +212,26 @@ def export(model: MobileNetV2, fmt: str, output: str | os.PathLike, **options) -
     output = Path(output)
     if fmt in ("torchvision", "timm"):
         options = {"suffix": output.suffix, **options}
+    if fmt == "triton":  # a folder: the model's name in the repository is the folder's
+        options = {"name": output.name, **options}
     temp = temp_path_beside(output)
     try:
         reports = globals()[FORMATS[fmt].writer](model.eval(), temp, **options)
-        os.replace(temp, output)
+        _replace(temp, output)
     except OSError as exc:  # a full disk or a read-only folder, wherever the writer met it
         raise write_error(output, exc) from None
     finally:
-        temp.unlink(missing_ok=True)
+        shutil.rmtree(temp, ignore_errors=True) if temp.is_dir() else temp.unlink(missing_ok=True)
     return reports
+
+
+def _replace(temp: Path, output: Path) -> None:
+    """Put `temp` (a file, or a folder) at `output`; a folder already there is swapped out, then removed."""
+    if not (temp.is_dir() and output.is_dir()):
+        os.replace(temp, output)
+        return
+    old = temp_path_beside(output)
+    old.unlink()  # a free name; the folder moves there
+    os.replace(output, old)
+    os.replace(temp, output)
+    shutil.rmtree(old, ignore_errors=True)

@@ -25,6 +25,9 @@ FORMATS: dict[str, ExportFormat] = {
                                "int8), run back with ExecuTorch's runtime"),
     "torchvision": ExportFormat(".pth", "export_torchvision", "state dict that torchvision.models.mobilenet_v2 "
                                 "loads strictly (.pth or .safetensors)"),
+    "triton": ExportFormat("-triton", "export_triton", "Triton model repository entry, a folder named for the model: "
+                           "config.pbtxt (ONNX Runtime backend, dynamic batching up to --batch-size, labels) and "
+                           "1/model.onnx, the config checked with Triton's own schema (the [triton] extra)"),
     "timm": ExportFormat(".pth", "export_timm", "state dict that timm's mobilenetv2_* models load strictly (.pth or "
                          ".safetensors)"),
 }
