@@ -292,3 +292,20 @@ def test_the_page_classifies_a_picked_image_in_a_real_browser(server, model_file
         assert browser.find_elements(By.CSS_SELECTOR, ".prediction") == []
     finally:
         browser.quit()
+
+
+def test_a_request_that_waits_past_its_timeout_gets_504_and_bad_options_one_line(model_file, five_data, capsys):
+    from conftest import one_line_exit_2
+
+    served = Server(model_file, "--max-delay-ms", "3000", "--max-batch", "64", "--timeout-s", "0.3")
+    try:
+        image = _val_images(five_data, 1)[0].read_bytes()
+        status, body, _ = served.request("/v1/classify", image, method="POST")  # its batch waits 3 s to fill
+        assert status == 504 and "0.3 s" in json.loads(body)["error"]
+        assert served.get("/v2/health/ready")[0] == 200
+    finally:
+        served.stop()
+    for extra in (["--runtime", "onnx-int8"], ["--runtime", "tensorrt"], ["--max-batch", "0"],
+                  ["--max-queue", "4", "--max-batch", "8"]):
+        line = one_line_exit_2(capsys, ["serve", "--checkpoint", str(model_file), *extra])
+        assert "--" in line
