@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mobilenetv2.deploy.formats import FORMATS, require_format
-from mobilenetv2.deploy.triton import export_triton
+from mobilenetv2.deploy import triton
 from mobilenetv2.engines.onnx_files import TOLERANCE, ExportCheckError, check_images, compare
 from mobilenetv2.errors import UserError
 from mobilenetv2.files import temp_path_beside, write_error
@@ -198,6 +198,11 @@ def export_pte(model: MobileNetV2, temp: Path, *, int8: bool = False, calibratio
     agree = int((expected.argmax(1) == actual.argmax(1)).sum())
     return [f"ExecuTorch runtime (int8) vs eager, 4 photos: max abs difference {difference:.3g} (tolerance "
             f"{INT8_TOLERANCE} x logit scale), top-1 equal on {agree}/4"]
+
+
+def export_triton(model: MobileNetV2, temp: Path, **options) -> list[str]:
+    """A Triton model repository entry (deploy/triton.py) around our checked ONNX export."""
+    return triton.write_entry(model, temp, export_onnx, **options)
 
 
 def export(model: MobileNetV2, fmt: str, output: str | os.PathLike, **options) -> list[str]:

@@ -76,12 +76,10 @@ def check_config(text: str, name: str, model: MobileNetV2, max_batch: int) -> li
             f"input [3, {size}, {size}], output [{model.num_classes}], dynamic batching"]
 
 
-def export_triton(model: MobileNetV2, temp: Path, *, batch_size: int = 32, onnx_exporter: str = "dynamo",
-                  name: str | None = None, **_options) -> list[str]:
-    """Write the repository entry into the folder `temp` (renamed into place by `deploy.export.export`); the model's
-    name in Triton is the output folder's, `name`."""
-    from mobilenetv2.deploy.export import export_onnx
-
+def write_entry(model: MobileNetV2, temp: Path, export_onnx, *, batch_size: int = 32, onnx_exporter: str = "dynamo",
+                name: str | None = None, **_options) -> list[str]:
+    """Write the repository entry into the folder `temp` (renamed into place by `deploy.export.export`), its ONNX
+    model through `export_onnx` (deploy.export's checked writer); the model's name in Triton is `name`."""
     schema_ok = model_config_schema()  # refuse before anything is written when the schema is missing
     del schema_ok
     temp.unlink(missing_ok=True)  # the name export() reserved becomes the folder
