@@ -81,6 +81,20 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_data(args) -> int:
+    wanted = 2 if args.name == "shard" else 1
+    if len(args.paths) != wanted:
+        raise UserError(f"data {args.name} takes {'SRC OUT' if wanted == 2 else 'OUT'}, got {' '.join(args.paths)}")
+    args.output = args.paths[-1]
+    if args.name == "shard":
+        from mobilenetv2.data.shards import parse_size, write_shards
+
+        report = write_shards(args.paths[0], args.output, parse_size(args.shard_size), args.workers)
+        for split, names in report.shards.items():
+            skipped = report.skipped[split]
+            print(f"{split}: {report.samples[split]} samples in {len(names)} shard(s)"
+                  + (f", skipped {len(skipped)} unreadable ({', '.join(skipped[:3])})" if skipped else ""))
+        print(f"shards and {args.output}/_info.json written")
+        return 0
     if args.name == "synthetic":
         from mobilenetv2.data.synthetic import write_synthetic
 
@@ -136,11 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_deploy_commands(commands)
     add_serve_command(commands)
 
-    data = commands.add_parser("data", help="write a real dataset as an ImageFolder tree")
-    data.add_argument("name", choices=["fashion-mnist", "synthetic"],
+    data = commands.add_parser("data", help="write a real dataset as an ImageFolder tree, or shard a tree")
+    data.add_argument("name", choices=["fashion-mnist", "synthetic", "shard"],
                       help="fashion-mnist: Debian's Fashion-MNIST; synthetic: ImageNet-like JPEGs from scikit-image's "
-                           "photos, for benchmarks")
-    data.add_argument("output", help="folder to write train/ and val/ into")
+                           "photos, for benchmarks; shard: an ImageFolder tree SRC as WebDataset tar shards in OUT")
+    data.add_argument("paths", nargs="+", metavar="PATH", help="OUT, the folder to write train/ and val/ into; "
+                      "for shard: SRC OUT")
+    data.add_argument("--shard-size", default="256MB", help="shard: bytes per shard (256MB, 1GB, ...)")
+    data.add_argument("--workers", type=int, default=4, help="shard: files read and checked at once")
     data.add_argument("--per-class", type=int, help="train images per class (default: all)")
     data.add_argument("--val-per-class", type=int, help="val images per class (default: all)")
     data.add_argument("--source", help="folder with the *-ubyte.gz files (default /usr/share/datasets/fashion-mnist)")
