@@ -3,7 +3,6 @@ reader parses, unreadable files skipped and counted, the same bytes on every run
 manifest."""
 
 import hashlib
-import io
 import json
 import shutil
 import tarfile
