@@ -8,6 +8,7 @@ gives a new file (not the 0600 of a private temp file), so a team sharing a run 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -126,3 +127,12 @@ def keep_record(path: str | os.PathLike | None, known: dict) -> None:
         atomic_write_bytes(path, json.dumps(known, indent=1).encode())
     except (OSError, WriteError):
         pass
+
+
+def file_sha256(path: str | os.PathLike, salt: bytes = b"") -> str:
+    """The sha256 (hex) of `salt` followed by a file's bytes, read a megabyte at a time."""
+    digest = hashlib.sha256(salt)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

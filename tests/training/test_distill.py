@@ -10,6 +10,7 @@ import torch
 from conftest import MS_CHECKPOINT, TINY, assert_same_weights, one_line_exit_2, train
 from mobilenetv2.checkpoint import save_model
 from mobilenetv2.config import Preprocess
+from mobilenetv2.files import file_sha256
 from mobilenetv2.model import MobileNetV2
 from mobilenetv2.training import distill
 from mobilenetv2.training.loss import SeedLabelSmoothingLoss
@@ -150,7 +151,7 @@ def test_the_teacher_stays_frozen_and_in_eval_mode_across_epochs(dataset, tmp_pa
     after = built[0].network.state_dict()
     assert all(torch.equal(before[key], after[key].cpu()) for key in before)  # BatchNorm statistics included
     record = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
-    assert record["teacher"]["sha256"] == distill.file_sha256(teacher_file)
+    assert record["teacher"]["sha256"] == file_sha256(teacher_file)
     assert "teacher" not in str(list(record["model"]))
 
 
@@ -283,4 +284,4 @@ def test_distillation_under_torchrun_with_class_weights_and_balanced_sampling(da
     log = (run / "train.log").read_text()
     assert "distilling from" in log and log.count("epoch time:") == 1
     record = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert record["teacher"]["sha256"] == distill.file_sha256(teacher_file) and record["global_step"] == 3
+    assert record["teacher"]["sha256"] == file_sha256(teacher_file) and record["global_step"] == 3

@@ -14,7 +14,6 @@ cached export, per CPU, threads and batch, so it is paid once. An int8 file stay
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
@@ -31,6 +30,7 @@ from mobilenetv2.config import Preprocess
 from mobilenetv2.engines.onnx_files import (ENGINE_RUNNERS, EXTRAS, check_images, export_for_engines,
                                            installed, read_onnx_metadata, require_runtime)
 from mobilenetv2.errors import CheckpointError, UserError, first_line
+from mobilenetv2.files import file_sha256
 from mobilenetv2.interop import published
 from mobilenetv2.metadata import parse
 from mobilenetv2.model import MobileNetV2
@@ -114,11 +114,7 @@ def as_engine_input(images: torch.Tensor) -> np.ndarray:
 
 
 def _digest(path: Path) -> str:
-    digest = hashlib.sha256(f"mobilenetv2 onnx cache {CACHE_FORMAT}\0".encode())
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:20]
+    return file_sha256(path, f"mobilenetv2 onnx cache {CACHE_FORMAT}\0".encode())[:20]
 
 
 def _cache_folders(checkpoint: Path) -> list[Path]:

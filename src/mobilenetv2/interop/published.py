@@ -11,7 +11,6 @@ and `HF_HUB_OFFLINE` work as they do for timm.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from mobilenetv2.config import Preprocess
 from mobilenetv2.errors import CheckpointError, UserError, first_line
+from mobilenetv2.files import file_sha256
 
 TORCHVISION_BASE = "https://download.pytorch.org/models/"
 HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")  # torch.hub's convention: NAME-SHA256PREFIX.pth
@@ -54,14 +54,6 @@ def is_published_name(value: str) -> bool:
     return value.split(":", 1)[0] in ("torchvision", "timm") and not Path(value).exists()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _torchvision_file(entry: Published, name: str) -> Path:
     import torch.hub
 
@@ -78,7 +70,7 @@ def _torchvision_file(entry: Published, name: str) -> Path:
         except OSError as exc:  # offline, refused, not found (urllib's URLError and HTTPError are OSErrors)
             raise UserError(f"{name} is not cached and could not be downloaded ({first_line(exc)}): put "
                             f"{entry.file} from {TORCHVISION_BASE}{entry.file} at {target}") from None
-    if not _sha256(target).startswith(prefix):
+    if not file_sha256(target).startswith(prefix):
         raise CheckpointError(f"{name}: {target} does not match its published sha256 {prefix}...; delete it "
                               "to download it again")
     return target
@@ -102,7 +94,7 @@ def _timm_file(entry: Published, name: str) -> Path:
     published = blob.name if re.fullmatch(r"[a-f0-9]{64}", blob.name) else None
     if published is None:
         raise CheckpointError(f"{name}: {path} has no published sha256 in the cache (blob {blob.name})")
-    if _sha256(blob) != published:
+    if file_sha256(blob) != published:
         raise CheckpointError(f"{name}: {blob} does not match its published sha256 {published[:12]}...; delete it "
                               "to download it again")
     return path

@@ -9,7 +9,6 @@ softmaxes, per image across classes (inter-class) plus per class across the batc
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from mobilenetv2 import metadata
 from mobilenetv2.checkpoint import load_state_into, read_state_dict, read_weights
 from mobilenetv2.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig
 from mobilenetv2.errors import UserError, first_line
+from mobilenetv2.files import file_sha256
 from mobilenetv2.model import MobileNetV2
 from mobilenetv2.runtime import Runtime
 
@@ -124,14 +124,6 @@ class TeacherFile:
 
     def to_dict(self) -> dict:
         return {"path": self.path, "arch": self.arch, "sha256": self.sha256}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _foreign_network(arch: str, path: Path, num_classes: int) -> tuple[nn.Module, tuple, tuple]:
