@@ -29,8 +29,7 @@ def _cmd_serve(args) -> int:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    is_int8 = args.checkpoint.endswith(".onnx") and ".int8" in args.checkpoint
-    if args.runtime == "onnx-int8" and not is_int8:
+    if args.runtime == "onnx-int8" and not _quantized(args.checkpoint):
         raise UserError("`runtime` onnx-int8 serves an int8 .onnx: make one with `mobilenetv2 quantize`")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,6 +50,18 @@ def _cmd_serve(args) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _quantized(checkpoint: str) -> bool:
+    """Whether `checkpoint` is an .onnx that `quantize` wrote (its metadata record says how it was quantized)."""
+    from pathlib import Path
+
+    from mobilenetv2.engines.onnx_files import read_onnx_metadata
+
+    if not checkpoint.endswith(".onnx"):
+        return False
+    record = read_onnx_metadata(Path(checkpoint))[1]
+    return isinstance(record, dict) and bool(record.get("quantization"))
 
 
 def add_serve_command(commands) -> None:

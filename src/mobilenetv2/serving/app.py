@@ -120,10 +120,8 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
     @app.middleware("http")
     async def measure(request: Request, call_next):
         started = time.perf_counter()
-        route = request.scope.get("route")
         response = await call_next(request)
-        route = request.scope.get("route") or route
-        endpoint = getattr(route, "path", "unmatched")
+        endpoint = getattr(request.scope.get("route"), "path", "unmatched")  # set by routing, during call_next
         metric["requests"].labels(endpoint, str(response.status_code)).inc()
         metric["latency"].labels(endpoint).observe(time.perf_counter() - started)
         return response
