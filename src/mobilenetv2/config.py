@@ -70,7 +70,8 @@ class Preprocess:
 class TrainConfig:
     """Every option of `mobilenetv2 train`. Defaults are the seed's GPU recipe (configs/seed_gpu.yaml)."""
 
-    data: str = _help("dataset root holding train/<class>/... and optionally val/ (or validation_preprocess/)", default="")
+    data: str = _help("dataset root holding train/<class>/... and optionally val/ (or validation_preprocess/), or "
+                      "tar shards: a folder or URL with _info.json, a brace pattern, a pipe: command", default="")
     output: str = _help("run folder for logs and checkpoints (default runs/<date-time>)", default="")
     device: str = _help("auto | cpu | cuda | cuda:N", default="auto")
     # schedule
@@ -159,6 +160,11 @@ class TrainConfig:
     data_backend: str = _help("pil: DataLoader workers decode and augment each image with PIL | device: workers "
                               "only read file bytes, the training device decodes the batch (nvJPEG on CUDA) and "
                               "augments it there", default="pil")
+    shard_info: str = _help("the shard manifest (_info.json, a path or URL) when --data is a shard pattern or pipe: "
+                            "command with none beside its shards", default="")
+    shuffle_buffer: int = _help("shard streams: samples each loader worker holds to shuffle (0: none)", default=1000)
+    skip_bad_shards: bool = _help("go on without a shard that cannot be read (warned) instead of stopping",
+                                  default=False)
     in_memory: bool = _help("decode the dataset once into memory and augment whole batches (small datasets such as "
                             "Fashion-MNIST; refused above 8 GiB)", default=False)
     # precision, speed, tracking
@@ -246,6 +252,7 @@ class TrainConfig:
             (not (self.balanced_sampler and self.repeated_aug > 1), "`balanced_sampler` and `repeated_aug` both order "
              "the epoch; use one"),
             (self.data_backend in ("pil", "device"), f"`data_backend` must be pil or device, got {self.data_backend!r}"),
+            (self.shuffle_buffer >= 0, "`shuffle_buffer` must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

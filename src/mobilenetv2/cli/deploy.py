@@ -23,7 +23,9 @@ def _cmd_eval(args) -> int:
         raise UserError("`batch_size` must be >= 1")
     if bool(args.checkpoint) == bool(args.compare):
         raise UserError("give `checkpoint` (evaluate one model) or `compare` A B (per-image agreement of two)")
-    folder = predict.eval_folder(args.data)
+    folder = predict.eval_folder(args.data, args.shard_info, args.skip_bad_shards)
+    if args.compare and isinstance(folder, predict.ShardEval):
+        raise UserError("`compare` reads an image folder; evaluate each model on the shards instead")
     if args.compare:
         print(predict.compare_models(*args.compare, folder, batch_size=args.batch_size, workers=args.workers,
                                      runtime_name=args.runtime))
@@ -148,7 +150,10 @@ def _cmd_bench(args) -> int:
 
 def add_deploy_commands(commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint (or .onnx) on a folder; prints the seed's result line")
-    evaluate.add_argument("--data", required=True, help="dataset root (uses val/ or validation_preprocess/) or a class-folder root")
+    evaluate.add_argument("--data", required=True, help="dataset root (uses val/ or validation_preprocess/), a "
+                          "class-folder root, or shards (a folder or URL with _info.json, a brace pattern, pipe:)")
+    evaluate.add_argument("--shard-info", default="", help="the shards' manifest, when --data has none beside it")
+    evaluate.add_argument("--skip-bad-shards", action="store_true", help="go on without shards that cannot be read")
     evaluate.add_argument("--checkpoint", help="any format load_model reads, or an exported .onnx")
     evaluate.add_argument("--compare", nargs=2, metavar=("A", "B"), help="per-image top-1 agreement of two models")
     evaluate.add_argument("--batch-size", type=int, default=100)

@@ -12,6 +12,7 @@ resumed run (which restores those generators) draws what the uninterrupted one d
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,21 @@ from mobilenetv2.errors import UserError
 
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
                   "nearest": InterpolationMode.NEAREST}
+
+
+def seeded_call(seed: int, function, *args):
+    """`function(*args)` with torch's, Python's and NumPy's global generators seeded by `seed` (each draw of an
+    augmentation comes from them), then put back as they were: the caller's streams are untouched."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % (1 << 32))
+            return function(*args)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 class ImagePolicy:

@@ -127,8 +127,10 @@ def write_shards(source: str | os.PathLike, output: str | os.PathLike, shard_siz
             shards.append(f"{prefix}-{split}-{len(shards):06d}.tar")
             _write_shard(output / shards[-1], current)
             lengths.append(len(current))
+        unread = set(skipped)
+        counts = np.bincount([label for path, label in samples if path not in unread], minlength=len(classes))
         info["splits"][split] = {"name": split, "num_samples": sum(lengths), "filenames": shards,
-                                 "shard_lengths": lengths, "skipped": len(skipped)}
+                                 "shard_lengths": lengths, "skipped": len(skipped), "class_counts": counts.tolist()}
         report.shards[split], report.samples[split], report.skipped[split] = shards, sum(lengths), skipped
     atomic_write_bytes(output / MANIFEST, json.dumps(info, indent=1).encode())
     _remove_strays(output, {name for names in report.shards.values() for name in names}, prefix)

@@ -15,6 +15,7 @@ float conversion and normalisation can be left to the training device (`normaliz
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -73,7 +74,7 @@ class SeedRandomResizedCrop:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self._from_image(image, *self._draw(image))
 
-    def from_file(self, path: str | os.PathLike) -> torch.Tensor:
+    def from_file(self, path: str | os.PathLike | io.BytesIO) -> torch.Tensor:
         with open_image(path) as image:  # only the header is read so far
             top, left, height, width = self._draw(image)
             if image.format == "JPEG" and self.size / min(height, width) > 0.5:  # no DCT scaling possible
@@ -88,12 +89,15 @@ def _pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
-def _decode_jpeg(path: str | os.PathLike) -> torch.Tensor | None:
-    """The JPEG at `path` as uint8 (3, H, W) by libjpeg-turbo through torchvision; None where it refuses the file
-    (PIL then decodes it, or reports why it cannot)."""
+def _decode_jpeg(path: str | os.PathLike | io.BytesIO) -> torch.Tensor | None:
+    """The JPEG at `path` (or in a bytes buffer: a shard's sample) as uint8 (3, H, W) by libjpeg-turbo through
+    torchvision; None where it refuses the file (PIL then decodes it, or reports why it cannot)."""
     try:
-        with open(path, "rb") as handle:
-            data = torch.frombuffer(bytearray(handle.read()), dtype=torch.uint8)
+        if isinstance(path, io.BytesIO):
+            data = torch.frombuffer(bytearray(path.getbuffer()), dtype=torch.uint8)
+        else:
+            with open(path, "rb") as handle:
+                data = torch.frombuffer(bytearray(handle.read()), dtype=torch.uint8)
         return decode_jpeg(data, mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError):
         return None
@@ -195,7 +199,8 @@ class ImagePipeline:
     def __init__(self, geometry, finish):
         self.geometry, self.finish = geometry, finish
 
-    def decode(self, path: str | os.PathLike):
+    def decode(self, path: str | os.PathLike | io.BytesIO):
+        """The geometric step on a file, or on a file's bytes in a BytesIO."""
         return self.geometry.from_file(path)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:

@@ -13,11 +13,13 @@ import torch
 
 from mobilenetv2.data.folders import (DECODE_ERRORS, class_folders, decode_rgb, eval_loader, find_val_folder,
                                       image_folder, pad_class_names)
+from mobilenetv2.data.shard_source import ShardSet, find_shard_splits, is_shard_source
 from mobilenetv2.data.transforms import eval_transform
 from mobilenetv2.engines.choose import Classifier, as_classifier, imagenet_class_names, load_classifier
 from mobilenetv2.errors import DataError, UserError
 from mobilenetv2.evaluation import TTA_MODES, EvalResult, evaluate, ranked, with_tta
 from mobilenetv2.model import MobileNetV2
+from mobilenetv2.training.shard_task import shard_eval
 
 __all__ = ["Classifier", "as_classifier", "imagenet_class_names", "load_classifier", "predict", "evaluate_checkpoint",
            "compare_models", "eval_folder", "read_image"]
@@ -64,8 +66,24 @@ def predict(classifier: Classifier | MobileNetV2, images: list[str | os.PathLike
     return results
 
 
-def eval_folder(root: str | os.PathLike) -> Path:
-    """The folder of class folders to evaluate: DIR/val (or the seed's validation_preprocess), else DIR itself."""
+@dataclass(frozen=True)
+class ShardEval:
+    """Shards to evaluate on: the validation split of a shard source (else its train split)."""
+
+    shards: ShardSet
+    classes: list[str]
+    skip_bad: bool = False
+
+    def __str__(self) -> str:
+        return f"{len(self.shards.urls)} {self.shards.split} shards ({self.shards.num_samples} samples)"
+
+
+def eval_folder(root: str | os.PathLike, shard_info: str = "", skip_bad_shards: bool = False) -> Path | ShardEval:
+    """The folder of class folders to evaluate: DIR/val (or the seed's validation_preprocess), else DIR itself; or,
+    for a shard source, its validation shards (else its train shards)."""
+    if is_shard_source(str(root)):
+        splits = find_shard_splits(str(root), shard_info)
+        return ShardEval(splits.val or splits.train, splits.classes, skip_bad_shards)
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
@@ -89,7 +107,7 @@ def labelled_dataset(classifier: Classifier, folder: Path, transform, **kind):
 DATA_BACKENDS = ("pil", "device")
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, folder: str | os.PathLike, runtime, *, batch_size: int = 100,
+def evaluate_checkpoint(checkpoint: str | os.PathLike, folder: str | os.PathLike | ShardEval, runtime, *, batch_size: int = 100,
                         workers: int = 2, resize_mode: str | None = None, runtime_name: str = "auto",
                         data_backend: str = "pil", tta: str = "none") -> tuple[EvalResult, list[str], Classifier]:
     """Top-1/top-5/confusion of a checkpoint (or .onnx) on a folder of class folders; this rank's shard under
@@ -110,6 +128,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, folder: str | os.PathLike
     forward = with_tta(classifier.forward, tta, preprocess.image_size)
     if tta == "flip-crops":  # the loader hands over the resized square; the crops are cut from it
         preprocess = dataclasses.replace(preprocess, image_size=preprocess.resize_size)
+    if isinstance(folder, ShardEval):
+        batches, names = shard_eval(folder.shards, folder.classes, classifier.class_names, classifier.num_classes,
+                                    preprocess, data_backend, batch_size, workers, runtime, folder.skip_bad)
+        return evaluate(forward, batches, runtime, classifier.num_classes), names, classifier
     if data_backend == "pil":
         dataset = labelled_dataset(classifier, Path(folder), eval_transform(preprocess))
         batches = eval_loader(dataset, batch_size, workers, runtime.rank, runtime.world_size)

@@ -12,6 +12,7 @@ from mobilenetv2 import runtime as runtime_module
 from mobilenetv2.checkpoint import read_weights
 from mobilenetv2.config import TrainConfig, write_yaml
 from mobilenetv2.data.folders import find_splits
+from mobilenetv2.data.shard_source import ShardSplits, find_shard_splits, is_shard_source
 from mobilenetv2.monitor import RunMonitor
 from mobilenetv2.runtime import Runtime
 from mobilenetv2.training.distill import load_teacher
@@ -19,12 +20,13 @@ from mobilenetv2.training.loop import fit
 from mobilenetv2.training.run_checkpoints import LoopState, ResumePoint, resume_path
 from mobilenetv2.training.schedule import lr_note
 from mobilenetv2.training.setup import build_model, resolve_config
+from mobilenetv2.training.shard_task import shard_task
 from mobilenetv2.training.tasks import build_task
 
 
 def run_training(config: TrainConfig) -> LoopState:
     """Train as `config` says; returns where the loop stopped (epochs finished, steps, best accuracy)."""
-    splits = find_splits(config.data)
+    splits = find_shard_splits(config.data, config.shard_info) if is_shard_source(config.data) else find_splits(config.data)
     loaded = read_weights(config.pretrained) if config.pretrained else None
     config = resolve_config(config, loaded)
     with runtime_module.preserved_rng():
@@ -46,7 +48,7 @@ def run_training(config: TrainConfig) -> LoopState:
             teacher = load_teacher(config, model, runtime)
             if resume:
                 resume.check_teacher(teacher[1] if teacher else None)
-            task = build_task(config, model, splits, runtime, output, teacher)
+            task = _task(config, model, splits, runtime, output, teacher)
             if task is None:  # this rank helped extract features; the head trains on rank 0
                 return LoopState()
             if teacher and task.teacher is not None:  # head-only: the teacher's logits come cached with the features
@@ -60,6 +62,13 @@ def run_training(config: TrainConfig) -> LoopState:
                 return fit(task, config, monitor, output, resume, teacher)
             finally:
                 monitor.close()
+
+
+def _task(config: TrainConfig, model, splits, runtime: Runtime, output: Path, teacher):
+    """The mode's task; shards (ShardSplits) stream through the shard task."""
+    if isinstance(splits, ShardSplits):
+        return shard_task(config, model, splits, runtime, output)
+    return build_task(config, model, splits, runtime, output, teacher)
 
 
 def _lr_note(config: TrainConfig) -> str | None:

@@ -10,7 +10,6 @@ and `feature_task` (the head alone, on cached backbone features; None on ranks t
 from __future__ import annotations
 
 import dataclasses
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -79,16 +78,7 @@ class _SeededSamples(Dataset):
     def __getitem__(self, item: tuple[int, int]):
         position, index = item
         seed = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + position) % (1 << 63)
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                np.random.seed(seed % (1 << 32))
-                return self.dataset[index]
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+        return augment.seeded_call(seed, self.dataset.__getitem__, index)
 
 
 class _Positioned(Sampler[tuple[int, int]]):
