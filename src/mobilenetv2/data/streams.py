@@ -27,6 +27,7 @@ naming the shard and the key, and counted, as unreadable files are.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from itertools import count, islice
@@ -130,7 +131,7 @@ class ShardStream(IterableDataset):
         try:
             yield from read_shard(url, self.num_classes)
         except READ_ERRORS as exc:
-            reason = str(exc) or exc.__class__.__name__
+            reason = _reason(exc)
             if not self.skip_bad:
                 raise _BadShard(f"cannot read shard {url}: {reason} (pass --skip-bad-shards to go on without it)")
             warnings.warn(f"skipping unreadable shard {url}: {reason}", stacklevel=1)
@@ -192,6 +193,20 @@ class ShardStream(IterableDataset):
         yield from self._batches(self._read(range(slot, len(self.shards.urls), slots)), None)
 
 
+CURL_EXITS = {6: "host not found", 7: "connection refused", 22: "HTTP error (404 or another 4xx/5xx)",
+              28: "timed out", 56: "connection reset"}
+
+
+def _reason(exc: Exception) -> str:
+    """Why a shard could not be read, in a few words (a pipe's failure is reported by its exit status)."""
+    text = str(exc) or exc.__class__.__name__
+    status = re.search(r"\): exit (\d+) ", text)
+    if status:
+        code = int(status.group(1))
+        return f"its reader exited with status {code}" + (f" (curl: {CURL_EXITS[code]})" if code in CURL_EXITS else "")
+    return text
+
+
 def _chain(first, second):
     yield from first
     yield from second
@@ -215,8 +230,11 @@ def _shuffled(samples, size: int, generator: np.random.Generator):
 
 
 def stream_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over a stream's batches: one worker per reader (none: the main process reads)."""
-    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, persistent_workers=False)
+    """A DataLoader over a stream's batches: one worker per reader (none: the main process reads). Its own
+    generator: a loader without one draws its workers' base seed from the global stream, which a resumed run would
+    then draw once more than the uninterrupted one (every draw in the stream is seeded per sample anyway)."""
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(stream.seed * 1_000_003 + stream.epoch))
 
 
 def checked(batches):

@@ -31,7 +31,7 @@ def _refuse_unsupported(config: TrainConfig, splits: ShardSplits) -> None:
         raise UserError("--freeze backbone caches features of an ImageFolder tree; train the head on shards with "
                         "--freeze none, or point --data at the images")
     for option, reason in STREAMING_REFUSES.items():
-        if getattr(config, option) not in (False, 1):
+        if getattr(config, option) is True or getattr(config, option) > 1:
             raise UserError(reason)
     if splits.train is None:
         raise DataError(f"{splits.source} has no train shards")
