@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # served from local disk on our machines; pyproject declares the ranges (torch>=2.4)
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo demo-quick bench clean fashion-mnist browser
+.PHONY: install test demo demo-quick bench clean fashion-mnist browser curl
 
 # uv installs the same wheels as pip in less than half the time (torch's CUDA wheels unpack to ~4 GB; measured
 # 43 s against 62 s for the demo's set, 4 s against 30 s for the test extra); pip takes over wherever uv fails.
@@ -36,13 +36,19 @@ browser:
 		apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
 		(apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null); fi
 
+# curl: webdataset's opener for http(s) shards, which the shard tests serve on loopback
+curl:
+	@if ! command -v curl >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q curl >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null && apt-get install -y -q curl >/dev/null); fi
+
 demo: $(VENV)/.installed-demo fashion-mnist
 	$(PY) -m mobilenetv2 demo
 
 demo-quick: $(VENV)/.installed-demo fashion-mnist
 	$(PY) -m mobilenetv2 demo --quick --per-class 300 --val-per-class 100 --output runs/demo-quick
 
-test: install fashion-mnist browser
+test: install fashion-mnist browser curl
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: install

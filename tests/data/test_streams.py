@@ -114,15 +114,15 @@ def test_a_resumed_epoch_on_shards_is_bit_identical(sharded, tmp_path, backend, 
     assert_same_weights(tmp_path / "straight", tmp_path / "split")
 
 
-def _even_shards(folder, count=4, per_shard=10):
-    """`count` shards of `per_shard` samples whose image bytes are their keys (read, never decoded, below)."""
+def _even_shards(folder, lengths=(10, 10, 10, 10)):
+    """Shards of `lengths` samples whose image bytes are their keys (read, never decoded, below)."""
     folder.mkdir()
     urls = []
-    for s in range(count):
-        samples = [(f"s{s}k{i:02d}", f"s{s}k{i:02d}".encode(), "jpg", i % 3) for i in range(per_shard)]
+    for s, length in enumerate(lengths):
+        samples = [(f"s{s}k{i:02d}", f"s{s}k{i:02d}".encode(), "jpg", i % 3) for i in range(length)]
         shards._write_shard(folder / f"even-{s}.tar", samples)
         urls.append(str(folder / f"even-{s}.tar"))
-    return shard_source.ShardSet("train", tuple(urls), (per_shard,) * count)
+    return shard_source.ShardSet("train", tuple(urls), tuple(lengths))
 
 
 def _keys(shard_set, epoch, rank=0, world_size=1, workers=0, buffer=0, batch=5, skip=0):
@@ -153,6 +153,14 @@ def test_each_epoch_reads_every_sample_once_in_a_new_order_split_across_ranks_an
     assert sorted(keys) == sorted(everything)
     for rank in ranks:  # batch i from worker i mod 2, each worker one whole shard
         assert {k[:2] for b in rank[0::2] for k in b} != {k[:2] for b in rank[1::2] for k in b}
+    orders = {tuple(dict.fromkeys(k[:2] for b in _keys(even, epoch=e) for k in b)) for e in range(4)}
+    assert len(orders) > 1  # the shards themselves come in a new order (not only the buffer's draws)
+    # unequal shards (10, 10, 10, 2): a rank whose shards hold 12 samples reads on to make its 4 full batches
+    uneven = _even_shards(tmp_path / "uneven", (10, 10, 10, 2))
+    for epoch in range(3):
+        for rank in range(2):
+            batches = _keys(uneven, epoch=epoch, rank=rank, world_size=2, batch=4)
+            assert [len(b) for b in batches] == [4, 4, 4, 4]
     # resuming at batch 3 gives the rest of the epoch as it was
     whole = _keys(even, epoch=2, rank=1, world_size=2, workers=2)
     assert _keys(even, epoch=2, rank=1, world_size=2, workers=2, skip=3) == whole[3:]
