@@ -37,6 +37,8 @@ def test_train_throughput_names_the_cpu_and_reports_each_variant_against_torchvi
                         "0.1", "--rounds", "1"], "int8 stem fp32"),
     ("int8_ceiling.py", ["--width", "0.25", "--image-size", "32", "--batch-size", "4", "--seconds", "0.1", "--rounds",
                          "1"], "int8 GEMM over fp32 GEMM"),
+    ("shards.py", ["--images", "24", "--size", "120x90", "--image-size", "64", "--http-files", "16", "--rounds", "1",
+                   "--latency-ms", "5", "--no-netns"], "| shards / files |"),
     ("head_finetune.py", ["--epochs", "1", "--per-class", "10", "--image-size", "32", "--width", "0.25",
                           "--pretrain-epochs", "1", "--workers", "0"], "the seed's way (features once, in memory)"),
 ])

@@ -285,3 +285,27 @@ def test_the_manifest_records_class_counts_and_class_weights_auto_reads_them(sha
     assert train(sharded, tmp_path / "run", "--class-weights", "auto", "--max-steps", "1") == 0
     assert "class weights (auto): astronaut 1" in capsys.readouterr().out
     assert torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["global_step"] == 1
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_shards_from_other_writers_read_their_keys_and_an_oversize_member_is_skipped_unread(tmp_path, monkeypatch,
+                                                                                            tar_format):
+    long_key = "n01440764/" + "x" * (40 if tar_format == tarfile.USTAR_FORMAT else 140)  # past ustar's 100 bytes
+    path = tmp_path / "other.tar"
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        tar.add(tmp_path, arcname="a-folder", recursive=False)  # not a file: passed over
+        for key, image, label in ((long_key, b"\xff\xd8 jpeg bytes", b"2"), ("big", b"y" * 5000, b"1"),
+                                  ("nolabel", b"\xff\xd8", None)):
+            for extension, data in (("jpg", image), ("cls", label)):
+                if data is not None:
+                    shards._member(tar, f"{key}.{extension}", data)
+    monkeypatch.setattr(shard_source, "MAX_SAMPLE_BYTES", 4096)
+    samples = list(shard_source.read_shard(str(path), 3))
+    assert [(s.key, s.image, s.label) for s in samples] == [
+        (long_key.rsplit("/", 1)[1], b"\xff\xd8 jpeg bytes", 2), ("big", None, 1), ("nolabel", b"\xff\xd8", None)]
+    assert "larger than 4096" in samples[1].problem and "no class label" in samples[2].problem
+    whole = path.read_bytes()
+    for cut in (5 * 512 + 100, 4 * 512):  # inside a member, and between two members
+        path.write_bytes(whole[:cut])
+        with pytest.raises(shard_source.READ_ERRORS, match="ends"):
+            list(shard_source.read_shard(str(path), 3))
