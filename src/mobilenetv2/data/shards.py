@@ -59,12 +59,16 @@ def parse_size(text: str) -> int:
 
 
 def _checked(path: str) -> tuple[bytes, str] | None:
-    """The file's bytes and the extension its format takes in a shard, or None when it does not decode."""
+    """The file's bytes and the extension its format takes in a shard, or None when it does not decode. The bytes
+    are read once and decoded from memory; a JPEG is decoded at 1/8 scale (libjpeg still reads every coefficient,
+    so a cut or corrupt file fails as it would at full size, in about a third of the time)."""
     try:
-        with open_image(path) as image:
-            image.load()
-            fmt = image.format
         data = Path(path).read_bytes()
+        with open_image(io.BytesIO(data)) as image:
+            fmt = image.format
+            if fmt == "JPEG":
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
     except (*DECODE_ERRORS, OSError):
         return None
     return data, EXTENSIONS.get(fmt or "", (fmt or "bin").lower())
