@@ -88,7 +88,8 @@ def test_eval_on_shards_counts_and_scores_as_the_folder_on_both_backends_and_und
     assert (ddp["count"], ddp["top1"], ddp["confusion_matrix"]) == folder[:3]
 
 
-def test_training_on_shards_under_torchrun_makes_equal_steps_and_evaluates_every_sample_once(sharded, tmp_path):
+def test_training_on_shards_under_torchrun_makes_equal_steps_and_evaluates_every_sample_once(tree, sharded, tmp_path,
+                                                                                               capsys):
     # 60 samples, 2 ranks, batch 8: 3 steps on each rank; 4 shards of 20, 20, 19 and 1 samples for 2 ranks x 1
     # worker, so one rank's own shards run short and it reads on (unequal steps would hang DDP until the timeout)
     run = tmp_path / "ddp"
@@ -101,6 +102,12 @@ def test_training_on_shards_under_torchrun_makes_equal_steps_and_evaluates_every
     assert "3 steps per epoch" in result.stdout
     epochs = records(run, "epoch")
     assert [e["steps"] for e in epochs] == [3, 3] and [e["eval_count"] for e in epochs] == [30, 30]
+    # shard -> train -> eval: the trained model scores on the shards what it scores on the tree, and what training
+    # reported for its last epoch
+    last = run / "checkpoints" / "last.pt"
+    on_shards, on_tree = evaluated(capsys, tmp_path, sharded, last), evaluated(capsys, tmp_path, tree, last)
+    assert on_shards == on_tree and on_shards[0] == 30
+    assert on_shards[1] == pytest.approx(epochs[-1]["eval_top1"], abs=1e-9)
 
 
 @pytest.mark.parametrize("backend, workers", [("pil", "2"), ("device", "0")])
