@@ -55,10 +55,12 @@ def mutate(original: bytes, rng: random.Random) -> bytes:
     return bytes(rng.randrange(256) for _ in range(rng.randint(0, 4096)))  # random bytes
 
 
-def open_any(path: Path) -> None:
+def open_any(path: Path, runtime_name: str = "auto") -> None:
+    """Read, build and run once, as `eval` and `predict` do. `auto` also exports a readable mutant to ONNX and times
+    both engines (seconds per valid mutant); `torch` checks the readers alone."""
     from mobilenetv2.deploy.predict import load_classifier
 
-    classifier = load_classifier(path)
+    classifier = load_classifier(path, runtime_name=runtime_name)
     size = classifier.preprocess.image_size
     classifier.forward(torch.zeros(1, 3, size, size))
 
