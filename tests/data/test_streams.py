@@ -316,3 +316,12 @@ def test_shards_from_other_writers_read_their_keys_and_an_oversize_member_is_ski
         path.write_bytes(whole[:cut])
         with pytest.raises(shard_source.READ_ERRORS, match="ends"):
             list(shard_source.read_shard(str(path), 3))
+
+
+def test_a_model_that_lacks_the_shards_classes_is_refused_in_one_line(sharded, trained, tmp_path, capsys):
+    err = one_line_exit_2(capsys, ["eval", "--data", str(sharded), "--checkpoint", str(trained), "--workers", "0"])
+    assert "the shard manifest has classes the model does not know: astronaut, chelsea, coffee" in err
+    unnamed = tmp_path / "unnamed.pt"
+    save_model(MobileNetV2(num_classes=2, width_mult=0.25), unnamed)
+    err = one_line_exit_2(capsys, ["eval", "--data", str(sharded), "--checkpoint", str(unnamed), "--workers", "0"])
+    assert "the shard manifest has 3 classes, the model 2" in err

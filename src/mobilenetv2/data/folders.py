@@ -98,6 +98,19 @@ def pad_class_names(names: list[str], num_classes: int) -> list[str]:
     return list(names) + [f"class_{i}" for i in range(len(names), num_classes)]
 
 
+def model_class_order(classes: list[str], model_names: list[str] | None, num_classes: int, where: str) -> list[str]:
+    """The class names a model's outputs follow, for data labelled by `classes`: the model's own names (each data
+    class must be among them), or, for a model without names, `classes` padded to its outputs."""
+    if model_names:
+        unknown = [c for c in classes if c not in model_names]
+        if unknown:
+            raise DataError(f"{where} has classes the model does not know: {', '.join(unknown[:5])}")
+        return list(model_names)
+    if len(classes) > num_classes:
+        raise DataError(f"{where} has {len(classes)} classes, the model {num_classes}")
+    return pad_class_names(classes, num_classes)
+
+
 class SafeImageFolder(datasets.ImageFolder):
     """ImageFolder that yields None for files it cannot decode (dropped by `collate_skipping`)."""
 

@@ -71,7 +71,7 @@ def is_shard_source(text: str) -> bool:
     """Whether `--data` names shards rather than an ImageFolder tree."""
     if not text:
         return False
-    if text.startswith("pipe:") or "://" in text or text.endswith((".tar", MANIFEST)) or ("{" in text and ".tar" in text):
+    if _is_pattern(text) or "://" in text or text.endswith(MANIFEST):
         return True
     return os.path.isdir(text) and os.path.isfile(os.path.join(text, MANIFEST))
 
@@ -83,12 +83,20 @@ def _scheme(url: str) -> str:
     return "" if len(scheme) <= 1 else scheme  # "C:" is a drive, not a scheme
 
 
+def _local_path(url: str) -> str | None:
+    """The file a plain path or file:// URL names; None for anything remote or a pipe."""
+    scheme = _scheme(url)
+    if scheme not in ("", "file"):
+        return None
+    return urlparse(url).path if scheme else url
+
+
 def open_url(url: str):
     """A binary stream of `url`: a local file, a pipe: command's output, curl's download (http, https, sftp, ...)
     through webdataset, or any other scheme through fsspec."""
-    scheme = _scheme(url)
-    if scheme in ("", "file"):
-        return open(urlparse(url).path if scheme else url, "rb", buffering=1 << 20)
+    scheme, path = _scheme(url), _local_path(url)
+    if path is not None:
+        return open(path, "rb", buffering=1 << 20)
     gopen, _ = _webdataset()
     if scheme in gopen.gopen_schemes:
         return gopen.gopen(url, "rb")
@@ -209,7 +217,8 @@ def find_shard_splits(source: str, manifest: str = "") -> ShardSplits:
 def check_local(shards: ShardSet) -> None:
     """A local shard that is missing ends the run before it starts (remote ones are found missing when read)."""
     for url in shards.urls:
-        if _scheme(url) in ("", "file") and not os.path.isfile(urlparse(url).path if _scheme(url) else url):
+        path = _local_path(url)
+        if path is not None and not os.path.isfile(path):
             raise DataError(f"shard not found: {url} (or pass --skip-bad-shards)")
 
 
@@ -266,21 +275,24 @@ def _members(stream):
         if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE, tarfile.XGLTYPE):
             if info.size > MAX_MANIFEST_BYTES:
                 raise tarfile.ReadError(f"a tar extension header of {info.size} bytes")
-            data = _read_exactly(stream, padded, "a tar header")[: info.size]
+            data = _read_exactly(stream, info.size, "a tar header")
+            _read_exactly(stream, padded - info.size, "a tar header")
             if info.type == tarfile.GNUTYPE_LONGNAME:
                 long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
             elif info.type == tarfile.XHDTYPE:
                 long_name = _pax_path(data) or long_name
             continue
         name, long_name = long_name or info.name, None
-        if not info.isreg():
-            _skip(stream, padded if info.type != tarfile.DIRTYPE else 0, name)
+        if not info.isreg():  # data follows only types tarfile does not know (as tarfile reads it)
+            _skip(stream, padded if info.type not in tarfile.SUPPORTED_TYPES else 0, name)
             continue
         if info.size > MAX_SAMPLE_BYTES:
             _skip(stream, padded, name)
             yield name, None
             continue
-        yield name, _read_exactly(stream, padded, name)[: info.size]
+        data = _read_exactly(stream, info.size, name)
+        _read_exactly(stream, padded - info.size, name)  # the padding to the next block
+        yield name, data
 
 
 def _pax_path(data: bytes) -> str | None:

@@ -30,7 +30,7 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
-from itertools import count, islice
+from itertools import chain, count, islice
 from typing import Callable
 
 import numpy as np
@@ -69,37 +69,47 @@ def sample_seed(*parts: int) -> int:
     return int(state[0] ^ (state[1] << np.uint64(1))) % (1 << 63)
 
 
-class PilItem:
-    """A sample -> (image, label) through an ImagePipeline (decoded from the bytes, no larger than it needs), or None
-    with a warning when it does not decode. `labels`: the model's index for each manifest class (None: the same)."""
+class _Item:
+    """A sample -> what the loader hands over, or None with a warning naming the shard and key when it does not
+    decode. `labels`: the model's index for each manifest class (None: the same)."""
+
+    def __init__(self, labels: list[int] | None = None):
+        self.labels = labels
+
+    def label(self, sample: Sample) -> int:
+        return self.labels[sample.label] if self.labels else sample.label
+
+    @staticmethod
+    def unreadable(sample: Sample, exc: Exception) -> None:
+        warnings.warn(f"skipping unreadable sample {sample.key} in shard {sample.url}: {exc}", stacklevel=2)
+
+
+class PilItem(_Item):
+    """(image, label) through an ImagePipeline, decoded from the bytes no larger than it needs."""
 
     def __init__(self, pipeline, labels: list[int] | None = None):
-        self.pipeline, self.labels = pipeline, labels
+        super().__init__(labels)
+        self.pipeline = pipeline
 
     def __call__(self, sample: Sample):
         try:
             image = self.pipeline.finish(self.pipeline.decode(io.BytesIO(sample.image)))
         except DECODE_ERRORS as exc:
-            warnings.warn(f"skipping unreadable sample {sample.key} in shard {sample.url}: {exc}", stacklevel=1)
-            return None
-        return image, self.labels[sample.label] if self.labels else sample.label
+            return self.unreadable(sample, exc)
+        return image, self.label(sample)
 
 
-class EncodedItem:
-    """A sample -> (its bytes as uint8 1-D, label, name) for the device backend (the header checked here, the
-    decoding left to the device), or None with a warning."""
-
-    def __init__(self, labels: list[int] | None = None):
-        self.labels = labels
+class EncodedItem(_Item):
+    """(the sample's bytes as uint8 1-D, label, name) for the device backend: the header checked here, the decoding
+    left to the device."""
 
     def __call__(self, sample: Sample):
         try:
             open_image(io.BytesIO(sample.image)).close()
         except DECODE_ERRORS as exc:
-            warnings.warn(f"skipping unreadable sample {sample.key} in shard {sample.url}: {exc}", stacklevel=1)
-            return None
-        label = self.labels[sample.label] if self.labels else sample.label
-        return torch.frombuffer(bytearray(sample.image), dtype=torch.uint8), label, f"{sample.url}:{sample.key}"
+            return self.unreadable(sample, exc)
+        data = torch.frombuffer(bytearray(sample.image), dtype=torch.uint8)
+        return data, self.label(sample), f"{sample.url}:{sample.key}"
 
 
 class ShardStream(IterableDataset):
@@ -161,7 +171,7 @@ class ShardStream(IterableDataset):
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards.urls))
         generator = np.random.default_rng([self.seed, self.epoch, self.rank, stream])
         own = _shuffled(self._read(order[slot::slots]), self.shuffle_buffer, generator)
-        samples = islice(_chain(own, self._read_on(order, slot)), mine * self.batch_size)
+        samples = islice(chain(own, self._read_on(order, slot)), mine * self.batch_size)
         skipped = done * self.batch_size
         for _ in islice(samples, skipped):  # read, not decoded
             pass
@@ -205,11 +215,6 @@ def _reason(exc: Exception) -> str:
         code = int(status.group(1))
         return f"its reader exited with status {code}" + (f" (curl: {CURL_EXITS[code]})" if code in CURL_EXITS else "")
     return text
-
-
-def _chain(first, second):
-    yield from first
-    yield from second
 
 
 def _shuffled(samples, size: int, generator: np.random.Generator):

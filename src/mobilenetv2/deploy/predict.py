@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from mobilenetv2.data.folders import (DECODE_ERRORS, class_folders, decode_rgb, eval_loader, find_val_folder,
-                                      image_folder, pad_class_names)
+                                      image_folder, model_class_order)
 from mobilenetv2.data.shard_source import ShardSet, find_shard_splits, is_shard_source
 from mobilenetv2.data.transforms import eval_transform
 from mobilenetv2.engines.choose import Classifier, as_classifier, imagenet_class_names, load_classifier
@@ -92,16 +92,8 @@ def eval_folder(root: str | os.PathLike, shard_info: str = "", skip_bad_shards: 
 
 def labelled_dataset(classifier: Classifier, folder: Path, transform, **kind):
     """The folder's images, labelled with the classifier's own class indices (by name when it has names)."""
-    classes = class_folders(folder)
-    names = classifier.class_names
-    if names:
-        unknown = [c for c in classes if c not in names]
-        if unknown:
-            raise DataError(f"{folder} has classes the model does not know: {', '.join(unknown[:5])}")
-        return image_folder(folder, transform, names, **kind)
-    if len(classes) > classifier.num_classes:
-        raise DataError(f"{folder} has {len(classes)} classes, the model {classifier.num_classes}")
-    return image_folder(folder, transform, pad_class_names(classes, classifier.num_classes), **kind)
+    names = model_class_order(class_folders(folder), classifier.class_names, classifier.num_classes, str(folder))
+    return image_folder(folder, transform, names, **kind)
 
 
 DATA_BACKENDS = ("pil", "device")

@@ -12,7 +12,7 @@ from torch import nn
 
 from mobilenetv2.config import TrainConfig
 from mobilenetv2.data import augment, batched, on_device, streams
-from mobilenetv2.data.folders import collate_skipping
+from mobilenetv2.data.folders import collate_skipping, model_class_order
 from mobilenetv2.data.shard_source import ShardSet, ShardSplits, check_local
 from mobilenetv2.data.transforms import eval_transform, train_transform
 from mobilenetv2.errors import DataError, UserError
@@ -122,15 +122,8 @@ def shard_eval(shards: ShardSet, classes: list[str], model_names: list[str] | No
                backend: str, batch_size: int, workers: int, runtime: Runtime, skip_bad: bool):
     """(batches, class names the rows follow) for evaluating a model on shards labelled by `classes`: labels are
     mapped to the model's own class indices by name when it has names."""
-    if model_names:
-        unknown = [c for c in classes if c not in model_names]
-        if unknown:
-            raise DataError(f"the shards have classes the model does not know: {', '.join(unknown[:5])}")
-        table, names = [model_names.index(c) for c in classes], list(model_names)
-    else:
-        if len(classes) > num_classes:
-            raise DataError(f"the shards have {len(classes)} classes, the model {num_classes}")
-        table, names = None, classes + [f"class_{i}" for i in range(len(classes), num_classes)]
+    names = model_class_order(classes, model_names, num_classes, "the shard manifest")
+    table = [names.index(c) for c in classes]
     if not skip_bad:
         check_local(shards)
     stream = val_stream(shards, len(classes), preprocess, backend, batch_size, workers, runtime, skip_bad,
