@@ -13,6 +13,10 @@ from mobilenetv2.interop import mindspore
 
 from conftest import MS_CHECKPOINT, MS_INPUT, assert_parity
 
+# the tests below check what every ONNX export shares (metadata, outputs, the check): through the exporter that takes
+# a second, not ten; the default (dynamo) one is tested above and in the demo
+FAST = ["--onnx-exporter", "legacy"]
+
 
 @pytest.mark.parametrize("fmt, exporter", [("onnx", "dynamo"), ("onnx", "legacy"), ("torchscript", None)])
 def test_exports_reproduce_the_mindspore_logits(converted, tmp_path, capsys, fmt, exporter):
@@ -50,7 +54,7 @@ def test_onnx_with_softmax_has_probs(converted, tmp_path):
 
     output = tmp_path / "soft.onnx"
     assert main(["export", "--checkpoint", str(converted), "--format", "onnx", "--output", str(output),
-                 "--with-softmax", "--batch-size", "2"]) == 0
+                 "--with-softmax", "--batch-size", "2", *FAST]) == 0
     session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["logits", "probs"]
     logits, probs = session.run(None, {"input": MS_INPUT})
@@ -78,7 +82,7 @@ def test_a_freshly_built_model_exports_with_its_metadata(tmp_path, fmt):
     torch.manual_seed(0)
     model = MobileNetV2(num_classes=10, width_mult=0.25, preprocess=Preprocess.for_image_size(64))
     output = str(tmp_path / "sub" / f"m.{fmt}")  # a str path, in a folder that does not exist yet
-    reports = export(model, fmt, output)
+    reports = export(model, fmt, output, **({"onnx_exporter": "legacy"} if fmt == "onnx" else {}))
     assert reports and Path(output).is_file()
     assert [p.name for p in (tmp_path / "sub").iterdir()] == [f"m.{fmt}"]  # no temp file left beside it
     if fmt == "onnx":
@@ -99,7 +103,8 @@ def test_an_export_that_fails_its_check_exits_1_and_leaves_no_file(converted, tm
     output = tmp_path / f"model.{fmt}"
     output.write_bytes(b"the previous, good export")
     monkeypatch.setattr(onnx_files, "TOLERANCE", -1.0)  # no difference passes (every export check compares there)
-    assert main(["export", "--checkpoint", str(converted), "--format", fmt, "--output", str(output)]) == 1
+    assert main(["export", "--checkpoint", str(converted), "--format", fmt, "--output", str(output),
+                 *(FAST if fmt == "onnx" else [])]) == 1
     assert "check failed" in capsys.readouterr().err
     assert output.read_bytes() == b"the previous, good export"  # untouched
     assert [p.name for p in tmp_path.iterdir()] == [output.name]  # and no half-checked file beside it
@@ -115,7 +120,7 @@ def test_convert_class_names_travel_into_onnx_metadata(tmp_path, capsys):
     assert main(["convert", str(MS_CHECKPOINT), "-o", str(tmp_path / "named.pt"), "--class-names",
                  str(tmp_path / "names.txt")]) == 0
     assert load_model(tmp_path / "named.pt").class_names == names
-    assert main(["export", "--checkpoint", str(tmp_path / "named.pt"), "--format", "onnx"]) == 0
+    assert main(["export", "--checkpoint", str(tmp_path / "named.pt"), "--format", "onnx", *FAST]) == 0
     exported = tmp_path / "named.onnx"  # the default output: beside the checkpoint
     meta = {p.key: p.value for p in onnx.load(str(exported)).metadata_props}
     assert json.loads(meta["mobilenetv2"])["class_names"] == names

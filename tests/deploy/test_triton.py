@@ -12,6 +12,9 @@ from mobilenetv2.config import Preprocess
 from mobilenetv2.deploy import triton
 
 pytest.importorskip("tritonclient")
+# the entry's ONNX model is our checked export (tested with the default exporter in test_export.py): here through the
+# exporter that takes a second, not ten
+FAST = ["--onnx-exporter", "legacy"]
 
 
 @pytest.fixture
@@ -31,8 +34,9 @@ def test_the_repository_entry_parses_with_tritons_schema_and_runs_any_batch(chec
     path, model = checkpoint
     repository = tmp_path / "repository"
     assert main(["export", "--checkpoint", str(path), "--format", "triton", "--output",
-                 str(repository / "fashion")]) == 0
-    assert "Triton's ModelConfig schema" in capsys.readouterr().out
+                 str(repository / "fashion"), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "Triton's ModelConfig schema" in out and "onnxruntime (legacy exporter" in out
     entry = repository / "fashion"
     assert sorted(p.relative_to(entry).as_posix() for p in entry.rglob("*") if p.is_file()) == \
         ["1/model.onnx", "config.pbtxt", "labels.txt"]
@@ -58,10 +62,12 @@ def test_a_config_that_the_schema_reads_otherwise_fails_the_check(checkpoint, tm
     path, _ = checkpoint
     original = triton.config_text
     monkeypatch.setattr(triton, "config_text", lambda *a: original(*a).replace("dims: [ 4 ]", "dims: [ 5 ]"))
-    assert main(["export", "--checkpoint", str(path), "--format", "triton", "--output", str(tmp_path / "m")]) == 1
+    assert main(["export", "--checkpoint", str(path), "--format", "triton", "--output", str(tmp_path / "m"),
+                 *FAST]) == 1
     assert "differs in output" in capsys.readouterr().err and not (tmp_path / "m").exists()
     monkeypatch.setattr(triton, "config_text", lambda *a: original(*a).replace("platform:", "platfrom:"))
-    assert main(["export", "--checkpoint", str(path), "--format", "triton", "--output", str(tmp_path / "m")]) == 1
+    assert main(["export", "--checkpoint", str(path), "--format", "triton", "--output", str(tmp_path / "m"),
+                 *FAST]) == 1
     assert "refuses config.pbtxt" in capsys.readouterr().err and not (tmp_path / "m").exists()
 
 

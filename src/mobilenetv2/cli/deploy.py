@@ -76,7 +76,7 @@ def _cmd_export(args) -> int:
     model = load_model(args.checkpoint)
     output = args.output or default_output(args.checkpoint, args.format)
     try:
-        options = {"onnx_exporter": args.onnx_exporter} if args.format == "onnx" else {}
+        options = {"onnx_exporter": args.onnx_exporter} if args.format in ("onnx", "triton") else {}
         if args.format == "executorch" and args.int8:
             from mobilenetv2.deploy.quantize import calibration_from
 
@@ -190,8 +190,9 @@ def add_deploy_commands(commands) -> None:
     export.add_argument("--int8", action="store_true", help="executorch: int8 through the PT2E quantizer")
     export.add_argument("--data", help="with --int8: dataset root whose train/ images calibrate")
     export.add_argument("--calibration-images", type=int, default=512)
-    export.add_argument("--onnx-exporter", choices=["dynamo", "legacy"], default="dynamo",
-                        help="dynamo: torch's current exporter (opset 18); legacy: the deprecated TorchScript-based one")
+    export.add_argument("--onnx-exporter", choices=["dynamo", "legacy", "auto"], default="dynamo",
+                        help="onnx and triton: dynamo, torch's current exporter (opset 18); legacy, the deprecated "
+                        "TorchScript-based one (opset 17, ten times faster to export); auto: legacy while torch has it")
     export.set_defaults(handler=_cmd_export)
 
     average = commands.add_parser("average", help="the mean of several checkpoints of one network (EMA weights too)")

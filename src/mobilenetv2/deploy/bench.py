@@ -64,7 +64,7 @@ def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int,
         found["torch"] = eager
     if {"onnx", "onnx-int8", "openvino", "openvino-int8"} & set(runtimes):
         fp32 = folder / "fp32.onnx"
-        export_onnx(model, fp32, batch_size=1, dynamic_batch=True)
+        export_onnx(model, fp32, batch_size=1, dynamic_batch=True, onnx_exporter="auto")
         if "onnx" in runtimes:
             found["onnx"] = onnx_runner(fp32, threads)
         if "openvino" in runtimes:

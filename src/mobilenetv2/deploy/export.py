@@ -7,8 +7,6 @@ leaves no file that looks valid. ONNX and TorchScript files carry the model's me
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -21,7 +19,8 @@ from torch import nn
 
 from mobilenetv2.deploy.formats import FORMATS, require_format
 from mobilenetv2.deploy import triton
-from mobilenetv2.engines.onnx_files import TOLERANCE, ExportCheckError, check_images, compare
+from mobilenetv2.engines.onnx_files import (ONNX_OPSET, TOLERANCE, ExportCheckError, check_images, compare,
+                                            torch_onnx_export)
 from mobilenetv2.errors import UserError
 from mobilenetv2.files import temp_path_beside, write_error
 from mobilenetv2.metadata import FORMAT_NAME
@@ -63,27 +62,19 @@ def _check_batches(batch_size: int, dynamic_batch: bool) -> list[int]:
     return sorted({batch_size, 3} if dynamic_batch else {batch_size})
 
 
-ONNX_OPSET = {"dynamo": 18, "legacy": 17}  # 18 is the lowest the dynamo exporter writes
-
-
 def export_onnx(model: MobileNetV2, temp: Path, *, batch_size: int = 1, dynamic_batch: bool = False,
                 with_softmax: bool = False, onnx_exporter: str = "dynamo") -> list[str]:
-    """ONNX through torch's current exporter (`torch.export`, opset 18; BatchNorm folded into the convolutions), or
-    the deprecated TorchScript-based one with `onnx_exporter="legacy"` (opset 17)."""
+    """ONNX through torch's current exporter (`torch.export`, opset 18; BatchNorm folded into the convolutions), the
+    deprecated TorchScript-based one with `onnx_exporter="legacy"` (opset 17), or the faster of the two that this
+    torch has with "auto" (for files the tool makes for its own engines: `engines.onnx_files.torch_onnx_export`)."""
     import onnx
     import onnxruntime
 
-    if onnx_exporter not in ONNX_OPSET:
-        raise UserError(f"`onnx_exporter` must be dynamo or legacy, got {onnx_exporter!r}")
     network = (WithSoftmax(model) if with_softmax else model).eval()
     size = model.preprocess.image_size
     outputs = ["logits", "probs"] if with_softmax else ["logits"]
-    dynamic_axes = {name: {0: "batch"} for name in ["input", *outputs]} if dynamic_batch else None
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
-        warnings.simplefilter("ignore")
-        torch.onnx.export(network, (torch.zeros(batch_size, 3, size, size),), str(temp), input_names=["input"],
-                          output_names=outputs, dynamic_axes=dynamic_axes, opset_version=ONNX_OPSET[onnx_exporter],
-                          dynamo=onnx_exporter == "dynamo", external_data=False)
+    used = torch_onnx_export(network, torch.zeros(batch_size, 3, size, size), temp, outputs, dynamic_batch,
+                             onnx_exporter)
     proto = onnx.load(str(temp))
     entry = proto.metadata_props.add()
     entry.key, entry.value = FORMAT_NAME, json.dumps(model.metadata())
@@ -92,7 +83,7 @@ def export_onnx(model: MobileNetV2, temp: Path, *, batch_size: int = 1, dynamic_
     session = onnxruntime.InferenceSession(str(temp), providers=["CPUExecutionProvider"])
     return _check_against_eager(model, lambda images: session.run(None, {"input": images.numpy()}),
                                 _check_batches(batch_size, dynamic_batch), with_softmax,
-                                f"onnxruntime ({onnx_exporter} exporter, opset {ONNX_OPSET[onnx_exporter]})", "ONNX")
+                                f"onnxruntime ({used} exporter, opset {ONNX_OPSET[used]})", "ONNX")
 
 
 def export_torchscript(model: MobileNetV2, temp: Path, *, batch_size: int = 1, dynamic_batch: bool = False,

@@ -103,7 +103,7 @@ def quantize(model: MobileNetV2, data: str | os.PathLike, output: str | os.PathL
         raise write_error(output, exc) from None
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".quantize.") as tmp:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        export_onnx(model, fp32, batch_size=1, dynamic_batch=True)  # carries the model's metadata
+        export_onnx(model, fp32, batch_size=1, dynamic_batch=True, onnx_exporter="auto")  # carries the model's metadata
         chosen, rates = write_faster_int8(model, fp32, int8, lambda: calibration_batches(model, splits.train,
                                                                                          calibration_images), keep_fp32)
         with runtime_module.session("cpu", "off") as state:
