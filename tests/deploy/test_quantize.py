@@ -128,26 +128,33 @@ def test_quantize_and_compare_refuse_bad_input_in_one_line(pretrained_five, five
     one_line_exit_2(capsys, ["eval", "--data", str(five_data)])  # neither --checkpoint nor --compare
 
 
-def test_executorch_reproduces_the_seeds_logits(converted, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def converted_pte(converted, tmp_path_factory):
+    """The seed's network as an ExecuTorch program, and its export's report (an export takes 30-50 s here: once)."""
     pytest.importorskip("executorch.exir")
+    from mobilenetv2.deploy.export import export
+
+    output = tmp_path_factory.mktemp("pte") / "model.pte"
+    return output, export(load_model(converted), "executorch", output)
+
+
+def test_executorch_reproduces_the_seeds_logits(converted_pte):
     from mobilenetv2.deploy.mobile import executorch_runner
 
-    output = tmp_path / "model.pte"
-    assert main(["export", "--checkpoint", str(converted), "--format", "executorch", "--output", str(output)]) == 0
-    assert "ExecuTorch runtime vs eager, batch 4: max abs difference" in capsys.readouterr().out
+    output, reports = converted_pte
+    assert any("ExecuTorch runtime vs eager, batch 4: max abs difference" in line for line in reports)
     assert_parity(executorch_runner(output)(torch.from_numpy(MS_INPUT)).numpy())
 
 
 def test_executorch_int8_stays_within_its_tolerance_of_eager(five_48, five_data, tmp_path, capsys):
     pytest.importorskip("executorch.exir")
-    outputs = {kind: tmp_path / f"five.{kind}.pte" for kind in ("fp32", "int8")}
-    assert main(["export", "--checkpoint", str(five_48), "--format", "executorch", "--output",
-                 str(outputs["fp32"])]) == 0
+    output = tmp_path / "five.int8.pte"
     assert main(["export", "--checkpoint", str(five_48), "--format", "executorch", "--int8", "--data",
-                 str(five_data), "--calibration-images", "100", "--output", str(outputs["int8"])]) == 0
+                 str(five_data), "--calibration-images", "100", "--output", str(output)]) == 0
     assert "(int8) vs eager, 4 photos: max abs difference" in capsys.readouterr().out  # within INT8_TOLERANCE
     one_line_exit_2(capsys, ["export", "--checkpoint", str(five_48), "--format", "executorch", "--int8"])
-    assert outputs["int8"].stat().st_size < 0.4 * outputs["fp32"].stat().st_size  # int8 weights
+    parameters = sum(p.numel() for p in load_model(five_48).parameters())
+    assert output.stat().st_size < 0.4 * 4 * parameters  # int8 weights: well under the fp32 program's 4 bytes each
 
 
 @pytest.mark.parametrize("fmt, suffix", [("torchvision", ".pth"), ("torchvision", ".safetensors"),
@@ -179,29 +186,41 @@ def test_bench_prints_a_row_per_runtime_and_batch(pretrained_five, capsys):
     from mobilenetv2.engines.onnx_files import installed
 
     formats = ["torch", "onnx", "onnx-int8"] + (["openvino", "openvino-int8"] if installed("openvino") else [])
-    try:
-        import executorch.exir  # noqa: F401
-
-        formats.append("executorch")
-    except ImportError:
-        pass
     assert main(["bench", "--checkpoint", str(pretrained_five), "--formats", ",".join(formats),
                  "--batch-sizes", "1,4", "--seconds", "0.2", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    expected = [(name, 1) for name in formats] + [(name, 4) for name in formats if name != "executorch"]
-    assert [(row["runtime"], row["batch_size"]) for row in rows] == expected
+    assert [(row["runtime"], row["batch_size"]) for row in rows] == [(n, b) for b in (1, 4) for n in formats]
     assert all(row["images_per_s"] > 0 and row["p90_ms"] >= row["p50_ms"] > 0 for row in rows)
     assert {row["cpu"] for row in rows} == {cpu_description()}
     assert {row["threads"] for row in rows} == {torch.get_num_threads()}
-    if "executorch" in formats:  # ExecuTorch's pool (all cores by default) was given the same threads
-        from mobilenetv2.deploy.mobile import executorch_threads
-
-        assert executorch_threads() == torch.get_num_threads()
     err = one_line_exit_2(capsys, ["bench", "--checkpoint", str(pretrained_five), "--formats", "tflite"])
     assert "unknown --formats tflite" in err
     assert main(["bench", "--checkpoint", str(pretrained_five), "--batch-sizes", "2", "--seconds", "0.1",
                  "--json"]) == 0  # by default every CPU engine installed here
-    assert [row["runtime"] for row in json.loads(capsys.readouterr().out)] == [f for f in formats if f != "executorch"]
+    assert [row["runtime"] for row in json.loads(capsys.readouterr().out)] == formats
+
+
+def test_bench_times_the_executorch_program_at_batch_1_on_the_same_threads(converted, converted_pte,
+                                                                            pretrained_five, tmp_path, capsys):
+    """The .pte given (what `export --format executorch` wrote; bench exports one itself when not given, through the
+    same function) is timed at batch 1 only (what a phone runs), with ExecuTorch's pool given torch's threads; one
+    of another network, or no program at all, is refused in one line."""
+    from mobilenetv2.deploy.mobile import executorch_threads
+
+    pte, _ = converted_pte
+    assert main(["bench", "--checkpoint", str(converted), "--formats", "executorch,onnx", "--pte", str(pte),
+                 "--batch-sizes", "1,2", "--seconds", "0.1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["runtime"], row["batch_size"]) for row in rows] == [("executorch", 1), ("onnx", 1), ("onnx", 2)]
+    assert rows[0]["images_per_s"] > 0 and rows[0]["threads"] == torch.get_num_threads()
+    assert executorch_threads() == torch.get_num_threads()  # its pool (all cores by default) got the same threads
+    err = one_line_exit_2(capsys, ["bench", "--checkpoint", str(pretrained_five), "--formats", "executorch",
+                                   "--pte", str(pte)])
+    assert "not this checkpoint's network" in err or "cannot run it" in err
+    (tmp_path / "junk.pte").write_bytes(b"not a program" * 100)
+    for given in (tmp_path / "junk.pte", tmp_path / "missing.pte"):
+        one_line_exit_2(capsys, ["bench", "--checkpoint", str(converted), "--formats", "executorch", "--pte",
+                                 str(given)])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO is not installed (an extra)")
@@ -257,8 +276,8 @@ def test_bench_interleaves_the_runtimes_so_a_slow_spell_falls_on_all(monkeypatch
 
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(bench_module, "runners",
-                        lambda model, runtimes, folder, threads, int8: {"onnx": fake("onnx", 0.002),
-                                                                        "onnx-int8": fake("onnx-int8", 0.001)})
+                        lambda model, runtimes, folder, threads, int8, pte: {
+                            "onnx": fake("onnx", 0.002), "onnx-int8": fake("onnx-int8", 0.001)})
     rows = bench_module.bench(MobileNetV2(num_classes=3, width_mult=0.25), ["onnx", "onnx-int8"], [2], seconds=0.1)
     timed = order[6:]  # after three warm-up calls each
     segments = [name for i, name in enumerate(timed) if i == 0 or timed[i - 1] != name]

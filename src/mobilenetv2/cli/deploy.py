@@ -143,7 +143,8 @@ def _cmd_bench(args) -> int:
     from mobilenetv2.deploy.bench import as_dicts, bench, default_runtimes, parse_list, table
 
     rows = bench(load_model(args.checkpoint), parse_list(args.formats or default_runtimes(), str, "formats"),
-                 parse_list(args.batch_sizes, int, "batch_sizes"), seconds=args.seconds, int8=args.int8)
+                 parse_list(args.batch_sizes, int, "batch_sizes"), seconds=args.seconds, int8=args.int8,
+                 pte=args.pte)
     print(json.dumps(as_dicts(rows), indent=2) if args.json else table(rows))
     return 0
 
@@ -220,6 +221,8 @@ def add_deploy_commands(commands) -> None:
                         "every CPU engine installed here but executorch)")
     bench_.add_argument("--batch-sizes", default="1,32")
     bench_.add_argument("--int8", help="an int8 .onnx from `quantize` (default: quantized here, photos calibrate)")
+    bench_.add_argument("--pte", help="the executorch row's program, from `export --format executorch` of this "
+                        "checkpoint (default: exported here)")
     bench_.add_argument("--seconds", type=float, default=3.0, help="timed seconds per runtime and batch size")
     bench_.add_argument("--json", action="store_true")
     bench_.set_defaults(handler=_cmd_bench)

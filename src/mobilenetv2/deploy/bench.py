@@ -3,12 +3,15 @@
 Each runtime is built from the same checkpoint (fp32 eager PyTorch in channels-last, fp32 ONNX Runtime, int8 ONNX
 Runtime, OpenVINO on the same fp32 and int8 ONNX files, ExecuTorch with XNNPACK) and measured in interleaved rounds,
 every runtime with the same thread count. The int8 file is the one given, or one quantized here with real photos as
-calibration (speed does not depend on calibration; for accuracy use `mobilenetv2 quantize`, which measures it).
+calibration (speed does not depend on calibration; for accuracy use `mobilenetv2 quantize`, which measures it). The
+`.pte` is the one given (checked to be this checkpoint's network), or exported here (a minute or two on a small CPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -49,7 +52,8 @@ def summary(latencies: list[float], batch_size: int) -> tuple[float, float, floa
     return 1000 * p50, 1000 * float(np.percentile(latencies, 90)), batch_size * len(latencies) / sum(latencies)
 
 
-def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int, int8: Path | None) -> dict:
+def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int, int8: Path | None,
+            pte: Path | None = None) -> dict:
     """runtime name -> callable(images) for each runtime asked for."""
     from mobilenetv2.deploy.export import export_onnx
 
@@ -83,16 +87,36 @@ def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int,
     if "executorch" in runtimes:
         from mobilenetv2.deploy.mobile import executorch_runner, executorch_threads, export_executorch
 
-        pte = folder / "model.pte"
-        export_executorch(model, pte)
+        if pte is None:
+            pte = folder / "model.pte"
+            export_executorch(model, pte)
         if executorch_threads(threads) != threads:
             raise UserError(f"ExecuTorch could not be given {threads} threads")
-        found["executorch"] = executorch_runner(pte)
+        found["executorch"] = _checked_pte(model, Path(pte), executorch_runner)
     return found
 
 
+def _checked_pte(model: MobileNetV2, path: Path, executorch_runner) -> Callable:
+    """The runner of a given `.pte`, once it answered as `model` does (within the int8 export's tolerance, so an int8
+    program passes and another network does not)."""
+    from mobilenetv2.deploy.export import INT8_TOLERANCE, ExportCheckError, check_images, compare
+
+    if not path.is_file():
+        raise UserError(f"no ExecuTorch program at {path}")
+    images = check_images(model, 2)
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # the runtime's own log of what it refused
+            run = executorch_runner(path)
+            compare(model(images), run(images), f"{path}'s logits", INT8_TOLERANCE)
+    except ExportCheckError as exc:
+        raise UserError(f"{exc}: not this checkpoint's network") from None
+    except (RuntimeError, ValueError) as exc:  # not a program, or one with another input shape
+        raise UserError(f"{path}: ExecuTorch cannot run it on this checkpoint's images ({str(exc)[:160]})") from None
+    return run
+
+
 def bench(model: MobileNetV2, runtimes: list[str], batch_sizes: list[int], *, seconds: float = 3.0,
-          int8: Path | None = None) -> list[BenchRow]:
+          int8: Path | None = None, pte: Path | None = None) -> list[BenchRow]:
     unknown = [name for name in runtimes if name not in RUNTIMES]
     if unknown:
         raise UserError(f"unknown `formats` {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
@@ -108,7 +132,7 @@ def bench(model: MobileNetV2, runtimes: list[str], batch_sizes: list[int], *, se
     size = model.preprocess.image_size
     rows, cpu = [], cpu_description()
     with tempfile.TemporaryDirectory() as tmp:
-        found = runners(model, runtimes, Path(tmp), threads, int8)
+        found = runners(model, runtimes, Path(tmp), threads, int8, pte)
         for batch in batch_sizes:
             images = torch.randn(batch, 3, size, size)
             # the .pte is exported for batch 1 (what a phone runs)
