@@ -203,6 +203,42 @@ def converted(tmp_path_factory):
     return path
 
 
+# ------------------------------------------------------------------ the CLI in processes of its own, started fast
+
+_FORKSERVER = None
+
+
+def _cli_in_child(argv: list[str], stderr_path: str | None) -> None:
+    """A forked child's life: one thread (as the xdist workers run), output to a file or nowhere, `mobilenetv2 ARGV`,
+    its exit code the process's."""
+    import sys
+
+    for fd, path in ((1, os.devnull), (2, stderr_path or os.devnull)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(target, fd)
+        os.close(target)
+    sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", buffering=1, closefd=False)
+    torch.set_num_threads(1)
+    sys.exit(main(argv))
+
+
+def cli_process(argv: list[str], stderr_path: Path | None = None):
+    """`mobilenetv2 ARGV` in a process of its own (a multiprocessing.Process: pid, kill(), terminate(), join(),
+    exitcode), forked from a server process that imported torch and the package once: a real process for kills and
+    signals, without the five seconds a fresh interpreter spends importing torch on a small VM."""
+    import multiprocessing
+
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        _FORKSERVER = multiprocessing.get_context("forkserver")
+        _FORKSERVER.set_forkserver_preload(["torch", "torchvision", "mobilenetv2.cli", "mobilenetv2.training.run",
+                                            "conftest"])
+    process = _FORKSERVER.Process(target=_cli_in_child, args=(list(argv), stderr_path and str(stderr_path)),
+                                  daemon=True)
+    process.start()
+    return process
+
+
 def one_line_exit_2(capsys, argv):
     assert main(argv) == 2
     err = capsys.readouterr().err

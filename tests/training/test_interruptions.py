@@ -1,26 +1,26 @@
 """Runs that are interrupted lose nothing: kill -9 at random moments, SIGTERM (preemption), a diverging loss."""
 
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 
 import torch
 
-from conftest import TINY, records, train
+from conftest import TINY, cli_process, records, train
 
 # 24 images, batch 4: 6 steps per epoch, an eval and a checkpoint write at every epoch's end
 COMMON = [*TINY, "--batch-size", "4", "--lr-max", "0.02", "--epochs", "6", "--seed", "5", "--ema", "0.5",
           "--amp", "off"]
 STEPS_PER_EPOCH = 6
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def command(dataset, run, *extra):
-    return [sys.executable, "-m", "mobilenetv2", "train", "--data", str(dataset), "--output", str(run), *COMMON,
-            *extra]
+    return ["train", "--data", str(dataset), "--output", str(run), *COMMON, *extra]
+
+
+def finish(process, timeout=300) -> int:
+    process.join(timeout)
+    assert process.exitcode is not None, "still running"
+    return process.exitcode
 
 
 def weights(run):
@@ -43,12 +43,11 @@ def step_records(run) -> list[dict]:
 def test_ten_kills_at_random_moments_then_resume_give_the_uninterrupted_weights(dataset, tmp_path):
     longer = ["--epochs", "30"]  # 180 steps, 30 evals, 30 checkpoint writes
     straight = tmp_path / "straight"
-    process = subprocess.Popen(command(dataset, straight, *longer, "--log-every", "1"), env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not step_records(straight) and process.poll() is None:
+    process = cli_process(command(dataset, straight, *longer, "--log-every", "1"))
+    while not step_records(straight) and process.is_alive():
         time.sleep(0.02)
     started = time.time()
-    assert process.wait(timeout=300) == 0
+    assert finish(process) == 0
     # how long an epoch takes on this machine (6 steps, an eval, a checkpoint write): the kills below wait up to 3
     # of them, so that they land anywhere in an epoch and the run still gets past its checkpoints on a slow machine.
     # A kill before the next checkpoint resumes at the same step, so kill steps repeat by design: in a simulation of
@@ -58,18 +57,16 @@ def test_ten_kills_at_random_moments_then_resume_give_the_uninterrupted_weights(
     run, killed_at, rng = tmp_path / "killed", [], random.Random(12)
     for _attempt in range(10):
         seen = len(step_records(run))
-        process = subprocess.Popen(command(dataset, run, *longer, "--resume", "auto", "--log-every", "1"), env=ENV,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = cli_process(command(dataset, run, *longer, "--resume", "auto", "--log-every", "1"))
         deadline = time.time() + 120
         while len(step_records(run)) <= seen and time.time() < deadline:  # training has started again
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 3.0 * epoch_s))  # then anywhere: mid-step, mid-eval, mid-checkpoint-write
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
+        process.kill()  # SIGKILL
+        finish(process, 60)
         killed_at.append(step_records(run)[-1]["global_step"])
-    finished = subprocess.run(command(dataset, run, *longer, "--resume", "auto"), env=ENV, capture_output=True,
-                              text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-2000:]
+    finished = cli_process(command(dataset, run, *longer, "--resume", "auto"), tmp_path / "stderr.txt")
+    assert finish(finished) == 0, (tmp_path / "stderr.txt").read_text()[-2000:]
     assert_same_weights(weights(straight), weights(run))
     print(f"killed after steps {killed_at} ({epoch_s:.2f} s an epoch)")
     assert max(killed_at) < 179 and len(set(killed_at)) >= 7, killed_at  # each kill came in the middle of training
@@ -78,22 +75,22 @@ def test_ten_kills_at_random_moments_then_resume_give_the_uninterrupted_weights(
 
 def test_sigterm_writes_the_current_step_and_resume_continues_mid_epoch(dataset, tmp_path):
     straight = tmp_path / "straight"
-    subprocess.run(command(dataset, straight), env=ENV, check=True, capture_output=True, timeout=300)
+    assert finish(cli_process(command(dataset, straight))) == 0
     # the signal must land mid-epoch; on a loaded machine the run can outpace the polling below by a few steps and
     # reach the epoch's end first, so a run stopped on a boundary is tried again (never three times in practice)
     for attempt in range(3):
         run = tmp_path / f"preempted{attempt}"
-        process = subprocess.Popen(command(dataset, run, "--log-every", "1"), env=ENV, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
+        stderr = tmp_path / f"stderr{attempt}.txt"
+        process = cli_process(command(dataset, run, "--log-every", "1"), stderr)
         deadline = time.time() + 120
         while time.time() < deadline:  # wait for the middle of the second epoch
             steps = records(run, "step") if (run / "metrics.jsonl").exists() else []
             if steps and steps[-1]["global_step"] >= STEPS_PER_EPOCH + 2:
                 break
             time.sleep(0.01)
-        process.send_signal(signal.SIGTERM)
-        _out, err = process.communicate(timeout=60)
-        assert process.returncode == 143, err[-2000:]
+        process.terminate()  # SIGTERM
+        code, err = finish(process, 60), stderr.read_text()
+        assert code == 143, err[-2000:]
         lines = [line for line in err.splitlines() if "SIGTERM" in line]
         assert len(lines) == 1 and "--resume auto" in lines[0], err[-2000:]
         saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
@@ -101,9 +98,8 @@ def test_sigterm_writes_the_current_step_and_resume_continues_mid_epoch(dataset,
             break
     assert saved["global_step"] % STEPS_PER_EPOCH and saved["global_step"] > STEPS_PER_EPOCH + 2  # mid-epoch
     assert f"at step {saved['global_step']} " in lines[0]
-    resumed = subprocess.run(command(dataset, run, "--resume", "auto"), env=ENV, capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert finish(cli_process(command(dataset, run, "--resume", "auto"), tmp_path / "resumed.txt")) == 0, \
+        (tmp_path / "resumed.txt").read_text()[-2000:]
     assert_same_weights(weights(straight), weights(run))
 
 
