@@ -36,7 +36,7 @@ def main() -> None:
           f"best of {args.rounds} windows of {args.seconds:g} s")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        export_onnx(model, path, dynamic_batch=True)
+        export_onnx(model, path, dynamic_batch=True, onnx_exporter="auto")
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = torch.get_num_threads()  # the same cores as torch

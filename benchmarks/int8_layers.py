@@ -101,7 +101,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         files = {"fp32": folder / "fp32.onnx"}
-        export_onnx(model, files["fp32"], batch_size=1, dynamic_batch=True)
+        export_onnx(model, files["fp32"], batch_size=1, dynamic_batch=True, onnx_exporter="auto")
         calibration = [check_images(model, 8).numpy()]  # speed does not depend on the calibration
         for name, keep in (("int8 all", "none"), ("int8 stem fp32", "stem")):
             files[name] = folder / f"{keep}.int8.onnx"

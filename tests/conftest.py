@@ -203,29 +203,47 @@ def converted(tmp_path_factory):
     return path
 
 
-# ------------------------------------------------------------------ the CLI in processes of its own, started fast
+# ------------------------------------------------------------------ real processes of our code, started fast
 
 _FORKSERVER = None
 
 
-def _cli_in_child(argv: list[str], stderr_path: str | None) -> None:
-    """A forked child's life: one thread (as the xdist workers run), output to a file or nowhere, `mobilenetv2 ARGV`,
-    its exit code the process's."""
+def _redirect_output(stdout_path: str | None, stderr_path: str | None) -> None:
+    import multiprocessing
     import sys
 
-    for fd, path in ((1, os.devnull), (2, stderr_path or os.devnull)):
+    for fd, path in ((1, stdout_path or os.devnull), (2, stderr_path or os.devnull)):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(target, fd)
         os.close(target)
     sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", buffering=1, closefd=False)
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as the xdist workers run
+    multiprocessing.set_start_method("fork", force=True)  # as a fresh interpreter's loader workers start (the
+    # forkserver child would otherwise inherit forkserver as its default and pay a new server per loader)
+
+
+def _cli_in_child(argv: list[str], stdout_path: str | None, stderr_path: str | None) -> None:
+    import sys
+
+    _redirect_output(stdout_path, stderr_path)
     sys.exit(main(argv))
 
 
-def cli_process(argv: list[str], stderr_path: Path | None = None):
-    """`mobilenetv2 ARGV` in a process of its own (a multiprocessing.Process: pid, kill(), terminate(), join(),
-    exitcode), forked from a server process that imported torch and the package once: a real process for kills and
-    signals, without the five seconds a fresh interpreter spends importing torch on a small VM."""
+def _script_in_child(script: str, argv: list[str], stdout_path: str | None, stderr_path: str | None) -> None:
+    import runpy
+    import sys
+
+    _redirect_output(stdout_path, stderr_path)
+    os.chdir(Path(script).parent)
+    sys.path.insert(0, str(Path(script).parent))
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+
+
+def forked(target, *args):
+    """`target(*args)` in a process of its own (a multiprocessing.Process: pid, kill(), terminate(), join(),
+    exitcode), forked from a server process that imported torch and the package once: a real process for kills,
+    signals and benchmarks, without the five seconds a fresh interpreter spends importing torch on a small VM."""
     import multiprocessing
 
     global _FORKSERVER
@@ -233,10 +251,30 @@ def cli_process(argv: list[str], stderr_path: Path | None = None):
         _FORKSERVER = multiprocessing.get_context("forkserver")
         _FORKSERVER.set_forkserver_preload(["torch", "torchvision", "mobilenetv2.cli", "mobilenetv2.training.run",
                                             "conftest"])
-    process = _FORKSERVER.Process(target=_cli_in_child, args=(list(argv), stderr_path and str(stderr_path)),
-                                  daemon=True)
+    process = _FORKSERVER.Process(target=target, args=args)  # not daemonic: it may start loader workers
     process.start()
     return process
+
+
+def cli_process(argv: list[str], stderr_path: Path | None = None):
+    """`mobilenetv2 ARGV` in a forked process (see `forked`), its stderr into `stderr_path` (else nowhere)."""
+    return forked(_cli_in_child, list(argv), None, stderr_path and str(stderr_path))
+
+
+def run_script(script: Path, *argv: str, timeout: float = 300) -> str:
+    """`python SCRIPT ARGV` from the script's folder in a forked process (see `forked`): its stdout; an exit code
+    other than 0 fails with the end of its stderr."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        out, err = Path(folder) / "out", Path(folder) / "err"
+        process = forked(_script_in_child, str(script), list(argv), str(out), str(err))
+        process.join(timeout)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+        assert process.exitcode == 0, f"exit {process.exitcode}: {err.read_text()[-2000:]}"
+        return out.read_text()
 
 
 def one_line_exit_2(capsys, argv):

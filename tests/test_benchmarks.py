@@ -7,14 +7,11 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_script
 
 
 def run(script, *args):
-    result = subprocess.run([sys.executable, script, *args], cwd=REPO / "benchmarks", capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+    return run_script(REPO / "benchmarks" / script, *args)
 
 
 def test_train_throughput_names_the_cpu_and_reports_each_variant_against_torchvision():
