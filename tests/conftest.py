@@ -222,10 +222,14 @@ def _redirect_output(stdout_path: str | None, stderr_path: str | None) -> None:
     # forkserver child would otherwise inherit forkserver as its default and pay a new server per loader)
 
 
-def _cli_in_child(argv: list[str], stdout_path: str | None, stderr_path: str | None) -> None:
+def _cli_in_child(argv: list[str], stdout_path: str | None, stderr_path: str | None, env: dict | None = None,
+                  cwd: str | None = None) -> None:
     import sys
 
     _redirect_output(stdout_path, stderr_path)
+    os.environ.update(env or {})  # read by what the command imports from here on (nothing preloaded reads them)
+    if cwd:
+        os.chdir(cwd)
     sys.exit(main(argv))
 
 
@@ -259,6 +263,22 @@ def forked(target, *args):
 def cli_process(argv: list[str], stderr_path: Path | None = None):
     """`mobilenetv2 ARGV` in a forked process (see `forked`), its stderr into `stderr_path` (else nowhere)."""
     return forked(_cli_in_child, list(argv), None, stderr_path and str(stderr_path))
+
+
+def cli_run(argv: list[str], env: dict | None = None, cwd: Path | None = None, timeout: float = 300):
+    """`mobilenetv2 ARGV` in a forked process (see `forked`) with `env` added to its environment: a
+    subprocess.CompletedProcess (returncode, stdout, stderr)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        out, err = Path(folder) / "out", Path(folder) / "err"
+        process = forked(_cli_in_child, list(argv), str(out), str(err), env, cwd and str(cwd))
+        process.join(timeout)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+        return subprocess.CompletedProcess(argv, process.exitcode, out.read_text(), err.read_text())
 
 
 def run_script(script: Path, *argv: str, timeout: float = 300) -> str:

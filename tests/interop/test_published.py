@@ -4,15 +4,12 @@ the published hash checked (a wrong file is refused, downloaded or cached), and 
 import hashlib
 import http.server
 import io
-import os
-import subprocess
-import sys
 import threading
 
 import pytest
 import torch
 
-from conftest import one_line_exit_2
+from conftest import cli_run, one_line_exit_2
 from mobilenetv2 import load_model
 from mobilenetv2.cli import main
 from mobilenetv2.config import Preprocess
@@ -142,9 +139,9 @@ def test_fine_tuning_from_published_weights(server, torchvision_entry, monkeypat
 
 
 def _hub(args, env, cwd):
-    """`mobilenetv2 ARGS` in a fresh process, so the Hugging Face client reads HF_ENDPOINT / HF_HOME from `env`."""
-    return subprocess.run([sys.executable, "-m", "mobilenetv2", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env}, cwd=cwd)
+    """`mobilenetv2 ARGS` in a process of its own, so the Hugging Face client reads HF_ENDPOINT / HF_HOME from `env`
+    (it is first imported there)."""
+    return cli_run(args, env, cwd, timeout=120)
 
 
 def test_timm_weights_through_the_hugging_face_hub(server, tmp_path, photos):

@@ -6,10 +6,8 @@ import concurrent.futures
 import io
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FIVE_CLASSES, subset
+from conftest import FIVE_CLASSES, cli_process, subset
 from mobilenetv2.deploy import predict
 
 pytest.importorskip("fastapi")
@@ -37,13 +35,15 @@ class Server:
     def __init__(self, checkpoint, *extra):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "mobilenetv2", "serve", "--checkpoint", str(checkpoint),
-                                         "--port", str(self.port), *extra], stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        handle, self.stderr = tempfile.mkstemp(prefix="serve-stderr-")
+        os.close(handle)
+        # its own process (forked from one that imported torch once; one thread, as the xdist workers run)
+        self.process = cli_process(["serve", "--checkpoint", str(checkpoint), "--port", str(self.port), *extra],
+                                   Path(self.stderr))
         deadline = time.time() + 120
         while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited: {self.process.stderr.read()[-2000:]}")
+            if not self.process.is_alive():
+                raise AssertionError(f"server exited: {Path(self.stderr).read_text()[-2000:]}")
             try:
                 if self.get("/v2/health/ready")[0] == 200:
                     return
@@ -70,14 +70,13 @@ class Server:
         return status, json.loads(body), headers
 
     def stop(self):
-        if self.process.poll() is None:
+        if self.process.is_alive():
             self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
+            self.process.join(20)
+            if self.process.is_alive():
                 self.process.kill()
-        self.process.stdout.close()
-        self.process.stderr.close()
+                self.process.join()
+        Path(self.stderr).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -228,10 +227,11 @@ def test_sigterm_finishes_what_is_in_flight_and_exits_0(model_file, five_data):
         pending = [pool.submit(served.request, "/v1/classify", image, None, "POST") for _ in range(8)]
         time.sleep(0.5)  # the requests wait for their batch to fill
         started = time.time()
-        served.process.send_signal(signal.SIGTERM)
+        served.process.terminate()  # SIGTERM
         answers = [future.result() for future in pending]
     assert [status for status, _, _ in answers] == [200] * 8
-    assert served.process.wait(15) == 0
+    served.process.join(15)
+    assert served.process.exitcode == 0
     assert time.time() - started < 10
     served.stop()
 
