@@ -281,6 +281,33 @@ def cli_run(argv: list[str], env: dict | None = None, cwd: Path | None = None, t
         return subprocess.CompletedProcess(argv, process.exitcode, out.read_text(), err.read_text())
 
 
+def _torchrun_in_child(argv: list[str], stdout_path: str, stderr_path: str, env: dict | None) -> None:
+    _redirect_output(stdout_path, stderr_path)  # the workers write into the same files
+    os.environ.update(env or {})  # what the workers inherit
+    from torch.distributed.run import main as torchrun_main
+
+    torchrun_main(argv)  # a failed job raises: exit code 1, as the torchrun command's
+
+
+def torchrun(command: list[str], timeout: float = 300, env: dict | None = None):
+    """`python -m torch.distributed.run ARGS` (`command`, as a subprocess would take it) with torchrun's agent forked
+    from the torch-importing server (see `forked`; the workers are fresh interpreters, as torchrun starts them):
+    a subprocess.CompletedProcess with the agent's and the workers' output."""
+    import subprocess
+    import sys
+    import tempfile
+
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"], command[:3]
+    with tempfile.TemporaryDirectory() as folder:
+        out, err = Path(folder) / "out", Path(folder) / "err"
+        process = forked(_torchrun_in_child, command[3:], str(out), str(err), env)
+        process.join(timeout)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+        return subprocess.CompletedProcess(command, process.exitcode, out.read_text(), err.read_text())
+
+
 def run_script(script: Path, *argv: str, timeout: float = 300) -> str:
     """`python SCRIPT ARGV` from the script's folder in a forked process (see `forked`): its stdout; an exit code
     other than 0 fails with the end of its stderr."""

@@ -19,7 +19,7 @@ from mobilenetv2.runtime import Runtime
 from mobilenetv2.training.loss import SeedLabelSmoothingLoss
 from mobilenetv2.training.tasks import device_task, image_task, memory_task
 
-from conftest import REPO, assert_same_weights, one_line_exit_2, train
+from conftest import REPO, assert_same_weights, one_line_exit_2, torchrun, train
 
 TASKS = {"pil": image_task, "device": device_task, "in-memory": memory_task}
 POLICIES = ["ta_wide", "augmix", "imagenet", "rand-m9-mstd0.5"]
@@ -266,7 +266,6 @@ def test_every_option_under_torchrun(dataset, tmp_path):
     """Two ranks with every option: the repeated-augmentation sampler splits across them, eval counts each image
     once, and the run's steps are what the sampler's share gives."""
     import os
-    import subprocess
     import sys
 
     run = tmp_path / "ddp"
@@ -274,8 +273,7 @@ def test_every_option_under_torchrun(dataset, tmp_path):
                "-m", "mobilenetv2", "train", "--data", str(dataset), "--output", str(run), "--width-mult", "0.25",
                "--image-size", "32", "--workers", "0", "--batch-size", "4", "--epochs", "1", "--amp", "off",
                *EVERY_OPTION]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = torchrun(command, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     from conftest import records
 

@@ -2,7 +2,6 @@
 the CPU: the same torchvision calls nvJPEG serves on CUDA)."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -15,7 +14,7 @@ from mobilenetv2.data import on_device
 from mobilenetv2.data.folders import decode_rgb, image_folder
 from mobilenetv2.data.transforms import eval_transform, train_transform
 
-from conftest import TINY, records
+from conftest import TINY, records, torchrun
 
 CPU = torch.device("cpu")
 STD = torch.tensor(Preprocess().std).view(1, 3, 1, 1)
@@ -112,7 +111,6 @@ def test_torchrun_trains_and_evaluates_every_image_once(dataset, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "mobilenetv2", "train", "--data", str(dataset), "--output", str(run), *TINY,
                "--batch-size", "4", "--epochs", "1", "--amp", "off", "--data-backend", "device"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = torchrun(command, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert records(run, "epoch")[-1]["eval_count"] == 15  # 15 val images over 2 ranks, none padded

@@ -8,7 +8,6 @@ import http.server
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import threading
@@ -16,7 +15,8 @@ import threading
 import pytest
 import torch
 
-from conftest import FIVE_CLASSES, assert_same_weights, one_line_exit_2, records, subset, train, write_image_folder
+from conftest import (FIVE_CLASSES, assert_same_weights, one_line_exit_2, records, subset, torchrun, train,
+                      write_image_folder)
 from mobilenetv2 import MobileNetV2, save_model
 from mobilenetv2.cli import main
 from mobilenetv2.data import shard_source, shards, streams
@@ -82,7 +82,7 @@ def test_eval_on_shards_counts_and_scores_as_the_folder_on_both_backends_and_und
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                "mobilenetv2", "eval", "--data", str(sharded), "--checkpoint", str(trained), "--runtime", "torch",
                "--batch-size", "7", "--workers", "1", "--json", str(report)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=ENV)
+    result = torchrun(command, timeout=180, env=ENV)
     assert result.returncode == 0, result.stderr[-2000:]
     ddp = json.loads(report.read_text())
     assert (ddp["count"], ddp["top1"], ddp["confusion_matrix"]) == folder[:3]
@@ -97,7 +97,7 @@ def test_training_on_shards_under_torchrun_makes_equal_steps_and_evaluates_every
                "mobilenetv2", "train", "--data", str(sharded), "--output", str(run), "--width-mult", "0.25",
                "--image-size", "32", "--batch-size", "8", "--workers", "1", "--epochs", "2", "--dist-timeout", "60",
                "--lr-max", "0.05"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ENV)
+    result = torchrun(command, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "3 steps per epoch" in result.stdout
     epochs = records(run, "epoch")

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -13,7 +12,7 @@ from PIL import Image
 from mobilenetv2 import MobileNetV2, load_model, save_model
 from mobilenetv2.cli import main
 
-from conftest import FIVE_CLASSES, MS_CHECKPOINT, one_line_exit_2, subset
+from conftest import FIVE_CLASSES, MS_CHECKPOINT, one_line_exit_2, subset, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +39,7 @@ def test_eval_counts_every_image_once_alone_and_under_torchrun(five_data, pretra
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                "mobilenetv2", "eval", "--data", str(five_data), "--checkpoint", str(pretrained_five),
                "--batch-size", "7", "--workers", "0", "--json", str(tmp_path / "ddp.json")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = torchrun(command, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("result:") == 1  # rank 0 prints
     ddp = json.loads((tmp_path / "ddp.json").read_text())

@@ -3,7 +3,6 @@ cuts its crops from the resized square, and the same counts alone and under torc
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import one_line_exit_2
+from conftest import one_line_exit_2, torchrun
 from mobilenetv2 import MobileNetV2, save_model
 from mobilenetv2.cli import main
 from mobilenetv2.config import Preprocess
@@ -102,8 +101,7 @@ def test_flip_crops_alone_and_under_torchrun(photos, tmp_path, capsys):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                "mobilenetv2", "eval", "--data", str(folder), "--checkpoint", str(checkpoint), "--workers", "0",
                "--runtime", "torch", "--tta", "flip-crops", "--batch-size", "2", "--json", str(tmp_path / "ddp.json")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = torchrun(command, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     ddp = json.loads((tmp_path / "ddp.json").read_text())
     assert ddp["count"] == 9 and ddp["confusion_matrix"] == crops["confusion_matrix"]

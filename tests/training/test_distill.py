@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MS_CHECKPOINT, TINY, assert_same_weights, one_line_exit_2, train
+from conftest import MS_CHECKPOINT, TINY, assert_same_weights, one_line_exit_2, torchrun, train
 from mobilenetv2.checkpoint import save_model
 from mobilenetv2.config import Preprocess
 from mobilenetv2.files import file_sha256
@@ -270,7 +270,6 @@ def test_head_only_training_caches_the_teachers_logits_beside_the_features(datas
 
 def test_distillation_under_torchrun_with_class_weights_and_balanced_sampling(dataset, tmp_path, teacher_file):
     import os
-    import subprocess
     import sys
 
     run = tmp_path / "ddp"
@@ -278,8 +277,7 @@ def test_distillation_under_torchrun_with_class_weights_and_balanced_sampling(da
                "mobilenetv2", "train", "--data", str(dataset), "--output", str(run), *TINY, "--batch-size", "4",
                "--epochs", "1", "--teacher", str(teacher_file), "--distill-loss", "dist", "--class-weights", "auto",
                "--balanced-sampler"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = torchrun(command, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     log = (run / "train.log").read_text()
     assert "distilling from" in log and log.count("epoch time:") == 1

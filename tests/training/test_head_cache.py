@@ -4,7 +4,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -15,7 +14,7 @@ from mobilenetv2 import load_model
 from mobilenetv2.cli import main
 from mobilenetv2.training import head_cache
 
-from conftest import TINY_TRAIN, head_only, last_eval
+from conftest import TINY_TRAIN, head_only, last_eval, torchrun
 
 
 def test_backbone_frozen_bit_for_bit_and_head_learns(three_new, pretrained_five, tmp_path, capsys):
@@ -130,8 +129,7 @@ def test_torchrun_splits_extraction_and_matches_one_process(three_new, pretraine
                "mobilenetv2", "train", "--data", str(three_new), "--output", str(tmp_path / "two"),
                "--pretrained", str(pretrained_five), "--freeze", "backbone", *TINY_TRAIN, "--batch-size", "16",
                "--epochs", "1", "--feature-cache", str(ddp_cache), "--lr-max", "0.1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = torchrun(command, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     one = next(single_cache.iterdir())
     two = next(ddp_cache.iterdir())

@@ -4,7 +4,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -16,7 +15,7 @@ from mobilenetv2.runtime import Runtime
 from mobilenetv2.training.loop import train_step
 from mobilenetv2.training.loss import SeedLabelSmoothingLoss
 
-from conftest import TINY, records, train
+from conftest import TINY, records, torchrun, train
 
 
 def seed_get_lr(lr_init, lr_end, lr_max, warmup_epochs, total_epochs, steps_per_epoch):
@@ -123,7 +122,7 @@ def test_torchrun_two_processes_train_and_evaluate_exactly(dataset, tmp_path):
                "-m", "mobilenetv2", "train", "--data", str(dataset), "--output", str(run), *TINY,
                "--batch-size", "4", "--epochs", "2", "--amp", "off"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    result = torchrun(command, timeout=180, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (run / "train.log").read_text().count("epoch time:") == 2  # rank 0 alone writes
     last_epoch = records(run, "epoch")[-1]
