@@ -9,6 +9,7 @@ import torch
 
 from mobilenetv2 import load_model
 from mobilenetv2.cli import main
+from mobilenetv2.errors import UserError
 from mobilenetv2.interop import mindspore
 
 from conftest import MS_CHECKPOINT, MS_INPUT, assert_parity
@@ -131,3 +132,29 @@ def test_convert_class_names_travel_into_onnx_metadata(tmp_path, capsys):
                  str(tmp_path / "short.txt")]) == 2
     assert "2 class names; the model has 10 classes" in capsys.readouterr().err
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_the_auto_exporter_takes_the_legacy_one_and_the_current_one_when_torch_has_no_legacy_one(monkeypatch,
+                                                                                               tmp_path):
+    from mobilenetv2 import MobileNetV2
+    from mobilenetv2.engines.onnx_files import torch_onnx_export
+
+    calls = []
+
+    def export(network, args, path, *, dynamo, **_options):
+        calls.append(dynamo)
+        if not dynamo and legacy_gone:
+            raise RuntimeError("this torch has no TorchScript-based ONNX exporter")
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    model, example = MobileNetV2(num_classes=3, width_mult=0.25), torch.zeros(1, 3, 32, 32)
+    legacy_gone = False
+    assert torch_onnx_export(model, example, tmp_path / "m.onnx", ["logits"], True, "auto") == "legacy"
+    assert calls == [False]
+    legacy_gone = True
+    assert torch_onnx_export(model, example, tmp_path / "m.onnx", ["logits"], True, "auto") == "dynamo"
+    assert calls == [False, False, True]
+    with pytest.raises(RuntimeError, match="no TorchScript-based"):  # asked for by name: no quiet substitute
+        torch_onnx_export(model, example, tmp_path / "m.onnx", ["logits"], True, "legacy")
+    with pytest.raises(UserError, match="onnx_exporter"):
+        torch_onnx_export(model, example, tmp_path / "m.onnx", ["logits"], True, "tracing")
