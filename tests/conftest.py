@@ -208,7 +208,9 @@ def converted(tmp_path_factory):
 _FORKSERVER = None
 
 
-def _redirect_output(stdout_path: str | None, stderr_path: str | None) -> None:
+def _in_child(stdout_path: str | None, stderr_path: str | None, body, *args) -> None:
+    """A forked child's life: its output into files (or nowhere), one torch thread (as the xdist workers run), then
+    `body(*args)`; an exception or sys.exit gives its exit code."""
     import multiprocessing
     import sys
 
@@ -217,31 +219,36 @@ def _redirect_output(stdout_path: str | None, stderr_path: str | None) -> None:
         os.dup2(target, fd)
         os.close(target)
     sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", buffering=1, closefd=False)
-    torch.set_num_threads(1)  # as the xdist workers run
+    torch.set_num_threads(1)
     multiprocessing.set_start_method("fork", force=True)  # as a fresh interpreter's loader workers start (the
     # forkserver child would otherwise inherit forkserver as its default and pay a new server per loader)
+    body(*args)
 
 
-def _cli_in_child(argv: list[str], stdout_path: str | None, stderr_path: str | None, env: dict | None = None,
-                  cwd: str | None = None) -> None:
+def _cli(argv: list[str], env: dict | None = None, cwd: str | None = None) -> None:
     import sys
 
-    _redirect_output(stdout_path, stderr_path)
     os.environ.update(env or {})  # read by what the command imports from here on (nothing preloaded reads them)
     if cwd:
         os.chdir(cwd)
     sys.exit(main(argv))
 
 
-def _script_in_child(script: str, argv: list[str], stdout_path: str | None, stderr_path: str | None) -> None:
+def _script(script: str, argv: list[str]) -> None:
     import runpy
     import sys
 
-    _redirect_output(stdout_path, stderr_path)
     os.chdir(Path(script).parent)
     sys.path.insert(0, str(Path(script).parent))
     sys.argv = [script, *argv]
     runpy.run_path(script, run_name="__main__")
+
+
+def _torchrun(argv: list[str], env: dict | None) -> None:
+    os.environ.update(env or {})  # what the workers inherit (they write into the agent's output files)
+    from torch.distributed.run import main as torchrun_main
+
+    torchrun_main(argv)  # a failed job raises: exit code 1, as the torchrun command's
 
 
 def forked(target, *args):
@@ -260,47 +267,15 @@ def forked(target, *args):
     return process
 
 
-def cli_process(argv: list[str], stderr_path: Path | None = None):
-    """`mobilenetv2 ARGV` in a forked process (see `forked`), its stderr into `stderr_path` (else nowhere)."""
-    return forked(_cli_in_child, list(argv), None, stderr_path and str(stderr_path))
-
-
-def cli_run(argv: list[str], env: dict | None = None, cwd: Path | None = None, timeout: float = 300):
-    """`mobilenetv2 ARGV` in a forked process (see `forked`) with `env` added to its environment: a
-    subprocess.CompletedProcess (returncode, stdout, stderr)."""
+def _completed(command: list[str], timeout: float, body, *args):
+    """`body(*args)` in a forked child to its end (killed after `timeout` seconds): a subprocess.CompletedProcess
+    named `command`, with what the child wrote to stdout and stderr."""
     import subprocess
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         out, err = Path(folder) / "out", Path(folder) / "err"
-        process = forked(_cli_in_child, list(argv), str(out), str(err), env, cwd and str(cwd))
-        process.join(timeout)
-        if process.exitcode is None:
-            process.kill()
-            process.join()
-        return subprocess.CompletedProcess(argv, process.exitcode, out.read_text(), err.read_text())
-
-
-def _torchrun_in_child(argv: list[str], stdout_path: str, stderr_path: str, env: dict | None) -> None:
-    _redirect_output(stdout_path, stderr_path)  # the workers write into the same files
-    os.environ.update(env or {})  # what the workers inherit
-    from torch.distributed.run import main as torchrun_main
-
-    torchrun_main(argv)  # a failed job raises: exit code 1, as the torchrun command's
-
-
-def torchrun(command: list[str], timeout: float = 300, env: dict | None = None):
-    """`python -m torch.distributed.run ARGS` (`command`, as a subprocess would take it) with torchrun's agent forked
-    from the torch-importing server (see `forked`; the workers are fresh interpreters, as torchrun starts them):
-    a subprocess.CompletedProcess with the agent's and the workers' output."""
-    import subprocess
-    import sys
-    import tempfile
-
-    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"], command[:3]
-    with tempfile.TemporaryDirectory() as folder:
-        out, err = Path(folder) / "out", Path(folder) / "err"
-        process = forked(_torchrun_in_child, command[3:], str(out), str(err), env)
+        process = forked(_in_child, str(out), str(err), body, *args)
         process.join(timeout)
         if process.exitcode is None:
             process.kill()
@@ -308,20 +283,32 @@ def torchrun(command: list[str], timeout: float = 300, env: dict | None = None):
         return subprocess.CompletedProcess(command, process.exitcode, out.read_text(), err.read_text())
 
 
+def cli_process(argv: list[str], stderr_path: Path | None = None):
+    """`mobilenetv2 ARGV` in a forked process (see `forked`), its stderr into `stderr_path` (else nowhere)."""
+    return forked(_in_child, None, stderr_path and str(stderr_path), _cli, list(argv))
+
+
+def cli_run(argv: list[str], env: dict | None = None, cwd: Path | None = None, timeout: float = 300):
+    """`mobilenetv2 ARGV` run to its end in a forked process (see `forked`) with `env` added to its environment."""
+    return _completed(argv, timeout, _cli, list(argv), env, cwd and str(cwd))
+
+
+def torchrun(command: list[str], timeout: float = 300, env: dict | None = None):
+    """`python -m torch.distributed.run ARGS` (`command`, as a subprocess would take it) with torchrun's agent forked
+    from the torch-importing server (see `forked`; the workers are fresh interpreters, as torchrun starts them),
+    with the agent's and the workers' output."""
+    import sys
+
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"], command[:3]
+    return _completed(command, timeout, _torchrun, command[3:], env)
+
+
 def run_script(script: Path, *argv: str, timeout: float = 300) -> str:
     """`python SCRIPT ARGV` from the script's folder in a forked process (see `forked`): its stdout; an exit code
     other than 0 fails with the end of its stderr."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        out, err = Path(folder) / "out", Path(folder) / "err"
-        process = forked(_script_in_child, str(script), list(argv), str(out), str(err))
-        process.join(timeout)
-        if process.exitcode is None:
-            process.kill()
-            process.join()
-        assert process.exitcode == 0, f"exit {process.exitcode}: {err.read_text()[-2000:]}"
-        return out.read_text()
+    result = _completed([str(script), *argv], timeout, _script, str(script), list(argv))
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    return result.stdout
 
 
 def one_line_exit_2(capsys, argv):

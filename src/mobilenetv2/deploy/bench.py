@@ -85,21 +85,22 @@ def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int,
             if "openvino-int8" in runtimes:  # OpenVINO reads the QDQ file's int8 layers as int8
                 found["openvino-int8"] = openvino_runner(int8, threads)
     if "executorch" in runtimes:
-        from mobilenetv2.deploy.mobile import executorch_runner, executorch_threads, export_executorch
+        from mobilenetv2.deploy.mobile import executorch_threads, export_executorch
 
         if pte is None:
             pte = folder / "model.pte"
             export_executorch(model, pte)
         if executorch_threads(threads) != threads:
             raise UserError(f"ExecuTorch could not be given {threads} threads")
-        found["executorch"] = _checked_pte(model, Path(pte), executorch_runner)
+        found["executorch"] = _checked_pte(model, Path(pte))
     return found
 
 
-def _checked_pte(model: MobileNetV2, path: Path, executorch_runner) -> Callable:
+def _checked_pte(model: MobileNetV2, path: Path) -> Callable:
     """The runner of a given `.pte`, once it answered as `model` does (within the int8 export's tolerance, so an int8
     program passes and another network does not)."""
     from mobilenetv2.deploy.export import INT8_TOLERANCE, ExportCheckError, check_images, compare
+    from mobilenetv2.deploy.mobile import executorch_runner
 
     if not path.is_file():
         raise UserError(f"no ExecuTorch program at {path}")

@@ -156,7 +156,8 @@ def torch_onnx_export(network: nn.Module, example: torch.Tensor, path: Path, out
     if exporter not in ONNX_EXPORTERS:
         raise UserError(f"`onnx_exporter` must be one of {', '.join(ONNX_EXPORTERS)}, got {exporter!r}")
     dynamic_axes = {name: {0: "batch"} for name in ["input", *outputs]} if dynamic_batch else None
-    for name in ("legacy", "dynamo") if exporter == "auto" else (exporter,):
+    names = ("legacy", "dynamo") if exporter == "auto" else (exporter,)
+    for name in names:
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress
                 warnings.simplefilter("ignore")
@@ -165,9 +166,8 @@ def torch_onnx_export(network: nn.Module, example: torch.Tensor, path: Path, out
                                   external_data=False)
             return name
         except Exception:  # noqa: BLE001 - under auto, no legacy exporter in this torch: the current one
-            if exporter != "auto" or name == "dynamo":
+            if name == names[-1]:
                 raise
-    raise AssertionError("unreachable")
 
 
 def export_for_engines(model: nn.Module, target: Path, sample: torch.Tensor, metadata: dict) -> None:
