@@ -85,6 +85,14 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def share_buffers(self, *modules: torch.nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm's running statistics). DDP sends them before each training
+        forward, which then updates each rank's copy from its own batch; eval and the checkpoint must see one set."""
+        if self.distributed:
+            for module in modules:
+                for buffer in module.buffers():
+                    dist.broadcast(buffer, src=0)
+
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":

@@ -289,6 +289,7 @@ def _end_epoch(run: _Run, state: LoopState, epoch: _Epoch) -> None:
                                                                             dtype=torch.float64, device=runtime.device)]))
     mean_loss = (totals[0] / totals[1].clamp(min=1)).item()
     result: EvalResult | None = None
+    runtime.share_buffers(task.model, *([run.ema] if run.ema is not None else []))  # the set rank 0 saves
     if task.evaluate is not None and finished and (state.epoch % config.eval_every == 0 or state.epoch == config.epochs):
         run.evaluated.eval()
         result = task.evaluate(run.evaluated)
