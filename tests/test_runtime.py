@@ -120,6 +120,11 @@ def test_amp_auto_on_cpu_takes_bf16_only_where_timed_faster_by_the_margin(tmp_pa
         other, _ = runtime.tune_cpu_amp(_cpu_runtime(layout), "auto", model, batch, size, 3)
         assert other.amp_dtype is None
     assert len(timings) == 4
+    # large batches are timed at AMP_TIMING_PIXELS per batch (the seed's 256 at 224 px: 41 images), and one timing
+    # answers every batch beyond that
+    runtime.tune_cpu_amp(_cpu_runtime(), "auto", model, 256, 224, 3)
+    _kept, note = runtime.tune_cpu_amp(_cpu_runtime(), "auto", model, 512, 224, 3)
+    assert timings[4:] == [(41, 224, 3)] and "timed at batch 41, 224 px; timing kept" in note
     # faster, but by less than the margin: fp32 stays
     monkeypatch.setattr(runtime, "_time_precisions", timed(runtime.BF16_MARGIN - 0.05))
     slow, note = runtime.tune_cpu_amp(_cpu_runtime(), "auto", model, 4, 32, 3)

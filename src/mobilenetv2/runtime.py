@@ -234,6 +234,7 @@ def _to_lists(value):
 BF16_MARGIN = 1.15  # below it fp32 stays: full precision, and the run's loss curve as on every other CPU
 AMP_TIMING_STEPS = 2  # timed steps per precision and round, after two warm-up steps each
 AMP_TIMING_ROUNDS = 2
+AMP_TIMING_PIXELS = 1 << 21  # a timed batch holds the run's batch or fewer images: 41 at 224 px (256 took minutes)
 
 
 def cpu_has_bf16() -> bool:
@@ -318,6 +319,7 @@ def tune_cpu_amp(runtime: Runtime, amp: str, model: torch.nn.Module, batch: int,
     from mobilenetv2.files import keep_record, read_record
 
     parameters = sum(p.numel() for p in model.parameters())
+    batch = max(1, min(batch, AMP_TIMING_PIXELS // (size * size)))  # images/s per precision barely moves past it
     import platform
 
     cpu = cpu_fields().get("model name") or platform.processor() or platform.machine()
@@ -337,6 +339,6 @@ def tune_cpu_amp(runtime: Runtime, amp: str, model: torch.nn.Module, batch: int,
     bf16 = bool(choice.item())
     source = "timed now" if timed_now else f"timing kept in {record}"
     note = (f"amp auto: {'bf16' if bf16 else 'fp32'} (bf16 trains this model {ratio:.2f}x as fast as fp32 on this "
-            f"CPU at batch {batch}, {size} px; {source})")
+            f"CPU, timed at batch {batch}, {size} px; {source})")
     return (dataclasses.replace(runtime, amp_dtype=torch.bfloat16) if bf16 else runtime), note
 

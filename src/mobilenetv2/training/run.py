@@ -20,7 +20,7 @@ from mobilenetv2.training.loop import fit
 from mobilenetv2.training.run_checkpoints import LoopState, ResumePoint, resume_path
 from mobilenetv2.training.schedule import lr_note
 from mobilenetv2.training.setup import build_model, resolve_config
-from mobilenetv2.training.shard_task import shard_task
+from mobilenetv2.training.shard_task import check_shard_run, shard_task
 from mobilenetv2.training.tasks import build_task
 
 
@@ -29,6 +29,8 @@ def run_training(config: TrainConfig) -> LoopState:
     splits = find_shard_splits(config.data, config.shard_info) if is_shard_source(config.data) else find_splits(config.data)
     loaded = read_weights(config.pretrained) if config.pretrained else None
     config = resolve_config(config, loaded)
+    if isinstance(splits, ShardSplits):
+        check_shard_run(config, splits)
     with runtime_module.preserved_rng():
         runtime_module.seed_everything(config.seed)  # the same initial weights on every rank and every run
         setup = build_model(config, splits.classes, loaded)

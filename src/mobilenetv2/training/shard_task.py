@@ -26,7 +26,9 @@ STREAMING_REFUSES = {"in_memory": "--in-memory decodes an ImageFolder tree once;
                      "repeated_aug": "--repeated-aug repeats by index; a shard stream has no index"}
 
 
-def _refuse_unsupported(config: TrainConfig, splits: ShardSplits) -> None:
+def check_shard_run(config: TrainConfig, splits: ShardSplits) -> None:
+    """Refuse what streaming cannot do and local shards that are missing: checked before anything costly starts
+    (the model, `--amp auto`'s timing)."""
     if config.freeze != "none":
         raise UserError("--freeze backbone caches features of an ImageFolder tree; train the head on shards with "
                         "--freeze none, or point --data at the images")
@@ -38,6 +40,10 @@ def _refuse_unsupported(config: TrainConfig, splits: ShardSplits) -> None:
     if config.class_weights == "auto" and splits.train.class_counts is None:
         raise UserError("--class-weights auto needs the manifest's class_counts (rewrite the shards with "
                         "`mobilenetv2 data shard`) or a weights file")
+    if not config.skip_bad_shards:
+        for shards in (splits.train, splits.val):
+            if shards is not None:
+                check_local(shards)
 
 
 def val_stream(shards: ShardSet, num_classes: int, preprocess, backend: str, batch_size: int, workers: int,
@@ -61,12 +67,8 @@ def val_batches(stream: streams.ShardStream, preprocess, backend: str, workers: 
 def shard_task(config: TrainConfig, model: MobileNetV2, splits: ShardSplits, runtime: Runtime,
                output: Path) -> TrainTask:
     """Train the whole network (or what requires grad) on the train split's shards."""
-    _refuse_unsupported(config, splits)
+    check_shard_run(config, splits)
     train, classes, preprocess = splits.train, len(splits.classes), model.preprocess
-    if not config.skip_bad_shards:
-        for shards in (train, splits.val):
-            if shards is not None:
-                check_local(shards)
     steps, batch = streams.steps_and_batch(train.num_samples, runtime.world_size, config.batch_size)
     policy = augment.image_policy(config, preprocess)
     device = config.data_backend == "device"
