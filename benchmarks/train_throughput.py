@@ -84,7 +84,8 @@ def ours(device_name: str, amp: str, batches, num_classes: int, width: float, ch
     runtime = setup(device_name, amp, channels_last=channels_last, compile_model=compile_model)
     torch.manual_seed(0)
     model = runtime.prepare_model(MobileNetV2(num_classes=num_classes, width_mult=width)).train()
-    optimizer, scaler = build_optimizer(model, TrainConfig(lr_init=0.01, amp=amp)), runtime.grad_scaler()
+    optimizer = build_optimizer(model, TrainConfig(lr_init=0.01, amp=amp), runtime.device)  # as the loop builds it
+    scaler = runtime.grad_scaler()
     trainable = runtime.wrap_distributed(model)
     criterion = build_loss(TrainConfig(), num_classes)
     flush_denormal = runtime.device.type == "cpu"  # what runtime.setup decides; the baseline sets its own each step

@@ -50,10 +50,25 @@ def test_frozen_parameters_are_left_out_and_the_order_is_the_models():
     assert all(a is b for a, b in zip(decayed, in_order, strict=True))
 
 
-def test_the_optimizer_is_fused_on_cuda_only():
+def test_the_optimizer_is_fused_on_the_device_it_is_built_for():
     model = MobileNetV2(num_classes=3, width_mult=0.25)
-    assert build_optimizer(model, TrainConfig(), torch.device("cuda", 0)).defaults["fused"] is True
-    assert not build_optimizer(model, TrainConfig(), torch.device("cpu")).defaults["fused"]
+    for device in (torch.device("cuda", 0), torch.device("cpu")):
+        for name in ("sgd", "nesterov", "adamw"):
+            assert build_optimizer(model, TrainConfig(optimizer=name), device).defaults["fused"] is True
+    assert not build_optimizer(model, TrainConfig()).defaults["fused"]  # no device: torch's default
+    # fused on the CPU: the same steps as torch's loop over tensors, to float rounding
+    steps = []
+    for device in (None, torch.device("cpu")):
+        torch.manual_seed(0)
+        trained = MobileNetV2(num_classes=3, width_mult=0.25)
+        optimizer = build_optimizer(trained, TrainConfig(lr_init=0.1), device)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for parameter in trained.parameters():
+                parameter.grad = torch.randn(parameter.shape, generator=generator)
+            optimizer.step()
+        steps.append(torch.cat([p.detach().flatten() for p in trained.parameters()]))
+    assert torch.allclose(*steps, rtol=1e-6, atol=1e-6)
 
 
 def _saved_groups(run):
