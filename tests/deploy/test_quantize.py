@@ -52,6 +52,17 @@ def test_int8_keeps_top1_within_two_points_and_says_so_in_its_metadata(int8_five
     assert "Bag" in capsys.readouterr().out
 
 
+def test_the_int8_file_holds_no_constant_that_nothing_reads(int8_five):
+    """Quantization folds each ReLU6 into its QDQ range and left the clip's bounds behind: 70 dead constants in the
+    demo's network, a warning line each whenever an engine opened the file."""
+    import onnx
+
+    graph = onnx.load(str(int8_five)).graph
+    read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    assert all(read.intersection(node.output) for node in graph.node)
+    assert {node.op_type for node in graph.node} >= {"QuantizeLinear", "DequantizeLinear", "Conv"}
+
+
 def _fp32_convolutions(path) -> list[bool]:
     """For each Conv node of an ONNX file in graph order: does it take fp32 weights (no DequantizeLinear)?"""
     import onnx

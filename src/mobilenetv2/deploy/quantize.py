@@ -197,6 +197,22 @@ def write_int8(fp32: Path, output: Path, batches: Iterable[np.ndarray], *, fp32_
                                   nodes_to_exclude=convolutions[:fp32_convolutions])
     finally:
         logging.disable(logging.NOTSET)
+    _drop_unused_constants(output)
+
+
+def _drop_unused_constants(path: Path) -> None:
+    """Remove the Constant nodes nothing reads: quantization folds each Clip (ReLU6) into its QDQ range and leaves
+    the clip's bounds behind, and every engine that opened the file warned about each of them."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    unused = [node for node in graph.node if node.op_type == "Constant" and not read.intersection(node.output)]
+    if unused:
+        for node in unused:
+            graph.node.remove(node)
+        onnx.save(proto, str(path))
 
 
 def _add_metadata(path: Path, record: dict) -> None:
