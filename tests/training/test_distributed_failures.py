@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from conftest import TINY, records
+from conftest import torchrun as forked_torchrun
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -65,7 +66,7 @@ def test_a_killed_rank_ends_the_job_quickly(dataset, tmp_path):
 def test_torchrun_restarts_resume_from_the_last_checkpoint_by_themselves(dataset, tmp_path):
     common = ["--epochs", "8", "--log-every", "1", "--seed", "4"]
     straight = tmp_path / "straight"
-    done = subprocess.run(torchrun(dataset, straight, *common), env=ENV, capture_output=True, text=True, timeout=300)
+    done = forked_torchrun(torchrun(dataset, straight, *common), timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
     run = tmp_path / "elastic"
     agent = subprocess.Popen(torchrun(dataset, run, *common, restarts=1), env=ENV, stdout=subprocess.DEVNULL,
@@ -89,8 +90,8 @@ def test_a_rank_whose_batch_is_unreadable_does_not_stall_the_others(dataset, tmp
     shutil.copytree(dataset, data)
     for index, image in enumerate(sorted((data / "train").rglob("*.jpg"))):
         (image.parent / f"broken_{index}.jpg").write_bytes(b"not an image")
-    result = subprocess.run(torchrun(data, tmp_path / "run", "--epochs", "3", "--batch-size", "2"), env=ENV,
-                            capture_output=True, text=True, timeout=240)
+    result = forked_torchrun(torchrun(data, tmp_path / "run", "--epochs", "3", "--batch-size", "2"), timeout=240,
+                             env=ENV)
     assert result.returncode == 0, result.stderr[-2000:]
     epochs = records(tmp_path / "run", "epoch")
     assert len(epochs) == 3 and epochs[-1]["skipped_images"] > 0
