@@ -16,6 +16,7 @@ import torch
 from mobilenetv2 import MobileNetV2
 from mobilenetv2.config import Preprocess
 from mobilenetv2.deploy.export import export_onnx
+from mobilenetv2.deploy.timing import cpu_description
 from timing import best_rates, timing_parser
 
 
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()
+    print(f"CPU: {cpu_description()}; torch {torch.__version__}", flush=True)
     import onnxruntime
 
     torch.manual_seed(0)

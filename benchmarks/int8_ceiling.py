@@ -20,6 +20,7 @@ import torch
 
 from int8_layers import add_model_arguments, model_from
 from mobilenetv2 import MobileNetV2
+from mobilenetv2.deploy.timing import cpu_description
 from timing import best_rates, timing_parser
 
 
@@ -72,6 +73,7 @@ def main() -> None:
     parser.set_defaults(rounds=5)
     add_model_arguments(parser)
     args = parser.parse_args()
+    print(f"CPU: {cpu_description()}; torch {torch.__version__}", flush=True)
     import onnxruntime
 
     model = model_from(args)

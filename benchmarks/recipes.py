@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -29,6 +28,7 @@ import torch
 
 from mobilenetv2.config import TrainConfig, build_config
 from mobilenetv2.data.fashion_mnist import write_fashion_mnist
+from mobilenetv2.deploy.timing import cpu_description
 from mobilenetv2.training.run import run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--data", default="data/fashion-mnist")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
-    print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    print(f"CPU: {cpu_description()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     rows = []
     with tempfile.TemporaryDirectory() as temporary:

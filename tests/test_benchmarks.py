@@ -40,7 +40,9 @@ def test_train_throughput_names_the_cpu_and_reports_each_variant_against_torchvi
                           "--pretrain-epochs", "1", "--workers", "0"], "the seed's way (features once, in memory)"),
 ])
 def test_other_benchmarks_run(script, args, expected):
-    assert expected in run(script, *args)
+    output = run(script, *args)
+    assert expected in output
+    assert output.startswith("CPU: ") and "torch " in output.splitlines()[0]  # every figure names its CPU
 
 
 def test_the_gpu_suite_runs_as_prepared_on_the_cpu(tmp_path):
