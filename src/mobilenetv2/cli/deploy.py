@@ -121,7 +121,7 @@ def _positive_int(text: str, name: str) -> int:
 
 def _cmd_quantize(args) -> int:
     from mobilenetv2.checkpoint import load_model
-    from mobilenetv2.deploy.quantize import quantize
+    from mobilenetv2.deploy.quantize import quantize, speed_note
 
     output = args.output or args.checkpoint.rsplit(".", 1)[0] + ".int8.onnx"
     report = quantize(load_model(args.checkpoint), args.data, output, calibration_images=args.calibration_images,
@@ -132,6 +132,9 @@ def _cmd_quantize(args) -> int:
         print(f"--keep-fp32 {report.keep_fp32}: the faster here (images/s at batch 32: " +
               ", ".join(f"{name} {rate:,.0f}" for name, rate in report.images_per_s.items()) +
               f"; CPU: {report.timed_on}); another CPU may favour the other layout: time it there with `bench`")
+    note = speed_note(report.images_per_s)
+    if note:
+        print(note)
     print(f"wrote {output}")
     return 0
 

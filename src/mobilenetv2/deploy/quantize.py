@@ -44,7 +44,7 @@ class QuantizeReport:
     evaluated: int
     calibration_images: int
     keep_fp32: str = "none"
-    images_per_s: dict[str, float] | None = None  # per layout, when `auto` timed them
+    images_per_s: dict[str, float] | None = None  # per layout and for "fp32", when `auto` timed them
     timed_on: str | None = None  # timing.cpu_description() of the CPU that timed them
 
     @property
@@ -135,16 +135,31 @@ def layouts(model: MobileNetV2, keep_fp32: str) -> list[str]:
 def write_faster_int8(model: MobileNetV2, fp32: Path, output: Path, batches: Callable[[], Iterable[np.ndarray]],
                       keep_fp32: str = "auto") -> tuple[str, dict[str, float] | None]:
     """`write_int8` of `fp32` to `output` with the layout `keep_fp32` names, or with "auto" each layout written
-    (calibrated on a fresh `batches()`) and timed here, keeping the faster. Returns the layout and the timings."""
+    (calibrated on a fresh `batches()`) and timed here beside `fp32` itself, keeping the faster layout. Returns the
+    layout and the timings (each layout's and "fp32"'s)."""
     candidates = {name: output.with_name(f"{output.name}.{name}") for name in layouts(model, keep_fp32)}
     for name, path in candidates.items():
         write_int8(fp32, path, batches(), fp32_convolutions=leading_convolutions(model, fp32_modules(model, name)))
-    rates = images_per_second(candidates, model.preprocess.image_size) if len(candidates) > 1 else None
-    chosen = max(rates, key=rates.get) if rates else next(iter(candidates))
+    rates = None
+    if len(candidates) > 1:
+        rates = images_per_second({**candidates, "fp32": fp32}, model.preprocess.image_size)
+    chosen = max(candidates, key=rates.get) if rates else next(iter(candidates))
     os.replace(candidates.pop(chosen), output)
     for path in candidates.values():
         path.unlink()
     return chosen, rates
+
+
+def speed_note(rates: dict[str, float] | None) -> str | None:
+    """What the timings say about int8 against fp32 on this CPU, when int8 is the slower: ONNX Runtime's int8
+    kernels lose to its fp32 ones on some CPUs (a Zen 4 VM with AVX-512 VNNI: 0.72x at 224 px, 0.38x at 48 px)."""
+    if not rates or "fp32" not in rates:
+        return None
+    best = max(rate for name, rate in rates.items() if name != "fp32")
+    if best >= rates["fp32"]:
+        return None
+    return (f"int8 runs {best / rates['fp32']:.2f}x fp32 in ONNX Runtime on this CPU: for speed here keep the fp32 "
+            f"model, or run this file in OpenVINO (`--runtime openvino`), whose int8 kernels are faster on some CPUs")
 
 
 def images_per_second(files: dict[str, Path], image_size: int, seconds: float = 1.5) -> dict[str, float]:
