@@ -22,8 +22,7 @@ from mobilenetv2.data.folders import collate_skipping, image_folder
 from mobilenetv2.data.on_device import DeviceEvalTransform, DeviceTrainAugment, EncodedFolder, decode_batch
 from mobilenetv2.data.synthetic import write_synthetic
 from mobilenetv2.data.transforms import eval_transform, train_transform
-from mobilenetv2.deploy.timing import cpu_description
-from timing import best_rates, timing_parser
+from timing import best_rates, cpu_line, timing_parser
 
 
 def standard_train(preprocess: Preprocess) -> T.Compose:
@@ -71,7 +70,7 @@ def main() -> None:
     parser.add_argument("--size", default="500x375", help="typical JPEG size (ImageNet's average is about 500x375)")
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()
-    print(f"CPU: {cpu_description()}; torch {torch.__version__}", flush=True)
+    print(cpu_line(), flush=True)
     torch.set_num_threads(1)
     preprocess = Preprocess.for_image_size(args.image_size)
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,13 +26,12 @@ from mobilenetv2 import runtime as runtime_module
 from mobilenetv2.checkpoint import load_model
 from mobilenetv2.config import TrainConfig, build_config
 from mobilenetv2.data.fashion_mnist import write_fashion_mnist
-from mobilenetv2.deploy.timing import cpu_description
 from mobilenetv2.model import MobileNetV2
 from mobilenetv2.training.distill import Teacher
 from mobilenetv2.training.loop import train_step
 from mobilenetv2.training.recipe import build_loss, build_optimizer
 from mobilenetv2.training.run import run_training
-from timing import best_rates, timing_parser
+from timing import best_rates, cpu_line, timing_parser
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "fashion_mnist.yaml"
@@ -92,7 +91,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, help="train and eval size (default: the demo's)")
     args = parser.parse_args()
     common = {"image_size": args.image_size, "resize_size": args.image_size} if args.image_size else {}
-    print(f"CPU: {cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(cpu_line(), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as temporary:
         work = Path(temporary)

@@ -27,11 +27,11 @@ from mobilenetv2.config import TrainConfig
 from mobilenetv2.data import folders
 from mobilenetv2.data.fashion_mnist import FASHION_MNIST_CLASSES, write_fashion_mnist
 from mobilenetv2.data.transforms import eval_transform
-from mobilenetv2.deploy.timing import cpu_description
 from mobilenetv2.runtime import setup
 from mobilenetv2.training.loop import train_step
 from mobilenetv2.training.recipe import build_loss, build_optimizer
 from mobilenetv2.training.run import run_training
+from timing import cpu_line
 
 PRETRAIN_CLASSES, NEW_CLASSES = FASHION_MNIST_CLASSES[:5], FASHION_MNIST_CLASSES[5:]
 
@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--pretrain-epochs", type=int, default=3)
     args = parser.parse_args()
-    print(f"CPU: {cpu_description()}; torch {torch.__version__}", flush=True)
+    print(cpu_line(), flush=True)
     runtime = setup("cpu", "off", channels_last=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

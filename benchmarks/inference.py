@@ -16,8 +16,7 @@ import torch
 from mobilenetv2 import MobileNetV2
 from mobilenetv2.config import Preprocess
 from mobilenetv2.deploy.export import export_onnx
-from mobilenetv2.deploy.timing import cpu_description
-from timing import best_rates, timing_parser
+from timing import best_rates, cpu_line, timing_parser
 
 
 def main() -> None:
@@ -25,7 +24,7 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()
-    print(f"CPU: {cpu_description()}; torch {torch.__version__}", flush=True)
+    print(cpu_line(), flush=True)
     import onnxruntime
 
     torch.manual_seed(0)

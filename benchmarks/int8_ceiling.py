@@ -20,8 +20,7 @@ import torch
 
 from int8_layers import add_model_arguments, model_from
 from mobilenetv2 import MobileNetV2
-from mobilenetv2.deploy.timing import cpu_description
-from timing import best_rates, timing_parser
+from timing import best_rates, cpu_line, timing_parser
 
 
 def pointwise_shapes(model: MobileNetV2) -> list[tuple[int, int, int, int]]:
@@ -73,7 +72,7 @@ def main() -> None:
     parser.set_defaults(rounds=5)
     add_model_arguments(parser)
     args = parser.parse_args()
-    print(f"CPU: {cpu_description()}; torch {torch.__version__}", flush=True)
+    print(cpu_line(), flush=True)
     import onnxruntime
 
     model = model_from(args)

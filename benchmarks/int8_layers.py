@@ -22,8 +22,7 @@ from mobilenetv2 import MobileNetV2, load_model
 from mobilenetv2.config import Preprocess
 from mobilenetv2.deploy.export import check_images, export_onnx
 from mobilenetv2.deploy.quantize import fp32_modules, leading_convolutions, write_int8
-from mobilenetv2.deploy.timing import cpu_description
-from timing import best_rates, timing_parser
+from timing import best_rates, cpu_line, timing_parser
 
 KINDS = ("stem", "depthwise", "pointwise", "other")
 
@@ -91,7 +90,7 @@ def main() -> None:
     add_model_arguments(parser)
     parser.add_argument("--runs", type=int, default=100, help="profiled runs per model")
     args = parser.parse_args()
-    print(f"CPU: {cpu_description()}; torch {torch.__version__}", flush=True)
+    print(cpu_line(), flush=True)
     torch.manual_seed(0)
     model = model_from(args)
     threads = torch.get_num_threads()

@@ -24,12 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from mobilenetv2.config import TrainConfig, build_config
 from mobilenetv2.data.fashion_mnist import write_fashion_mnist
-from mobilenetv2.deploy.timing import cpu_description
 from mobilenetv2.training.run import run_training
+from timing import cpu_line
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "fashion_mnist.yaml"
@@ -103,8 +102,7 @@ def main() -> None:
     parser.add_argument("--data", default="data/fashion-mnist")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
-    print(f"CPU: {cpu_description()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(cpu_line(), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as temporary:
         work = Path(temporary)

@@ -116,10 +116,10 @@ def main() -> None:
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     from mobilenetv2.checkpoint import load_model
-    from mobilenetv2.deploy.timing import cpu_description
+    from timing import cpu_line
 
     torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_description()}, torch {torch.__version__}, server threads {args.threads}", flush=True)
+    print(cpu_line(f"server threads {args.threads}"), flush=True)
     preprocess = load_model(args.checkpoint).preprocess
     offline = offline_rate(args.checkpoint, args.max_batch, max(args.seconds / 2, 1.0))
     with socket.socket() as probe:

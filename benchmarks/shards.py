@@ -40,8 +40,8 @@ from mobilenetv2.data.folders import DECODE_ERRORS, collate_skipping, image_fold
 from mobilenetv2.data.shard_source import find_shard_splits
 from mobilenetv2.data.synthetic import write_synthetic
 from mobilenetv2.data.transforms import train_transform
-from mobilenetv2.deploy.timing import cpu_description
 from mobilenetv2.training.tasks import _Positioned, _SeededSamples
+from timing import cpu_line
 
 NAMESPACE, HOST_SIDE, NS_SIDE = "mnv2-bench", "mnv2-h", "mnv2-n"
 HOST_IP, SERVER_IP, PORT = "10.213.0.1", "10.213.0.2", 8713
@@ -257,7 +257,7 @@ def main() -> None:
         root = Path(folder)
         tree = write_synthetic(root / "tree", images=args.images, size=args.size, val_fraction=0.0)
         shards.write_shards(tree, root / "shards", shards.parse_size(args.shard_size))
-        print(f"CPU: {cpu_description()}")
+        print(cpu_line(), flush=True)
         print(f"{args.images} JPEGs of about {args.size} px, train transform to {args.image_size} px, batch {BATCH}, "
               f"one process, one thread (one loader worker's work)\n")
         rows = []

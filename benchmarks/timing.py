@@ -12,6 +12,16 @@ import time
 from typing import Callable
 
 
+def cpu_line(*details: str) -> str:
+    """The first line every benchmark prints: the CPU, torch and its thread count, then `details`, so that no
+    figure is ever read without the machine it was measured on."""
+    import torch
+    from mobilenetv2.deploy.timing import cpu_description
+
+    return "; ".join([f"CPU: {cpu_description()}", f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+                      *details])
+
+
 def window_rate(run: Callable[[], object], items_per_call: int, seconds: float, sync=lambda: None) -> float:
     """Items per second over one window of at least `seconds`, after two warm-up calls."""
     run()

@@ -19,12 +19,11 @@ import torch
 import torchvision
 
 from mobilenetv2.config import TrainConfig
-from mobilenetv2.deploy.timing import cpu_description
 from mobilenetv2.model import MobileNetV2
 from mobilenetv2.runtime import setup
 from mobilenetv2.training.loop import train_step
 from mobilenetv2.training.recipe import build_loss, build_optimizer
-from timing import best_rates, timing_parser
+from timing import best_rates, cpu_line, timing_parser
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat", "immunohistochemistry", "hubble_deep_field")
 
@@ -113,8 +112,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(f"CPU: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; "
-          f"best of {args.rounds} windows of {args.seconds:g} s; crops of {len(PHOTOS)} real photos")
+    print(cpu_line(f"device {device}", f"best of {args.rounds} windows of {args.seconds:g} s",
+                   f"crops of {len(PHOTOS)} real photos"), flush=True)
     for shape in args.shapes.split(","):
         size, batch, width, classes = SHAPES[shape]
         batches = photo_batches(batch, size)

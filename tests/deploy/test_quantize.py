@@ -259,6 +259,16 @@ def test_openvino_runs_the_int8_file_close_to_onnxruntime_and_auto_keeps_onnxrun
     assert load_classifier(int8_five).runtime == "onnx"  # the engine its recorded top-1 was measured with
 
 
+def test_auto_keeps_an_int8_file_in_onnxruntime_however_fast_openvino_is(int8_five, monkeypatch):
+    from mobilenetv2.engines import choose
+
+    monkeypatch.setattr(choose, "installed", lambda engine: True)  # OpenVINO too, ONNX Runtime standing in for it
+    monkeypatch.setitem(choose.ENGINE_RUNNERS, "openvino", choose.ENGINE_RUNNERS["onnx"])
+    monkeypatch.setattr(choose, "_time", lambda candidates, size, batch: {
+        name: (1000.0 if name == "openvino" else 10.0) for name in candidates})
+    assert choose.load_classifier(int8_five).runtime == "onnx"  # the engine its recorded top-1 was measured with
+
+
 def test_bench_names_the_cpu_and_its_int8_instructions(pretrained_five, capsys):
     """int8 is fast only where the CPU multiplies int8 in one instruction (VNNI, Arm dot product): a bench table
     says which this CPU has, read from the first processor's entry of /proc/cpuinfo."""

@@ -97,6 +97,12 @@ def test_cache_goes_to_the_user_cache_when_the_folder_refuses(checkpoint, tmp_pa
     assert len(list((tmp_path / "user-cache" / "mobilenetv2").glob("five.pt.*.onnx"))) == 1
 
 
+def _openvino_present(monkeypatch, present: bool):
+    """OpenVINO installed or not, whatever this machine has: when "present", ONNX Runtime stands in for it."""
+    monkeypatch.setattr(runtimes, "installed", lambda engine: engine != "openvino" or present)
+    monkeypatch.setitem(runtimes.ENGINE_RUNNERS, "openvino", runtimes.ENGINE_RUNNERS["onnx"])
+
+
 def test_auto_takes_the_engine_timed_fastest_and_times_once(checkpoint, monkeypatch):
     timed = []
 
@@ -104,9 +110,10 @@ def test_auto_takes_the_engine_timed_fastest_and_times_once(checkpoint, monkeypa
         timed.append(sorted(candidates))
         return {name: (1000.0 if name == "onnx" else 10.0) for name in candidates}
 
+    _openvino_present(monkeypatch, False)
     monkeypatch.setattr(runtimes, "_time", fake_time)
     assert runtimes.load_classifier(checkpoint).runtime == "onnx"
-    assert timed == [["onnx", "torch"]]  # OpenVINO only when asked for
+    assert timed == [["onnx", "torch"]]  # the engines installed
     record = next((checkpoint.parent / runtimes.CACHE_FOLDER).glob("*.timing.json"))
     (key, rates), = json.loads(record.read_text()).items()
     assert "threads" in key and "batch 16" in key and rates["onnx"] == 1000.0
@@ -121,6 +128,26 @@ def test_auto_takes_the_engine_timed_fastest_and_times_once(checkpoint, monkeypa
     record.unlink()
     monkeypatch.setattr(runtimes, "_time", torch_fastest)
     assert runtimes.load_classifier(checkpoint).runtime == "torch"
+
+
+def test_auto_times_openvino_once_installed(checkpoint, monkeypatch):
+    timed = []
+
+    def openvino_fastest(candidates, size, batch):
+        timed.append(sorted(candidates))
+        return {name: (1000.0 if name == "openvino" else 10.0) for name in candidates}
+
+    monkeypatch.setattr(runtimes, "_time", openvino_fastest)
+    _openvino_present(monkeypatch, False)
+    runtimes.load_classifier(checkpoint)
+    assert timed == [["onnx", "torch"]]
+    _openvino_present(monkeypatch, True)  # installed since: the kept timing no longer covers every engine
+    chosen = runtimes.load_classifier(checkpoint)
+    assert chosen.runtime == "openvino" and timed[1] == ["onnx", "openvino", "torch"]
+    model = load_model(checkpoint)
+    images = check_images(model, 3)
+    torch.testing.assert_close(chosen.forward(images), model(images).detach(), rtol=1e-4, atol=1e-4)
+    assert runtimes.load_classifier(checkpoint).runtime == "openvino" and len(timed) == 2  # read from the record
 
 
 def test_auto_is_torch_on_a_gpu_and_cpu_engines_refuse_one(checkpoint):

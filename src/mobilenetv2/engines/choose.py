@@ -7,9 +7,9 @@ checked against eager as `export` checks, and replaced when the checkpoint chang
 not writable: `$XDG_CACHE_HOME/mobilenetv2`). An `.onnx` file runs in ONNX Runtime or OpenVINO.
 
 `auto` decides on this machine: on a GPU, PyTorch (the engines we ship to run on the CPU); on a CPU, the fastest
-installed engine of torch and ONNX Runtime as timed here for this model, size and batch, in interleaved rounds
-(OpenVINO when asked for). The timing is kept beside the
-cached export, per CPU, threads and batch, so it is paid once. An int8 file stays in ONNX Runtime under `auto`.
+installed engine of torch, ONNX Runtime and OpenVINO as timed here for this model, size and batch, in interleaved
+rounds. The timing is kept beside the cached export, per CPU, threads, batch and set of engines installed, so it is
+paid once and again when an engine is added. An int8 file stays in ONNX Runtime under `auto`.
 """
 
 from __future__ import annotations
@@ -207,8 +207,7 @@ def _fastest(builders: dict[str, Callable[[], object]], forward_of: Callable[[ob
     return built[_agreed(max(rates, key=rates.get), names, runtime)]
 
 
-# OpenVINO runs when asked for: loaded inside long-lived test processes it coincided with lost workers (not found why)
-AUTO_ENGINES = ("torch", "onnx")
+AUTO_ENGINES = ("torch", "onnx", "openvino")
 
 
 def _cpu_engines(runtime_name: str) -> list[str]:

@@ -67,7 +67,7 @@ def val_batches(stream: streams.ShardStream, preprocess, backend: str, workers: 
 def shard_task(config: TrainConfig, model: MobileNetV2, splits: ShardSplits, runtime: Runtime,
                output: Path) -> TrainTask:
     """Train the whole network (or what requires grad) on the train split's shards."""
-    check_shard_run(config, splits)
+    check_shard_run(config, splits)  # again: a resumed run may have taken options back from its checkpoint
     train, classes, preprocess = splits.train, len(splits.classes), model.preprocess
     steps, batch = streams.steps_and_batch(train.num_samples, runtime.world_size, config.batch_size)
     policy = augment.image_policy(config, preprocess)
