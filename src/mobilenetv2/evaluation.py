@@ -79,24 +79,38 @@ def evaluate(model_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable
              num_classes: int) -> EvalResult:
     """Counts every item of `batches` (this rank's shard, as (inputs, labels, skipped)) once, then sums the counts
     over all ranks."""
-    sums = torch.zeros(5, dtype=torch.float64, device=runtime.device)  # correct1, correct5, loss, count, skipped
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=runtime.device)
+    return evaluate_each([model_fn], batches, runtime, num_classes)[0]
+
+
+@torch.no_grad()
+def evaluate_each(model_fns: list[Callable[[torch.Tensor], torch.Tensor]], batches: Iterable, runtime: Runtime,
+                  num_classes: int) -> list[EvalResult]:
+    """`evaluate` for several models in one pass over `batches`: each batch is read and decoded once and goes
+    through every model as the same tensor."""
+    sums = torch.zeros(len(model_fns), 5, dtype=torch.float64, device=runtime.device)  # correct1, 5, loss, count, skip
+    confusion = torch.zeros(len(model_fns), num_classes, num_classes, dtype=torch.float64, device=runtime.device)
     for inputs, labels, skipped in batches:
-        sums[4] += skipped
+        sums[:, 4] += skipped
         if len(labels) == 0:
             continue
         labels = labels.to(runtime.device)
-        with runtime.autocast():
-            logits = model_fn(runtime.to_input(inputs)).float()
-        top = ranked(logits, 5)
-        sums[0] += (top[:, 0] == labels).sum()
-        sums[1] += (top == labels[:, None]).any(dim=1).sum()
-        sums[2] += F.cross_entropy(logits, labels, reduction="sum")
-        sums[3] += len(labels)
-        confusion.index_put_((labels, top[:, 0]), torch.ones_like(labels, dtype=torch.float64), accumulate=True)
+        inputs = runtime.to_input(inputs)
+        for index, model_fn in enumerate(model_fns):
+            with runtime.autocast():
+                logits = model_fn(inputs).float()
+            top = ranked(logits, 5)
+            sums[index, 0] += (top[:, 0] == labels).sum()
+            sums[index, 1] += (top == labels[:, None]).any(dim=1).sum()
+            sums[index, 2] += F.cross_entropy(logits, labels, reduction="sum")
+            sums[index, 3] += len(labels)
+            confusion[index].index_put_((labels, top[:, 0]), torch.ones_like(labels, dtype=torch.float64),
+                                        accumulate=True)
     runtime.all_reduce_sum(sums)
     runtime.all_reduce_sum(confusion)
-    count = int(sums[3].item())
-    denominator = max(count, 1)
-    return EvalResult(count, sums[0].item() / denominator, sums[1].item() / denominator, sums[2].item() / denominator,
-                      int(sums[4].item()), confusion.cpu().long())
+    results = []
+    for row, matrix in zip(sums.tolist(), confusion.cpu().long()):
+        count = int(row[3])
+        denominator = max(count, 1)
+        results.append(EvalResult(count, row[0] / denominator, row[1] / denominator, row[2] / denominator,
+                                  int(row[4]), matrix))
+    return results

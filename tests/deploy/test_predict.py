@@ -115,6 +115,26 @@ def test_eval_on_onnx_equals_eval_on_checkpoint(five_data, pretrained_five, tmp_
     assert results[0]["confusion_matrix"] == results[1]["confusion_matrix"]
 
 
+def test_several_models_in_one_pass_count_as_each_alone(five_data, pretrained_five):
+    """evaluate_each reads the images once for all its models; each model's counts are those it gets alone."""
+    from mobilenetv2.data.folders import eval_loader, image_folder
+    from mobilenetv2.data.transforms import eval_transform
+    from mobilenetv2.evaluation import evaluate, evaluate_each
+    from mobilenetv2.runtime import setup
+
+    trained = load_model(pretrained_five).eval()
+    fresh = MobileNetV2(num_classes=5, width_mult=0.25).eval()  # answers otherwise: a mix-up cannot pass
+    dataset = image_folder(five_data / "val", eval_transform(trained.preprocess), trained.class_names)
+    runtime = setup("cpu", "off")
+    together = evaluate_each([trained, fresh], eval_loader(dataset, 16, 0), runtime, 5)
+    alone = [evaluate(model, eval_loader(dataset, 16, 0), runtime, 5) for model in (trained, fresh)]
+    assert together[0].top1 > 0.5 and together[0].top1 != together[1].top1
+    for both, single in zip(together, alone):
+        assert (both.count, both.top1, both.top5, both.skipped) == (single.count, single.top1, single.top5,
+                                                                     single.skipped)
+        assert both.loss == pytest.approx(single.loss, rel=1e-6) and torch.equal(both.confusion, single.confusion)
+
+
 def test_predict_on_real_photos(photos, tmp_path, capsys):
     torch.manual_seed(0)
     save_model(MobileNetV2(num_classes=1000, width_mult=0.25), tmp_path / "imagenet.pt")

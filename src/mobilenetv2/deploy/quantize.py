@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mobilenetv2.data.folders import find_splits, image_folder
+from mobilenetv2.data.folders import eval_loader, find_splits, image_folder
 from mobilenetv2.data.transforms import eval_transform
 from mobilenetv2.errors import DataError, UserError
 from mobilenetv2.files import write_error
@@ -86,7 +86,8 @@ def quantize(model: MobileNetV2, data: str | os.PathLike, output: str | os.PathL
     `keep_fp32` ("stem", "none", or "auto": the faster of the two here) names the leading layers left in fp32."""
     from mobilenetv2 import runtime as runtime_module
     from mobilenetv2.deploy.export import export_onnx
-    from mobilenetv2.deploy.predict import evaluate_checkpoint
+    from mobilenetv2.deploy.predict import labelled_dataset, load_classifier
+    from mobilenetv2.evaluation import evaluate_each
     from mobilenetv2.deploy.timing import cpu_description
 
     if calibration_images < 1:
@@ -106,10 +107,11 @@ def quantize(model: MobileNetV2, data: str | os.PathLike, output: str | os.PathL
         export_onnx(model, fp32, batch_size=1, dynamic_batch=True, onnx_exporter="auto")  # carries the model's metadata
         chosen, rates = write_faster_int8(model, fp32, int8, lambda: calibration_batches(model, splits.train,
                                                                                          calibration_images), keep_fp32)
-        with runtime_module.session("cpu", "off") as state:
-            results = [evaluate_checkpoint(path, splits.val, state, batch_size=batch_size, workers=workers,
-                                           runtime_name="onnx")[0]
-                       for path in (fp32, int8)]
+        with runtime_module.session("cpu", "off") as state:  # both files on the same decoded images, read once
+            engines = [load_classifier(path, runtime_name="onnx") for path in (fp32, int8)]
+            val = labelled_dataset(engines[0], splits.val, eval_transform(engines[0].preprocess))
+            results = evaluate_each([engine.forward for engine in engines], eval_loader(val, batch_size, workers),
+                                    state, engines[0].num_classes)
         report = QuantizeReport(results[0].top1, results[1].top1, results[1].count, calibration_images, chosen, rates,
                                 cpu_description() if rates else None)
         _add_metadata(int8, {**model.metadata(), "quantization": {
