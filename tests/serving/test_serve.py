@@ -176,6 +176,31 @@ def test_bad_input_is_a_4xx_with_a_json_error_and_the_server_stays_healthy(serve
     assert server.request("/v1/classify?topk=x", good, method="POST")[0] == 422
 
 
+def test_a_body_over_the_limit_gets_its_413_even_when_the_client_sends_it_slowly(server):
+    """The server reads and drops an over-long body (up to twice the limit) before it answers 413: a client still
+    sending when it closed would get a reset connection instead of the answer (seen with urllib under load, which
+    asks for `Connection: close`)."""
+
+    body = b"\0" * (3 << 19)  # 1.5 MiB against --max-body-mb 1
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as connection:
+        connection.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+                           "Connection: close\r\n"
+                           "Content-Type: application/octet-stream\r\n\r\n".encode())
+        time.sleep(0.5)  # long enough for a server that answers on the headers alone to answer and close
+        for start in range(0, len(body), 64 << 10):
+            connection.sendall(body[start:start + (64 << 10)])
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head[:200]
+    assert "over --max-body-mb 1" in json.loads(payload)["error"]
+    assert server.get("/v2/health/ready")[0] == 200
+
+
 def _metric(text: str, name: str, labels: str = "") -> float:
     for line in text.splitlines():
         if line.startswith(name + (("{" + labels) if labels else "")) and not line.startswith("#"):
