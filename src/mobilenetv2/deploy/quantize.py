@@ -87,8 +87,8 @@ def quantize(model: MobileNetV2, data: str | os.PathLike, output: str | os.PathL
     from mobilenetv2 import runtime as runtime_module
     from mobilenetv2.deploy.export import export_onnx
     from mobilenetv2.deploy.predict import labelled_dataset, load_classifier
-    from mobilenetv2.evaluation import evaluate_each
     from mobilenetv2.deploy.timing import cpu_description
+    from mobilenetv2.evaluation import evaluate_each
 
     if calibration_images < 1:
         raise UserError("`calibration_images` must be >= 1")
