@@ -180,7 +180,6 @@ def test_a_body_over_the_limit_gets_its_413_even_when_the_client_sends_it_slowly
     """The server reads and drops an over-long body (up to twice the limit) before it answers 413: a client still
     sending when it closed would get a reset connection instead of the answer (seen with urllib under load, which
     asks for `Connection: close`)."""
-
     body = b"\0" * (3 << 19)  # 1.5 MiB against --max-body-mb 1
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as connection:
         connection.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"

@@ -134,9 +134,11 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
         limit = int(options.max_body_mb * (1 << 20))
         declared = request.headers.get("content-length")
         declared = int(declared) if declared is not None and declared.isdigit() else None
-        over = f"body of {declared} bytes is over" if declared is not None else "body is over"
-        if declared is not None and declared > DRAIN_FACTOR * limit:
-            raise RequestError(413, f"{over} --max-body-mb {options.max_body_mb:g}")
+        declared_over = declared is not None and declared > limit
+        too_long = RequestError(413, f"body{f' of {declared} bytes' if declared_over else ''} is over --max-body-mb "
+                                     f"{options.max_body_mb:g}")
+        if declared_over and declared > DRAIN_FACTOR * limit:
+            raise too_long
         chunks, total = [], 0
         async for chunk in request.stream():
             total += len(chunk)
@@ -144,8 +146,8 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
                 break
             if total <= limit:
                 chunks.append(chunk)
-        if total > limit or (declared is not None and declared > limit):
-            raise RequestError(413, f"{over} --max-body-mb {options.max_body_mb:g}")
+        if declared_over or total > limit:
+            raise too_long
         return b"".join(chunks)
 
     async def run(images: np.ndarray) -> np.ndarray:
