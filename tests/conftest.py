@@ -311,6 +311,15 @@ def run_script(script: Path, *argv: str, timeout: float = 300) -> str:
     return result.stdout
 
 
+def openvino_present(monkeypatch, present: bool) -> None:
+    """OpenVINO installed or not as the engine chooser sees it, whatever this machine has: when `present`, ONNX
+    Runtime stands in for it."""
+    from mobilenetv2.engines import choose
+
+    monkeypatch.setattr(choose, "installed", lambda engine: engine != "openvino" or present)
+    monkeypatch.setitem(choose.ENGINE_RUNNERS, "openvino", choose.ENGINE_RUNNERS["onnx"])
+
+
 def one_line_exit_2(capsys, argv):
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import MS_INPUT, assert_parity, one_line_exit_2
+from conftest import MS_INPUT, assert_parity, one_line_exit_2, openvino_present
 from mobilenetv2 import load_model
 from mobilenetv2.cli import main
 from mobilenetv2.deploy.timing import cpu_description
@@ -265,8 +265,7 @@ def test_openvino_runs_the_int8_file_close_to_onnxruntime_and_auto_keeps_onnxrun
 def test_auto_keeps_an_int8_file_in_onnxruntime_however_fast_openvino_is(int8_five, monkeypatch):
     from mobilenetv2.engines import choose
 
-    monkeypatch.setattr(choose, "installed", lambda engine: True)  # OpenVINO too, ONNX Runtime standing in for it
-    monkeypatch.setitem(choose.ENGINE_RUNNERS, "openvino", choose.ENGINE_RUNNERS["onnx"])
+    openvino_present(monkeypatch, True)
     monkeypatch.setattr(choose, "_time", lambda candidates, size, batch: {
         name: (1000.0 if name == "openvino" else 10.0) for name in candidates})
     assert choose.load_classifier(int8_five).runtime == "onnx"  # the engine its recorded top-1 was measured with

@@ -13,7 +13,7 @@ from mobilenetv2.cli import main
 from mobilenetv2.engines import choose as runtimes
 from mobilenetv2.deploy.export import check_images
 
-from conftest import FIVE_CLASSES, head_only, one_line_exit_2, subset
+from conftest import FIVE_CLASSES, head_only, one_line_exit_2, openvino_present, subset
 
 # OpenVINO is an optional extra ([openvino]), not in the test extra: its rows run where it is installed
 OPENVINO = ["openvino"] if runtimes.installed("openvino") else []
@@ -97,12 +97,6 @@ def test_cache_goes_to_the_user_cache_when_the_folder_refuses(checkpoint, tmp_pa
     assert len(list((tmp_path / "user-cache" / "mobilenetv2").glob("five.pt.*.onnx"))) == 1
 
 
-def _openvino_present(monkeypatch, present: bool):
-    """OpenVINO installed or not, whatever this machine has: when "present", ONNX Runtime stands in for it."""
-    monkeypatch.setattr(runtimes, "installed", lambda engine: engine != "openvino" or present)
-    monkeypatch.setitem(runtimes.ENGINE_RUNNERS, "openvino", runtimes.ENGINE_RUNNERS["onnx"])
-
-
 def test_auto_takes_the_engine_timed_fastest_and_times_once(checkpoint, monkeypatch):
     timed = []
 
@@ -110,7 +104,7 @@ def test_auto_takes_the_engine_timed_fastest_and_times_once(checkpoint, monkeypa
         timed.append(sorted(candidates))
         return {name: (1000.0 if name == "onnx" else 10.0) for name in candidates}
 
-    _openvino_present(monkeypatch, False)
+    openvino_present(monkeypatch, False)
     monkeypatch.setattr(runtimes, "_time", fake_time)
     assert runtimes.load_classifier(checkpoint).runtime == "onnx"
     assert timed == [["onnx", "torch"]]  # the engines installed
@@ -138,10 +132,10 @@ def test_auto_times_openvino_once_installed(checkpoint, monkeypatch):
         return {name: (1000.0 if name == "openvino" else 10.0) for name in candidates}
 
     monkeypatch.setattr(runtimes, "_time", openvino_fastest)
-    _openvino_present(monkeypatch, False)
+    openvino_present(monkeypatch, False)
     runtimes.load_classifier(checkpoint)
     assert timed == [["onnx", "torch"]]
-    _openvino_present(monkeypatch, True)  # installed since: the kept timing no longer covers every engine
+    openvino_present(monkeypatch, True)  # installed since: the kept timing no longer covers every engine
     chosen = runtimes.load_classifier(checkpoint)
     assert chosen.runtime == "openvino" and timed[1] == ["onnx", "openvino", "torch"]
     model = load_model(checkpoint)
