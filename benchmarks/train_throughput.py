@@ -19,7 +19,7 @@ import torch
 import torchvision
 
 from mobilenetv2.config import TrainConfig
-from mobilenetv2.model import MobileNetV2
+from mobilenetv2.model import InvertedResidual, MobileNetV2
 from mobilenetv2.runtime import setup
 from mobilenetv2.training.loop import train_step
 from mobilenetv2.training.recipe import build_loss, build_optimizer
@@ -78,11 +78,16 @@ def baseline(device: torch.device, batches, num_classes: int, width: float) -> V
 
 
 def ours(device_name: str, amp: str, batches, num_classes: int, width: float, channels_last: bool = True,
-         compile_model: bool = False) -> Variant:
-    """Our train step as the loop runs it (runtime.setup's decisions, the seed's loss and optimizer)."""
+         compile_model: bool = False, owning_relu6: bool = True) -> Variant:
+    """Our train step as the loop runs it (runtime.setup's decisions, the seed's loss and optimizer);
+    `owning_relu6=False` runs every block's ReLU6 through stock autograd instead (model.InvertedResidual)."""
     runtime = setup(device_name, amp, channels_last=channels_last, compile_model=compile_model)
     torch.manual_seed(0)
-    model = runtime.prepare_model(MobileNetV2(num_classes=num_classes, width_mult=width)).train()
+    network = MobileNetV2(num_classes=num_classes, width_mult=width)
+    for block in network.modules():
+        if isinstance(block, InvertedResidual):
+            block.owning_relu6 = owning_relu6
+    model = runtime.prepare_model(network).train()
     optimizer = build_optimizer(model, TrainConfig(lr_init=0.01, amp=amp), runtime.device)  # as the loop builds it
     scaler = runtime.grad_scaler()
     trainable = runtime.wrap_distributed(model)
@@ -119,6 +124,7 @@ def main() -> None:
         batches = photo_batches(batch, size)
         runs = {"baseline": baseline(device, batches, classes, width),
                 "fp32": ours(args.device, "off", batches, classes, width),
+                "fp32_stock_relu6": ours(args.device, "off", batches, classes, width, owning_relu6=False),
                 "fp32_nchw": ours(args.device, "off", batches, classes, width, channels_last=False),
                 "bf16": ours(args.device, "bf16", batches, classes, width)}
         if not args.no_compile:
@@ -134,6 +140,7 @@ def main() -> None:
         print("| variant | images/s | vs torchvision eager | loss, first step -> last 5 |\n|---|---|---|---|")
         labels = {"baseline": "torchvision eager, NCHW fp32, PyTorch defaults",
                   "fp32": "ours fp32, channels-last (the CPU default)", "fp32_nchw": "ours fp32, NCHW",
+                  "fp32_stock_relu6": "ours fp32, channels-last, stock ReLU6 autograd",
                   "bf16": "ours bf16 autocast, channels-last", "fp32_compile": "ours fp32, torch.compile",
                   "bf16_compile": "ours bf16, torch.compile"}
         for key, run in runs.items():

@@ -1,9 +1,14 @@
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mobilenetv2 import MobileNetV2, make_divisible
+from mobilenetv2 import model as model_module
+from mobilenetv2.model import InvertedResidual
 
 
 def count(model):
@@ -72,3 +77,124 @@ def test_invalid_arguments_are_refused():
         MobileNetV2(num_classes=0)
     with pytest.raises(ValueError):
         MobileNetV2(width_mult=0)
+
+
+# --- CPU training runs each block's ReLU6 in place on both passes (model._ReLU6OwningGrad) ---
+
+def _photo_batch(photos, size=64):
+    """Real photos, resized and normalised: (N, 3, size, size) and a label each."""
+    images = [torch.from_numpy(np.ascontiguousarray(photo[:384, :384, :3])).permute(2, 0, 1).float() / 255
+              for photo in photos.values()]
+    batch = torch.cat([F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True)
+                       for image in images])
+    return (batch - 0.45) / 0.225, torch.arange(len(images)) % 3
+
+
+def _fast_and_stock(channels_last=True, **kwargs):
+    """The same network twice: one trains through the owning ReLU6 (the default), one through stock autograd."""
+    torch.manual_seed(0)
+    fast = MobileNetV2(num_classes=3, width_mult=0.5, **kwargs)
+    stock = copy.deepcopy(fast)
+    for block in stock.modules():
+        if isinstance(block, InvertedResidual):
+            block.owning_relu6 = False
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return fast.to(memory_format=layout).train(), stock.to(memory_format=layout).train()
+
+
+def _counting(monkeypatch):
+    calls = []
+    apply = model_module._ReLU6OwningGrad.apply
+    monkeypatch.setattr(model_module._ReLU6OwningGrad, "apply", lambda x: calls.append(1) or apply(x))
+    return calls
+
+
+@pytest.mark.parametrize("channels_last,drop_path", [(True, 0.0), (False, 0.0), (True, 0.3)])
+def test_owning_relu6_trains_exactly_as_stock_relu6(photos, monkeypatch, channels_last, drop_path):
+    calls = _counting(monkeypatch)
+    images, labels = _photo_batch(photos)
+    fast, stock = _fast_and_stock(channels_last, drop_path=drop_path)
+    results = []
+    for network in (fast, stock):
+        torch.manual_seed(1)  # the same images dropped by stochastic depth
+        inputs = images.clone().requires_grad_()
+        logits = network(inputs)
+        F.cross_entropy(logits, labels).backward()
+        results.append((logits.detach(), inputs.grad, [p.grad for p in network.parameters()], list(network.buffers())))
+    inner = sum(isinstance(m, model_module.ConvBNReLU) for block in fast.modules()
+                if isinstance(block, InvertedResidual) for m in block.conv)
+    assert len(calls) == inner == 33  # the fast network took the in-place path in every block, the stock one never
+    (logits, image_grad, grads, buffers), (stock_logits, stock_image_grad, stock_grads, stock_buffers) = results
+    assert torch.equal(logits, stock_logits) and torch.equal(image_grad, stock_image_grad)
+    assert all(torch.equal(a, b) for a, b in zip(grads, stock_grads))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, stock_buffers))  # BatchNorm statistics too
+
+
+def test_owning_relu6_stays_out_of_eval_no_grad_and_tracing(photos, monkeypatch):
+    calls = _counting(monkeypatch)
+    images, _ = _photo_batch(photos, size=32)
+    fast, _stock = _fast_and_stock()
+    fast.eval()(images).sum().backward()
+    with torch.no_grad():
+        fast.train()(images)
+    torch.jit.trace(fast, images, check_trace=False)
+    assert calls == []
+
+
+def test_torch_func_transforms_train_through_stock_relu6(photos, monkeypatch):
+    calls = _counting(monkeypatch)
+    images, labels = _photo_batch(photos, size=32)
+    fast, stock = _fast_and_stock()
+    grads = []
+    for network in (fast, stock):
+        params = {name: p.detach().clone() for name, p in network.named_parameters()}
+        buffers = {name: b.clone() for name, b in network.named_buffers()}
+
+        def loss(params, buffers, network=network):
+            return F.cross_entropy(torch.func.functional_call(network, (params, buffers), (images,)), labels)
+
+        grads.append(torch.func.grad(loss)(params, buffers))
+    assert calls == [] and grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][name], grads[1][name]) for name in grads[0])
+
+
+def _grad_cam_hooks(network, kept):
+    """What a Grad-CAM tool does: keep (not copy) the gradients of an inner activation, here the output of a block's
+    expansion layer, seen from that layer and from the next layer's input."""
+    block = network.backbone[2].conv
+
+    def keep_output(module, inputs, output):
+        output.register_hook(kept.append)
+
+    def keep_input(module, inputs):
+        inputs[0].register_hook(kept.append)
+
+    block[0].register_forward_hook(keep_output)
+    block[1].register_forward_pre_hook(keep_input)
+
+
+def test_a_hook_inside_a_block_sees_the_true_gradient(photos):
+    images, labels = _photo_batch(photos)
+    kept = {"fast": [], "stock": []}
+    fast, stock = _fast_and_stock()
+    for name, network in (("fast", fast), ("stock", stock)):
+        _grad_cam_hooks(network, kept[name])
+        F.cross_entropy(network(images), labels).backward()
+    assert len(kept["fast"]) == len(kept["stock"]) == 2
+    for ours, theirs in zip(kept["fast"], kept["stock"]):
+        assert torch.equal(ours, theirs)
+        assert (ours != 0).float().mean() > 0.5  # gradients of the activation, not yet masked by ReLU6's derivative
+
+
+def test_owning_relu6_keeps_second_order_gradients(photos):
+    images, labels = _photo_batch(photos, size=48)
+    fast, stock = _fast_and_stock()
+    penalties = []
+    for network in (fast, stock):
+        inputs = images.clone().requires_grad_()
+        loss = F.cross_entropy(network(inputs), labels)
+        (image_grad,) = torch.autograd.grad(loss, inputs, create_graph=True)
+        (loss + image_grad.square().sum()).backward()  # a gradient penalty: differentiates through ReLU6's backward
+        penalties.append([p.grad for p in network.parameters()])
+    for ours, theirs in zip(*penalties):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
