@@ -137,8 +137,11 @@ class InvertedResidual(nn.Module):
     def _owning_branch(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.conv:
             if isinstance(layer, ConvBNReLU):
-                conv, norm, _relu6 = layer
-                x = _ReLU6OwningGrad.apply(norm(conv(x)))
+                conv, norm, relu6 = layer
+                x = norm(conv(x))
+                # a 1x1 map is both channels-last and NCHW; stock autograd hands the next BatchNorm backward a
+                # gradient whose strides pick its other kernel, so the in-place path would change the sums there
+                x = relu6(x) if x.shape[-1] * x.shape[-2] == 1 else _ReLU6OwningGrad.apply(x)
             else:
                 x = layer(x)
         return x
