@@ -109,9 +109,12 @@ def _counting(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("channels_last,drop_path,size", [(True, 0.0, 64), (False, 0.0, 64), (True, 0.3, 64),
-                                                          (True, 0.0, 32)])  # 32 px: the last blocks' maps are 1x1
-def test_owning_relu6_trains_exactly_as_stock_relu6(photos, monkeypatch, channels_last, drop_path, size):
+@pytest.mark.parametrize("channels_last,drop_path,size,bf16", [
+    (True, 0.0, 64, False), (False, 0.0, 64, False), (True, 0.3, 64, False),
+    (True, 0.0, 32, False),  # 32 px: the last blocks' maps are 1x1
+    (True, 0.0, 64, True),  # under bf16 autocast, as `--amp bf16` trains on a CPU
+])
+def test_owning_relu6_trains_exactly_as_stock_relu6(photos, monkeypatch, channels_last, drop_path, size, bf16):
     calls = _counting(monkeypatch)
     images, labels = _photo_batch(photos, size)
     fast, stock = _fast_and_stock(channels_last, drop_path=drop_path)
@@ -119,8 +122,9 @@ def test_owning_relu6_trains_exactly_as_stock_relu6(photos, monkeypatch, channel
     for network in (fast, stock):
         torch.manual_seed(1)  # the same images dropped by stochastic depth
         inputs = images.clone().requires_grad_()
-        logits = network(inputs)
-        F.cross_entropy(logits, labels).backward()
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            logits = network(inputs)
+        F.cross_entropy(logits.float(), labels).backward()
         results.append((logits.detach(), inputs.grad, [p.grad for p in network.parameters()], list(network.buffers())))
     inner = sum(isinstance(m, model_module.ConvBNReLU) for block in fast.modules()
                 if isinstance(block, InvertedResidual) for m in block.conv)
