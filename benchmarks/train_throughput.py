@@ -5,7 +5,9 @@ autocast, channels-last and NCHW, eager and torch.compile'd (inductor, training 
 
 The workload learns: crops of real photos labelled by photo, so each variant's loss is printed at its first and
 last step (it must fall). Timing: rotating best-of-N windows (benchmarks/timing.py). The CPU is named in the first
-line, as `bench` names it.
+line, as `bench` names it. Process-wide settings our CPU runtime makes (glibc keeping freed memory, see
+cpu_memory.py) hold for the torchvision loop too once they are made, so on a CPU the ratios leave out what those
+settings are worth; denormal flushing is the exception, switched per step.
 
     python benchmarks/train_throughput.py [--shapes 224,demo] [--no-compile] [--seconds 4] [--rounds 3]
 """

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mobilenetv2"
 # Lower layers never import higher ones. Modules of one package (data/, training/, ...) share a layer.
 LAYERS = [
     {"errors"},
-    {"config", "files"},
+    {"config", "files", "cpu_memory"},
     {"metadata"},
     {"model", "runtime", "monitor"},
     {"interop"},

@@ -37,6 +37,7 @@ def test_train_throughput_names_the_cpu_and_reports_each_variant_against_torchvi
                          "1"], "int8 GEMM over fp32 GEMM"),
     ("shards.py", ["--images", "24", "--size", "120x90", "--image-size", "64", "--http-files", "16", "--rounds", "1",
                    "--latency-ms", "5", "--no-netns"], "| shards / files |"),
+    ("cpu_memory.py", ["--shapes", "tiny", "--seconds", "0.2", "--rounds", "1"], "| glibc default | "),
     ("head_finetune.py", ["--epochs", "1", "--per-class", "10", "--image-size", "32", "--width", "0.25",
                           "--pretrain-epochs", "1", "--workers", "0"], "the seed's way (features once, in memory)"),
 ])

@@ -1,9 +1,14 @@
-"""Device, precision, denormal and RNG decisions, all on CPU."""
+"""Device, precision, denormal, memory and RNG decisions, all on CPU."""
+
+import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from mobilenetv2 import runtime
+from conftest import forked
+from mobilenetv2 import cpu_memory, runtime
 from mobilenetv2.errors import UserError
 from mobilenetv2.runtime import Runtime, resolve_amp, resolve_device
 
@@ -167,3 +172,37 @@ def test_training_log_says_what_amp_auto_decided(dataset, tmp_path, capsys):
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("amp auto: "))
     assert line in (tmp_path / "run" / "train.log").read_text()
     assert ("no native bf16" in line) != runtime.cpu_has_bf16()
+
+
+def _big_tensor_faults(result_path: str, cpu_runtime: bool) -> None:
+    """In a fresh process (glibc's own malloc thresholds), with or without a CPU runtime: page faults per allocation
+    of a 96 MiB tensor allocated and freed again and again (as a training step's activations are), and the resident
+    memory before and after the runtime's teardown, into `result_path`."""
+    import resource
+
+    def resident_mib():
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    state = runtime.setup("cpu", "off") if cpu_runtime else None
+    torch.ones(24 << 20)  # the first allocation faults in any case
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        torch.ones(24 << 20)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
+    held = resident_mib()
+    runtime.teardown(state)
+    Path(result_path).write_text(json.dumps({"faults": faults, "held": held, "released": resident_mib()}))
+
+
+@pytest.mark.skipif(cpu_memory._glibc() is None, reason="glibc's malloc only")
+def test_a_cpu_runtime_keeps_freed_activations_and_gives_them_back_on_teardown(tmp_path):
+    results = {}
+    for cpu_runtime in (False, True):
+        path = tmp_path / f"{cpu_runtime}.json"
+        process = forked(_big_tensor_faults, str(path), cpu_runtime)
+        process.join(120)
+        assert process.exitcode == 0
+        results[cpu_runtime] = json.loads(path.read_text())
+    plain, kept = results[False], results[True]
+    assert plain["faults"] > 0 and kept["faults"] < plain["faults"] / 10, results  # reused, not faulted in again
+    assert kept["held"] - kept["released"] > 64, results  # the freed 96 MiB goes back to the kernel on teardown

@@ -1,6 +1,7 @@
 """The one place that decides device, precision, process rank / world size and seeding.
 
-`session(...)` decides once and undoes on exit what it set process-wide (the process group, denormal flushing);
+`session(...)` decides once and undoes on exit what it set process-wide (the process group, denormal flushing, the
+heap glibc keeps for CPU runs);
 `preserved_rng()` gives a library call its own seeded random streams without touching the caller's.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mobilenetv2.cpu_memory import keep_freed_memory, release_freed_memory
 from mobilenetv2.errors import UserError
 
 
@@ -136,6 +138,8 @@ def setup(device: str = "auto", amp: str = "auto", channels_last: bool = False, 
     # Denormal floats (tiny gradients and momenta) take a slow path in CPU kernels; flushing them to zero
     # costs nothing in accuracy and ~20 % in CPU training speed (benchmarks/train_throughput.py).
     flushes = resolved.type == "cpu" and not flushing_denormals() and torch.set_flush_denormal(True)
+    if resolved.type == "cpu":
+        keep_freed_memory()  # no page faults on the same activations every step (cpu_memory.py)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         if resolved.type == "cuda":
@@ -172,6 +176,8 @@ def teardown(runtime: Runtime | None = None) -> None:
         dist.destroy_process_group()
     if runtime is not None and runtime.flushes_denormals:
         torch.set_flush_denormal(False)
+    if runtime is not None and runtime.device.type == "cpu":
+        release_freed_memory()
 
 
 @contextlib.contextmanager
