@@ -1,7 +1,6 @@
 """The one place that decides device, precision, process rank / world size and seeding.
 
-`session(...)` decides once and undoes on exit what it set process-wide (the process group, denormal flushing, the
-heap glibc keeps for CPU runs);
+`session(...)` decides once and undoes on exit what it set process-wide (process group, denormal flushing, heap);
 `preserved_rng()` gives a library call its own seeded random streams without touching the caller's.
 """
 
@@ -241,6 +240,7 @@ BF16_MARGIN = 1.15  # below it fp32 stays: full precision, and the run's loss cu
 AMP_TIMING_STEPS = 2  # timed steps per precision and round, after two warm-up steps each
 AMP_TIMING_ROUNDS = 2
 AMP_TIMING_PIXELS = 1 << 21  # a timed batch holds the run's batch or fewer images: 41 at 224 px (256 took minutes)
+AMP_TIMING_METHOD = 2  # in the key: timings from before the in-place ReLU6 and kept heap (fp32 got faster) are redone
 
 
 def cpu_has_bf16() -> bool:
@@ -329,8 +329,8 @@ def tune_cpu_amp(runtime: Runtime, amp: str, model: torch.nn.Module, batch: int,
     import platform
 
     cpu = cpu_fields().get("model name") or platform.processor() or platform.machine()
-    key = (f"{cpu} | {torch.get_num_threads()} threads | torch {torch.__version__} | {parameters} "
-           f"parameters | batch {batch} | {size} px | {'channels-last' if runtime.channels_last else 'NCHW'}")
+    key = (f"timing {AMP_TIMING_METHOD} | {cpu} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
+           f"{parameters} parameters | batch {batch} | {size} px | {'channels-last' if runtime.channels_last else 'NCHW'}")
     record = user_cache() / "amp_timings.json"
     known = read_record(record)
     rates = known.get(key)
