@@ -115,8 +115,9 @@ class InvertedResidual(nn.Module):
         # the identity in eval, so checkpoints and exports are the same with or without it)
         self.drop_path = StochasticDepth(drop_path, "row") if self.use_residual and drop_path > 0 else nn.Identity()
 
-    # CPU training runs the branch through _ReLU6OwningGrad: a 224-px step 1.30x, a demo-shape step 1.06x (2-core
-    # AMD EPYC Zen 4, benchmarks/train_throughput.py). False runs it through its modules, as other devices do.
+    # CPU training runs the branch through _ReLU6OwningGrad: a demo-shape step 1.05-1.06x, a 224-px step 1.07x with
+    # glibc keeping freed memory (cpu_memory.py) and 1.30-1.80x without (2-core AMD EPYC Zen 4,
+    # benchmarks/train_throughput.py). False runs it through its modules, as other devices do.
     owning_relu6 = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
