@@ -82,6 +82,13 @@ def photos() -> dict[str, np.ndarray]:
     return real_photos()
 
 
+def photo_batch(photos: dict[str, np.ndarray], size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Six real photos resized to size x size, (6, 3, size, size) in [0, 1], and a label each (five classes)."""
+    images = [np.asarray(Image.fromarray(photos[name]).resize((size, size)), dtype=np.float32) / 255
+              for name in ("astronaut", "chelsea", "coffee", "rocket", "china", "flower")]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor([0, 1, 2, 3, 4, 0])
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> Path:
     """A tiny dataset root: train/ (3 classes x 8 images) and val/ (3 classes x 5 images)."""

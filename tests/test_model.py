@@ -1,11 +1,11 @@
 import copy
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import photo_batch
 from mobilenetv2 import MobileNetV2, make_divisible
 from mobilenetv2 import model as model_module
 from mobilenetv2.model import InvertedResidual
@@ -82,12 +82,9 @@ def test_invalid_arguments_are_refused():
 # --- CPU training runs each block's ReLU6 in place on both passes (model._ReLU6OwningGrad) ---
 
 def _photo_batch(photos, size=64):
-    """Real photos, resized and normalised: (N, 3, size, size) and a label each."""
-    images = [torch.from_numpy(np.ascontiguousarray(photo[:384, :384, :3])).permute(2, 0, 1).float() / 255
-              for photo in photos.values()]
-    batch = torch.cat([F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True)
-                       for image in images])
-    return (batch - 0.45) / 0.225, torch.arange(len(images)) % 3
+    """Real photos, normalised, with labels of three classes."""
+    images, labels = photo_batch(photos, size)
+    return (images - 0.45) / 0.225, labels % 3
 
 
 def _fast_and_stock(channels_last=True, **kwargs):

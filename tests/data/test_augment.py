@@ -19,7 +19,7 @@ from mobilenetv2.runtime import Runtime
 from mobilenetv2.training.loss import SeedLabelSmoothingLoss
 from mobilenetv2.training.tasks import device_task, image_task, memory_task
 
-from conftest import REPO, assert_same_weights, one_line_exit_2, torchrun, train
+from conftest import REPO, assert_same_weights, one_line_exit_2, photo_batch, torchrun, train
 
 TASKS = {"pil": image_task, "device": device_task, "in-memory": memory_task}
 POLICIES = ["ta_wide", "augmix", "imagenet", "rand-m9-mstd0.5"]
@@ -123,16 +123,8 @@ def test_random_erasing_erases_a_rectangle_per_image(photos):
     assert 0.5 < pixel[(pixel != batch)].std() < 1.5  # normal noise
 
 
-def _photo_batch(photos, size=32):
-    from PIL import Image
-
-    images = [np.asarray(Image.fromarray(photos[name]).resize((size, size)), dtype=np.float32) / 255
-              for name in ("astronaut", "chelsea", "coffee", "rocket", "china", "flower")]
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor([0, 1, 2, 3, 4, 0])
-
-
 def test_mixup_targets_sum_to_one_and_match_the_mix_of_the_images(photos):
-    images, labels = _photo_batch(photos)
+    images, labels = photo_batch(photos)
     _seed_everything(1)
     mixed, targets = augment.BatchMixer(0.4, 0.0, 0.5, 1.0, 5)(images.clone(), labels)
     partner, partner_labels = images.roll(1, 0), labels.roll(1, 0)
@@ -149,7 +141,7 @@ def test_mixup_targets_sum_to_one_and_match_the_mix_of_the_images(photos):
 
 
 def test_cutmix_targets_are_the_pasted_area(photos):
-    images, labels = _photo_batch(photos)
+    images, labels = photo_batch(photos)
     for seed in range(3):
         _seed_everything(seed)
         mixed, targets = augment.BatchMixer(0.0, 1.0, 0.5, 1.0, 5)(images.clone(), labels)
@@ -164,7 +156,7 @@ def test_cutmix_targets_are_the_pasted_area(photos):
 
 
 def test_both_on_switches_and_a_mix_probability_skips_batches(photos):
-    images, labels = _photo_batch(photos)
+    images, labels = photo_batch(photos)
     _seed_everything(0)
     mixer, kinds = augment.BatchMixer(0.4, 1.0, 0.5, 0.7, 5), []
     for _ in range(60):
