@@ -80,15 +80,17 @@ def baseline(device: torch.device, batches, num_classes: int, width: float) -> V
 
 
 def ours(device_name: str, amp: str, batches, num_classes: int, width: float, channels_last: bool = True,
-         compile_model: bool = False, owning_relu6: bool = True) -> Variant:
-    """Our train step as the loop runs it (runtime.setup's decisions, the seed's loss and optimizer);
-    `owning_relu6=False` runs every block's ReLU6 through stock autograd instead (model.InvertedResidual)."""
+         compile_model: bool = False, stock: tuple[str, ...] = ()) -> Variant:
+    """Our train step as the loop runs it (runtime.setup's decisions, the seed's loss and optimizer); `stock` names
+    the CPU-path switches of model.InvertedResidual to turn off (owning_relu6, depthwise_small_maps), so that what
+    they switch runs through stock autograd."""
     runtime = setup(device_name, amp, channels_last=channels_last, compile_model=compile_model)
     torch.manual_seed(0)
     network = MobileNetV2(num_classes=num_classes, width_mult=width)
     for block in network.modules():
         if isinstance(block, InvertedResidual):
-            block.owning_relu6 = owning_relu6
+            for switch in stock:
+                setattr(block, switch, False)
     model = runtime.prepare_model(network).train()
     optimizer = build_optimizer(model, TrainConfig(lr_init=0.01, amp=amp), runtime.device)  # as the loop builds it
     scaler = runtime.grad_scaler()
@@ -126,7 +128,9 @@ def main() -> None:
         batches = photo_batches(batch, size)
         runs = {"baseline": baseline(device, batches, classes, width),
                 "fp32": ours(args.device, "off", batches, classes, width),
-                "fp32_stock_relu6": ours(args.device, "off", batches, classes, width, owning_relu6=False),
+                "fp32_stock_relu6": ours(args.device, "off", batches, classes, width, stock=("owning_relu6",)),
+                "fp32_stock_depthwise": ours(args.device, "off", batches, classes, width,
+                                             stock=("depthwise_small_maps",)),
                 "fp32_nchw": ours(args.device, "off", batches, classes, width, channels_last=False),
                 "bf16": ours(args.device, "bf16", batches, classes, width)}
         if not args.no_compile:
@@ -143,6 +147,7 @@ def main() -> None:
         labels = {"baseline": "torchvision eager, NCHW fp32, PyTorch defaults",
                   "fp32": "ours fp32, channels-last (the CPU default)", "fp32_nchw": "ours fp32, NCHW",
                   "fp32_stock_relu6": "ours fp32, channels-last, stock ReLU6 autograd",
+                  "fp32_stock_depthwise": "ours fp32, channels-last, stock depthwise weight gradient",
                   "bf16": "ours bf16 autocast, channels-last", "fp32_compile": "ours fp32, torch.compile",
                   "bf16_compile": "ours bf16, torch.compile"}
         for key, run in runs.items():

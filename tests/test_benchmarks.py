@@ -21,7 +21,8 @@ def test_train_throughput_names_the_cpu_and_reports_each_variant_against_torchvi
     assert out.startswith(f"CPU: {cpu_description()}")
     rows = [line for line in out.splitlines() if line.startswith("| ") and "variant" not in line]
     assert any("stock ReLU6" in row for row in rows)  # the in-place ReLU6 path measured against stock autograd
-    assert len(rows) == 5 and "torchvision eager" in rows[0] and "| 1.00x |" in rows[0]
+    assert any("stock depthwise weight gradient" in row for row in rows)  # and the small-map depthwise weight gradient
+    assert len(rows) == 6 and "torchvision eager" in rows[0] and "| 1.00x |" in rows[0]
     for row in rows:
         assert re.search(r"\| \d+\.\d \| \d+\.\d\dx \| \d+\.\d+ -> \d+\.\d+ \(\d+ steps\) \|$", row), row
 
@@ -38,6 +39,7 @@ def test_train_throughput_names_the_cpu_and_reports_each_variant_against_torchvi
     ("shards.py", ["--images", "24", "--size", "120x90", "--image-size", "64", "--http-files", "16", "--rounds", "1",
                    "--latency-ms", "5", "--no-netns"], "| shards / files |"),
     ("cpu_memory.py", ["--shapes", "tiny", "--seconds", "0.2", "--rounds", "1"], "| glibc default | "),
+    ("depthwise_grad.py", ["--shapes", "tiny", "--seconds", "0.02", "--rounds", "1"], "| 1x1 | "),
     ("head_finetune.py", ["--epochs", "1", "--per-class", "10", "--image-size", "32", "--width", "0.25",
                           "--pretrain-epochs", "1", "--workers", "0"], "the seed's way (features once, in memory)"),
 ])

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from conftest import photo_batch
 from mobilenetv2 import MobileNetV2, make_divisible
+from mobilenetv2 import cpu_autograd
 from mobilenetv2 import model as model_module
 from mobilenetv2.model import InvertedResidual
 
@@ -87,23 +88,29 @@ def _photo_batch(photos, size=64):
     return (images - 0.45) / 0.225, labels % 3
 
 
-def _fast_and_stock(channels_last=True, **kwargs):
-    """The same network twice: one trains through the owning ReLU6 (the default), one through stock autograd."""
+def _fast_and_stock(channels_last=True, off=("owning_relu6",), **kwargs):
+    """The same network twice: one trains through the CPU path (the default), one with the switches `off` off, so
+    what they switch runs through stock autograd."""
     torch.manual_seed(0)
     fast = MobileNetV2(num_classes=3, width_mult=0.5, **kwargs)
     stock = copy.deepcopy(fast)
     for block in stock.modules():
         if isinstance(block, InvertedResidual):
-            block.owning_relu6 = False
+            for switch in off:
+                setattr(block, switch, False)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     return fast.to(memory_format=layout).train(), stock.to(memory_format=layout).train()
 
 
-def _counting(monkeypatch):
+def _counting(monkeypatch, function=cpu_autograd.ReLU6OwningGrad):
     calls = []
-    apply = model_module._ReLU6OwningGrad.apply
-    monkeypatch.setattr(model_module._ReLU6OwningGrad, "apply", lambda x: calls.append(1) or apply(x))
+    apply = function.apply
+    monkeypatch.setattr(function, "apply", lambda *args: calls.append(1) or apply(*args))
     return calls
+
+
+def _counting_both(monkeypatch):
+    return _counting(monkeypatch), _counting(monkeypatch, cpu_autograd.DepthwiseTinyMapGrad)
 
 
 @pytest.mark.parametrize("channels_last,drop_path,size,bf16", [
@@ -133,21 +140,23 @@ def test_owning_relu6_trains_exactly_as_stock_relu6(photos, monkeypatch, channel
     assert all(torch.equal(a, b) for a, b in zip(buffers, stock_buffers))  # BatchNorm statistics too
 
 
-def test_owning_relu6_stays_out_of_eval_no_grad_and_tracing(photos, monkeypatch):
-    calls = _counting(monkeypatch)
+def test_the_cpu_path_stays_out_of_eval_no_grad_and_tracing(photos, monkeypatch):
+    relu6_calls, depthwise_calls = _counting_both(monkeypatch)
     images, _ = _photo_batch(photos, size=32)
     fast, _stock = _fast_and_stock()
     fast.eval()(images).sum().backward()
     with torch.no_grad():
         fast.train()(images)
     torch.jit.trace(fast, images, check_trace=False)
-    assert calls == []
+    assert relu6_calls == [] and depthwise_calls == []
+    fast(images).sum().backward()  # and it is there in training, or the above proves nothing
+    assert relu6_calls and depthwise_calls
 
 
-def test_torch_func_transforms_train_through_stock_relu6(photos, monkeypatch):
-    calls = _counting(monkeypatch)
+def test_torch_func_transforms_train_through_stock_autograd(photos, monkeypatch):
+    relu6_calls, depthwise_calls = _counting_both(monkeypatch)
     images, labels = _photo_batch(photos, size=32)
-    fast, stock = _fast_and_stock()
+    fast, stock = _fast_and_stock(off=("owning_relu6", "depthwise_small_maps"))
     grads = []
     for network in (fast, stock):
         params = {name: p.detach().clone() for name, p in network.named_parameters()}
@@ -157,7 +166,7 @@ def test_torch_func_transforms_train_through_stock_relu6(photos, monkeypatch):
             return F.cross_entropy(torch.func.functional_call(network, (params, buffers), (images,)), labels)
 
         grads.append(torch.func.grad(loss)(params, buffers))
-    assert calls == [] and grads[0].keys() == grads[1].keys()
+    assert relu6_calls == depthwise_calls == [] and grads[0].keys() == grads[1].keys()
     assert all(torch.equal(grads[0][name], grads[1][name]) for name in grads[0])
 
 
@@ -189,15 +198,88 @@ def test_a_hook_inside_a_block_sees_the_true_gradient(photos):
         assert (ours != 0).float().mean() > 0.5  # gradients of the activation, not yet masked by ReLU6's derivative
 
 
-def test_owning_relu6_keeps_second_order_gradients(photos):
-    images, labels = _photo_batch(photos, size=48)
-    fast, stock = _fast_and_stock()
+def test_the_cpu_path_keeps_second_order_gradients(photos, monkeypatch):
+    relu6_calls, depthwise_calls = _counting_both(monkeypatch)
+    images, labels = _photo_batch(photos, size=48)  # 2x2 maps in the last blocks: the small-map depthwise gradient too
+    fast, stock = _fast_and_stock(off=("owning_relu6", "depthwise_small_maps"))
     penalties = []
     for network in (fast, stock):
         inputs = images.clone().requires_grad_()
         loss = F.cross_entropy(network(inputs), labels)
         (image_grad,) = torch.autograd.grad(loss, inputs, create_graph=True)
-        (loss + image_grad.square().sum()).backward()  # a gradient penalty: differentiates through ReLU6's backward
+        (loss + image_grad.square().sum()).backward()  # a gradient penalty: differentiates through both backwards
         penalties.append([p.grad for p in network.parameters()])
+    assert relu6_calls and len(depthwise_calls) == 4
     for ours, theirs in zip(*penalties):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+# --- CPU training computes a depthwise weight gradient as a matrix product on maps oneDNN has no kernel for ---
+
+@pytest.mark.parametrize("channels_last,size,taken", [
+    (True, 48, 4),  # the demo's size: the last 4 depthwise layers (3x3 at stride 2, then 2x2)
+    (False, 48, 4),
+    (True, 32, 10),  # 2x2 and 1x1 maps (and a 4x4 one at stride 2, which keeps the stock kernel)
+    (True, 80, 0),  # 3x3 at stride 1 at the least: stock
+])
+def test_depthwise_small_maps_trains_as_stock_does(photos, monkeypatch, channels_last, size, taken):
+    calls = _counting(monkeypatch, cpu_autograd.DepthwiseTinyMapGrad)
+    images, labels = _photo_batch(photos, size)
+    fast, stock = _fast_and_stock(channels_last, off=("depthwise_small_maps",))
+    results = []
+    for network in (fast, stock):
+        inputs = images.clone().requires_grad_()
+        logits = network(inputs)
+        F.cross_entropy(logits, labels).backward()
+        results.append((logits.detach(), inputs.grad, dict(network.named_parameters()), list(network.buffers())))
+    assert len(calls) == taken
+    (logits, image_grad, params, buffers), (stock_logits, stock_image_grad, stock_params, stock_buffers) = results
+    # the forward and every gradient but the depthwise weights' are stock kernels: equal bit for bit
+    assert torch.equal(logits, stock_logits) and torch.equal(image_grad, stock_image_grad)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, stock_buffers))
+    depthwise = {f"{name}.weight" for name, m in fast.named_modules()
+                 if isinstance(m, torch.nn.Conv2d) and m.groups > 1}
+    for name, param in params.items():
+        theirs = stock_params[name].grad
+        if name in depthwise:  # the same sums from the same tensors, in another order
+            torch.testing.assert_close(param.grad, theirs, rtol=0, atol=1e-5 * theirs.abs().max().item(), msg=name)
+        else:
+            assert torch.equal(param.grad, theirs), name
+
+
+@pytest.mark.parametrize("height,width,stride", [(2, 2, 1), (1, 1, 1), (2, 2, 2), (2, 1, 1), (3, 3, 2), (5, 4, 1)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_depthwise_weight_grad_is_as_accurate_as_stock(photos, height, width, stride, channels_last):
+    """The tap sums against oneDNN's kernel and float64, on real pixels: 48 channels of small patches of photos
+    (both kernels are given the same float32 tensors; float64 is the truth)."""
+    images, _ = photo_batch(photos, 64)  # (6, 3, 64, 64)
+    patches = images.unfold(2, height, 16).unfold(3, width, 16)  # (6, 3, 4, 4, height, width)
+    x = patches.permute(0, 2, 1, 3, 4, 5).reshape(6, 48, height, width)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = ((x - 0.45) / 0.225).contiguous(memory_format=layout)
+    weight = torch.randn(48, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    out = F.conv2d(x, weight, None, stride, 1, 1, 48)
+    grad = (out.tanh() - 0.1 * out).contiguous(memory_format=layout)  # a gradient that depends on the input
+    ours = cpu_autograd.depthwise_weight_grad(x, grad, (stride, stride), (1, 1), (3, 3))
+    stock = torch.ops.aten.convolution_backward(grad, x, weight, None, (stride,) * 2, (1, 1), (1, 1), False, (0, 0), 48,
+                                                (False, True, False))[1]
+    truth = torch.ops.aten.convolution_backward(grad.double(), x.double(), weight.double(), None, (stride,) * 2, (1, 1),
+                                                (1, 1), False, (0, 0), 48, (False, True, False))[1]
+    scale = truth.abs().max().item()
+    assert ours.shape == truth.shape and scale > 1.0
+    assert (ours.double() - truth).abs().max().item() <= max(4 * (stock.double() - truth).abs().max().item(),
+                                                             1e-6 * scale)
+
+
+def test_depthwise_small_maps_stays_out_of_autocast(photos, monkeypatch):
+    calls = _counting(monkeypatch, cpu_autograd.DepthwiseTinyMapGrad)
+    images, labels = _photo_batch(photos, size=48)
+    fast, _stock = _fast_and_stock()
+    with torch.autocast("cpu", torch.bfloat16):
+        logits = fast(images)
+        # a float32 map reaching a depthwise layer under autocast (here the blocks' inputs are bfloat16 already)
+        conv = fast.backbone[16].conv[1][0]
+        small = images[:, :1, :2, :2].expand(-1, conv.in_channels, -1, -1).contiguous().requires_grad_()
+        out = cpu_autograd.depthwise(conv, small)
+    (F.cross_entropy(logits.float(), labels) + out.float().mean()).backward()
+    assert calls == [] and all(p.grad is not None for p in fast.parameters()) and small.grad is not None

@@ -13,6 +13,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from mobilenetv2.config import Preprocess
+from mobilenetv2.cpu_autograd import ReLU6OwningGrad, depthwise
 from mobilenetv2.metadata import describe
 
 # t (expansion), c (output channels), n (repeats), s (first stride)
@@ -59,27 +60,6 @@ class ConvBNReLU(nn.Sequential):
         )
 
 
-class _ReLU6OwningGrad(torch.autograd.Function):
-    """ReLU6 for an activation only its block reads. Forward clamps in place (the BatchNorm output it gets is read
-    by nothing else); backward masks the incoming gradient in place, since the next convolution's backward hands
-    it a fresh tensor nobody else holds. Same arithmetic as `nn.ReLU6(inplace=True)`, two tensor-sized memory
-    passes less per layer: `hardtanh_` with autograd clones its input first, and its backward allocates a new one."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x.clamp_(0.0, 6.0)
-        ctx.mark_dirty(x)
-        ctx.save_for_backward(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (result,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: the gradient itself is differentiated, so leave it whole
-            return torch.ops.aten.hardtanh_backward(grad, result, 0.0, 6.0)
-        return torch.ops.aten.hardtanh_backward.grad_input(grad, result, 0.0, 6.0, grad_input=grad)
-
-
 _MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks")
@@ -115,34 +95,40 @@ class InvertedResidual(nn.Module):
         # the identity in eval, so checkpoints and exports are the same with or without it)
         self.drop_path = StochasticDepth(drop_path, "row") if self.use_residual and drop_path > 0 else nn.Identity()
 
-    # CPU training runs the branch through _ReLU6OwningGrad: a demo-shape step 1.05-1.06x, a 224-px step 1.07x with
-    # glibc keeping freed memory (cpu_memory.py) and 1.30-1.80x without (2-core AMD EPYC Zen 4,
-    # benchmarks/train_throughput.py). False runs it through its modules, as other devices do.
+    # CPU training runs the branch's ReLU6 layers through ReLU6OwningGrad: a demo-shape step 1.05-1.06x, a 224-px
+    # step 1.07x with glibc keeping freed memory (cpu_memory.py) and 1.30-1.80x without (2-core AMD EPYC Zen 4), and
+    # depthwise layers on maps smaller than their kernel through DepthwiseTinyMapGrad: a demo-shape step 1.4x with
+    # AVX2 kernels (benchmarks/train_throughput.py). False runs them through their modules, as other devices do.
     owning_relu6 = True
+    depthwise_small_maps = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        branch = self._owning_branch(x) if self._owns_activations(x) else self.conv(x)
+        branch = self._cpu_branch(x) if self._owns_activations(x) else self.conv(x)
         if self.use_residual:
             return x + self.drop_path(branch)
         return branch
 
     def _owns_activations(self, x: torch.Tensor) -> bool:
-        """The in-place path only where nothing else can read the branch's activations or their gradients: eager
+        """The CPU training path only where nothing else can read the branch's activations or their gradients: eager
         CPU training (not tracing, compiling, exporting or under a torch.func transform), and no hook anywhere in the
         branch."""
+        if not (self.owning_relu6 or self.depthwise_small_maps):
+            return False
         if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             return False
-        return (self.owning_relu6 and self.training and torch.is_grad_enabled() and type(x) is torch.Tensor
-                and x.device.type == "cpu" and not _hooked(self.conv))
+        return (self.training and torch.is_grad_enabled() and type(x) is torch.Tensor and x.device.type == "cpu"
+                and not _hooked(self.conv))
 
-    def _owning_branch(self, x: torch.Tensor) -> torch.Tensor:
+    def _cpu_branch(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.conv:
             if isinstance(layer, ConvBNReLU):
                 conv, norm, relu6 = layer
-                x = norm(conv(x))
+                small_map = self.depthwise_small_maps and conv.groups == conv.in_channels > 1
+                x = norm(depthwise(conv, x) if small_map else conv(x))
                 # a 1x1 map is both channels-last and NCHW; stock autograd hands the next BatchNorm backward a
                 # gradient whose strides pick its other kernel, so the in-place path would change the sums there
-                x = relu6(x) if x.shape[-1] * x.shape[-2] == 1 else _ReLU6OwningGrad.apply(x)
+                owning = self.owning_relu6 and x.shape[-1] * x.shape[-2] > 1
+                x = ReLU6OwningGrad.apply(x) if owning else relu6(x)
             else:
                 x = layer(x)
         return x
