@@ -97,8 +97,8 @@ class InvertedResidual(nn.Module):
 
     # CPU training runs the branch's ReLU6 layers through ReLU6OwningGrad: a demo-shape step 1.05-1.06x, a 224-px
     # step 1.07x with glibc keeping freed memory (cpu_memory.py) and 1.30-1.80x without (2-core AMD EPYC Zen 4), and
-    # depthwise layers on maps smaller than their kernel through DepthwiseTinyMapGrad: a demo-shape step 1.4x with
-    # AVX2 kernels (benchmarks/train_throughput.py). False runs them through their modules, as other devices do.
+    # depthwise layers on small maps through DepthwiseTinyMapGrad: a demo-shape step 1.37x with AVX2 kernels, 1.09x
+    # with AVX-512 ones (benchmarks/train_throughput.py). False runs them through their modules, as other devices do.
     owning_relu6 = True
     depthwise_small_maps = True
 
