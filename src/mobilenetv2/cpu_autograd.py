@@ -1,6 +1,6 @@
 """Autograd functions for training the network on a CPU, where PyTorch's stock kernels waste time: ReLU6 in place
-on both passes, and the weight gradient of a depthwise convolution on a map smaller than its kernel. Each computes
-what stock autograd computes; `model.InvertedResidual` decides where they may run.
+on both passes, and the weight gradient of a depthwise convolution on the small maps oneDNN has no depthwise kernel
+for. Each computes what stock autograd computes; `model.InvertedResidual` decides where they may run.
 """
 
 from __future__ import annotations

@@ -123,8 +123,8 @@ class InvertedResidual(nn.Module):
         for layer in self.conv:
             if isinstance(layer, ConvBNReLU):
                 conv, norm, relu6 = layer
-                small_map = self.depthwise_small_maps and conv.groups == conv.in_channels > 1
-                x = norm(depthwise(conv, x) if small_map else conv(x))
+                is_depthwise = conv.groups == conv.in_channels == conv.out_channels > 1
+                x = norm(depthwise(conv, x) if self.depthwise_small_maps and is_depthwise else conv(x))
                 # a 1x1 map is both channels-last and NCHW; stock autograd hands the next BatchNorm backward a
                 # gradient whose strides pick its other kernel, so the in-place path would change the sums there
                 owning = self.owning_relu6 and x.shape[-1] * x.shape[-2] > 1
