@@ -250,8 +250,8 @@ def test_depthwise_small_maps_trains_as_stock_does(photos, monkeypatch, channels
 @pytest.mark.parametrize("height,width,stride", [(2, 2, 1), (1, 1, 1), (2, 2, 2), (2, 1, 1), (3, 3, 2), (5, 4, 1)])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_depthwise_weight_grad_is_as_accurate_as_stock(photos, height, width, stride, channels_last):
-    """The tap sums against oneDNN's kernel and float64, on real pixels: 48 channels of small patches of photos
-    (both kernels are given the same float32 tensors; float64 is the truth)."""
+    """The batched product against oneDNN's kernel and float64, on real pixels: 48 channels of small patches of
+    photos (both kernels are given the same float32 tensors; float64 is the truth)."""
     images, _ = photo_batch(photos, 64)  # (6, 3, 64, 64)
     patches = images.unfold(2, height, 16).unfold(3, width, 16)  # (6, 3, 4, 4, height, width)
     x = patches.permute(0, 2, 1, 3, 4, 5).reshape(6, 48, height, width)
@@ -260,11 +260,13 @@ def test_depthwise_weight_grad_is_as_accurate_as_stock(photos, height, width, st
     weight = torch.randn(48, 1, 3, 3, generator=torch.Generator().manual_seed(0))
     out = F.conv2d(x, weight, None, stride, 1, 1, 48)
     grad = (out.tanh() - 0.1 * out).contiguous(memory_format=layout)  # a gradient that depends on the input
+
+    def onednn(grad, x, weight):
+        return torch.ops.aten.convolution_backward(grad, x, weight, None, (stride,) * 2, (1, 1), (1, 1), False,
+                                                   (0, 0), 48, (False, True, False))[1]
+
     ours = cpu_autograd.depthwise_weight_grad(x, grad, (stride, stride), (1, 1), (3, 3))
-    stock = torch.ops.aten.convolution_backward(grad, x, weight, None, (stride,) * 2, (1, 1), (1, 1), False, (0, 0), 48,
-                                                (False, True, False))[1]
-    truth = torch.ops.aten.convolution_backward(grad.double(), x.double(), weight.double(), None, (stride,) * 2, (1, 1),
-                                                (1, 1), False, (0, 0), 48, (False, True, False))[1]
+    stock, truth = onednn(grad, x, weight), onednn(grad.double(), x.double(), weight.double())
     scale = truth.abs().max().item()
     assert ours.shape == truth.shape and scale > 1.0
     assert (ours.double() - truth).abs().max().item() <= max(4 * (stock.double() - truth).abs().max().item(),
