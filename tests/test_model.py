@@ -285,3 +285,15 @@ def test_depthwise_small_maps_stays_out_of_autocast(photos, monkeypatch):
         out = cpu_autograd.depthwise(conv, small)
     (F.cross_entropy(logits.float(), labels) + out.float().mean()).backward()
     assert calls == [] and all(p.grad is not None for p in fast.parameters()) and small.grad is not None
+
+
+@pytest.mark.parametrize("bias,padding_mode", [(True, "zeros"), (False, "reflect")])
+def test_a_depthwise_layer_with_a_bias_or_another_padding_keeps_its_module(photos, bias, padding_mode):
+    """`depthwise` stands for `conv(x)`: a layer the product does not model (a bias, non-zero padding) is left whole."""
+    images, _ = _photo_batch(photos, size=32)
+    conv = torch.nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=bias, padding_mode=padding_mode)
+    if bias:
+        torch.nn.init.normal_(conv.bias)  # a bias the output shows
+    small = images[:, :1, :2, :2].expand(-1, 16, -1, -1).contiguous()
+    assert cpu_autograd.small_map(conv, 2, 2)
+    assert torch.equal(cpu_autograd.depthwise(conv, small), conv(small))

@@ -100,8 +100,10 @@ def small_map(conv: nn.Conv2d, height: int, width: int) -> bool:
 
 
 def depthwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """`conv(x)` for a block's depthwise layer, through DepthwiseTinyMapGrad on a `small_map`."""
+    """`conv(x)` for a block's depthwise layer, through DepthwiseTinyMapGrad on a `small_map` (which knows neither a
+    bias nor a padding mode other than zeros: a layer with either keeps its module)."""
     if (not small_map(conv, x.shape[-2], x.shape[-1]) or x.dtype != conv.weight.dtype
-            or torch.is_autocast_enabled("cpu") or conv.dilation != (1, 1)):
+            or torch.is_autocast_enabled("cpu") or conv.dilation != (1, 1) or conv.bias is not None
+            or conv.padding_mode != "zeros"):
         return conv(x)
     return DepthwiseTinyMapGrad.apply(x, conv.weight, conv.stride, conv.padding)
