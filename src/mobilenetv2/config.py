@@ -79,7 +79,7 @@ class TrainConfig:
     batch_size: int = _help("images per step per process (the global batch is this times the world size)", default=150)
     lr_init: float = _help("learning rate at the first warmup step", default=0.0)
     lr_max: float = _help("learning rate after warmup (per process batch, as in the seed)", default=0.8)
-    lr_end: float = _help("learning rate the cosine decays to", default=0.0)
+    lr_end: float = _help("learning rate the cosine or linear schedule decays to", default=0.0)
     warmup_epochs: float = _help("epochs of linear warmup from lr-init to lr-max", default=0.0)
     lr_scaling: str = _help("none (the seed's way: rates as given) | linear (every rate times batch-size / "
                             "lr-reference-batch, as timm scales by the global batch)", default="none")
@@ -96,8 +96,9 @@ class TrainConfig:
     optimizer: str = _help("sgd (momentum SGD, the seed's) | nesterov | rmsprop-tf (TensorFlow's RMSprop as timm "
                            "has it, alpha 0.9; needs timm) | adamw", default="sgd")
     opt_eps: float = _help("epsilon of rmsprop-tf and adamw (0: the optimizer's own, 1e-10 and 1e-8)", default=0.0)
-    lr_schedule: str = _help("cosine (the seed's: per-step warmup, cosine to lr-end) | step (warmup, then lr-max "
-                             "times decay-rate every decay-epochs, per step as timm's step schedule)", default="cosine")
+    lr_schedule: str = _help("cosine (the seed's: per-step warmup, cosine to lr-end) | linear (per-step warmup, then "
+                             "a straight line to lr-end: the budgeted schedule) | step (warmup, then lr-max times "
+                             "decay-rate every decay-epochs, per step as timm's step schedule)", default="cosine")
     decay_epochs: float = _help("epochs between decays of the step schedule", default=2.4)
     decay_rate: float = _help("factor per decay of the step schedule", default=0.97)
     clip_grad_norm: float = _help("clip the gradients' global L2 norm to this before each step (0: off)", default=0.0)
@@ -134,6 +135,13 @@ class TrainConfig:
     # data
     train_crop_size: int = _help("training crop size in pixels (0: image-size); smaller than the eval crop for "
                                  "FixRes-style training (train 176, eval resize 232 and crop 224)", default=0)
+    progressive_resize: str = _help("MIN:MAX progressive resizing: the training crop is MIN px until the ramp starts, "
+                                    "grows linearly to MAX over --progressive-ramp, then stays MAX; the size changes "
+                                    "per epoch (eval stays --image-size; quote it in YAML: '32:48')", default="")
+    progressive_ramp: str = _help("START:END epochs (fractions allowed) of the progressive ramp, within the run "
+                                  "(default 0:EPOCHS-1: the whole run, the last epoch at MAX)", default="")
+    progressive_multiple: int = _help("sizes on the progressive ramp are rounded to a multiple of this (32: the "
+                                      "network's stride, FFCV's; MIN and MAX are kept as given)", default=32)
     interpolation: str = _help("bilinear | bicubic: resampling of the training crop and the eval resize (travels "
                                "in the checkpoint)", default="bilinear")
     auto_augment: str = _help("none | ta_wide (TrivialAugment-Wide) | augmix | imagenet (AutoAugment's ImageNet "
@@ -240,7 +248,8 @@ class TrainConfig:
              "`cutmix_alpha` and `repeated_aug` work on images only"),
             (self.optimizer in OPTIMIZERS, f"`optimizer` must be {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.opt_eps >= 0, "`opt_eps` must be >= 0"),
-            (self.lr_schedule in ("cosine", "step"), f"`lr_schedule` must be cosine or step, got {self.lr_schedule!r}"),
+            (self.lr_schedule in ("cosine", "linear", "step"),
+             f"`lr_schedule` must be cosine, linear or step, got {self.lr_schedule!r}"),
             (self.decay_epochs > 0 and self.decay_rate > 0, "`decay_epochs` and `decay_rate` must be > 0"),
             (self.clip_grad_norm >= 0, "`clip_grad_norm` must be >= 0"),
             (0 <= self.drop_path < 1, "`drop_path` must be in [0, 1)"),
@@ -257,6 +266,42 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        self._check_progressive()
+
+    def _check_progressive(self) -> None:
+        if not self.progressive_resize:
+            if self.progressive_ramp:
+                raise UserError("`progressive_ramp` needs `progressive_resize` MIN:MAX")
+            return
+        low, high = self.progressive_sizes
+        start, end = self.progressive_ramp_epochs
+        checks = [
+            (low >= 16, f"`progressive_resize` {low}:{high}: MIN must be >= 16 px (the smallest crop the network "
+                        "takes here, as --train-crop-size)"),
+            (low <= high, f"`progressive_resize` {low}:{high}: MIN must not exceed MAX"),
+            (0 <= start <= end <= self.epochs, f"`progressive_ramp` {start:g}:{end:g} must lie within the run: "
+                                               f"0 <= START <= END <= epochs ({self.epochs})"),
+            (self.progressive_multiple >= 1, "`progressive_multiple` must be >= 1"),
+            (not self.train_crop_size, "`progressive_resize` sets the training crop per epoch; drop "
+                                       "`train_crop_size`"),
+            (self.freeze == "none", "`progressive_resize` resizes training crops; `freeze` backbone trains on "
+                                    "features cached at one size"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @property
+    def progressive_sizes(self) -> tuple[int, int]:
+        """(MIN, MAX) of `progressive_resize`."""
+        return _pair(self.progressive_resize, int, "progressive_resize", "MIN:MAX such as 32:48")
+
+    @property
+    def progressive_ramp_epochs(self) -> tuple[float, float]:
+        """(START, END) epochs of the ramp: `progressive_ramp`, or the whole run (0 to the last epoch's start)."""
+        if not self.progressive_ramp:
+            return 0.0, float(max(self.epochs - 1, 0))
+        return _pair(self.progressive_ramp, float, "progressive_ramp", "START:END epochs such as 2:6.5")
 
     @property
     def preprocess(self) -> Preprocess:
@@ -266,6 +311,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _pair(text: str, kind: type, option: str, form: str) -> tuple:
+    """Two numbers written A:B."""
+    parts = str(text).split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return kind(parts[0]), kind(parts[1])
+    except ValueError:
+        raise UserError(f"`{option}` must be {form}, got {text!r} (quote it in YAML)") from None
 
 
 def _field_type(cls, name: str) -> type:

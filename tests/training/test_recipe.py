@@ -224,7 +224,7 @@ def test_each_optimizer_name_builds_its_optimizer():
 
 @pytest.mark.parametrize("flags,message", [
     (["--optimizer", "lamb"], "--optimizer must be sgd, nesterov, rmsprop-tf, adamw, got 'lamb'"),
-    (["--lr-schedule", "poly"], "--lr-schedule must be cosine or step"),
+    (["--lr-schedule", "poly"], "--lr-schedule must be cosine, linear or step"),
     (["--decay-rate", "0"], "--decay-epochs and --decay-rate must be > 0"),
     (["--clip-grad-norm", "-1"], "--clip-grad-norm must be >= 0"),
     (["--drop-path", "1.5"], "--drop-path must be in [0, 1)"),

@@ -129,11 +129,11 @@ def batch_mixer(config, num_classes: int) -> BatchMixer | None:
 
 
 def image_policy(config, preprocess) -> ImagePolicy | None:
-    """The run's per-image policy at the training crop size, or None."""
+    """The run's per-image policy at the training crop size (the largest under progressive resizing), or None."""
     if config.auto_augment == "none":
         return None
-    return ImagePolicy(config.auto_augment, config.train_crop_size or preprocess.image_size, preprocess.mean,
-                       preprocess.interpolation)
+    size = config.progressive_sizes[1] if config.progressive_resize else config.train_crop_size or preprocess.image_size
+    return ImagePolicy(config.auto_augment, size, preprocess.mean, preprocess.interpolation)
 
 
 @dataclass(frozen=True)

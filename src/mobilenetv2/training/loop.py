@@ -30,7 +30,7 @@ from mobilenetv2.training.balance import class_weights
 from mobilenetv2.training.distill import Teacher, TeacherFile
 from mobilenetv2.training.recipe import build_ema, build_loss, build_optimizer, build_schedule
 from mobilenetv2.training.run_checkpoints import LoopState, ResumePoint
-from mobilenetv2.training.schedule import SeedSchedule, StepSchedule
+from mobilenetv2.training.schedule import Schedule
 from mobilenetv2.training.tasks import TrainTask
 
 
@@ -93,10 +93,11 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     ema: nn.Module | None
-    schedule: SeedSchedule | StepSchedule
+    schedule: Schedule
     criterion: nn.Module
     batch_ops: BatchOps | None
     teacher_file: TeacherFile | None = None
+    resumed_at: int = 0  # the epoch the loop starts in (a resumed run says its size there too)
     skipped_images: int = 0
     skipped_steps: int = 0  # fp16 overflows
     pending: list = field(default_factory=list)  # step records whose loss is still on the device
@@ -117,6 +118,7 @@ class _Epoch:
     losses: torch.Tensor
     steps_run: int = 0
     started: float = 0.0
+    train_size: int | None = None  # the training crop's size this epoch (None: head-only, no crop)
 
 
 def fit(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Path | None,
@@ -132,6 +134,7 @@ def fit(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Path 
     state = resume.restore(task.model, run.ema, run.optimizer, run.scaler) if resume else LoopState()
     if resume:
         monitor.line(f"resumed from {resume.path} at epoch {state.epoch}, step {state.global_step}")
+    run.resumed_at = state.epoch
     with _StopRequest.watching():
         _epochs(run, state)
     if run.skipped_images:
@@ -143,7 +146,8 @@ def _epochs(run: _Run, state: LoopState) -> None:
     task, config, monitor = run.task, run.config, run.monitor
     while state.epoch < config.epochs and not _step_limit_reached(config, state):
         epoch = _Epoch(state.epoch, torch.zeros((), dtype=torch.float64, device=task.runtime.device),
-                       started=time.perf_counter())
+                       started=time.perf_counter(), train_size=task.train_size(state.epoch) if task.train_size else None)
+        _announce_size(run, epoch)
         done_in_epoch = state.global_step - epoch.index * task.steps_per_epoch
         task.trainable.train()
         monitor.start_epoch(task.steps_per_epoch - done_in_epoch, f"epoch {epoch.index + 1}/{config.epochs}")
@@ -166,6 +170,16 @@ def _epochs(run: _Run, state: LoopState) -> None:
             _flush(run, epoch, run.pending[-1][0]["step"])
         monitor.end_epoch()
         _end_epoch(run, state, epoch)
+
+
+def _announce_size(run: _Run, epoch: _Epoch) -> None:
+    """Under progressive resizing, a line when the training crop's size changes (and at the run's first epoch)."""
+    if not run.config.progressive_resize or epoch.train_size is None:
+        return
+    before = run.task.train_size(epoch.index - 1) if epoch.index > 0 else None
+    if epoch.train_size != before or epoch.index == run.resumed_at:
+        run.monitor.line(f"training size {epoch.train_size} px from epoch {epoch.index + 1} "
+                         f"(progressive {run.config.progressive_resize}, eval at {run.config.image_size} px)")
 
 
 def _stop_requested(run: _Run, step: int) -> bool:
@@ -300,6 +314,7 @@ def _end_epoch(run: _Run, state: LoopState, epoch: _Epoch) -> None:
                        lr=run.schedule(max(state.global_step - 1, 0)), steps=epoch.steps_run,
                        eval_top1=result.top1 if result else None, eval_top5=result.top5 if result else None,
                        eval_loss=result.loss if result else None, eval_count=result.count if result else None,
+                       train_size=epoch.train_size,
                        skipped_images=run.skipped_images, skipped_fp16_steps=run.skipped_steps)
     names = ["last.pt"]
     if finished and (state.epoch % config.save_every == 0 or state.epoch == config.epochs):

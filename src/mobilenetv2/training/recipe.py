@@ -15,7 +15,7 @@ from mobilenetv2.config import TrainConfig
 from mobilenetv2.errors import UserError
 from mobilenetv2.training.distill import Teacher, distillation_loss
 from mobilenetv2.training.loss import SeedLabelSmoothingLoss
-from mobilenetv2.training.schedule import SeedSchedule, StepSchedule, schedule_for
+from mobilenetv2.training.schedule import Schedule, schedule_for
 
 # normalisation layers: their scale and shift are what MindSpore names gamma and beta
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
@@ -100,7 +100,7 @@ def build_loss(config: TrainConfig, num_classes: int, teacher: Teacher | None = 
     return distillation_loss(task_loss, teacher, config) if teacher is not None else task_loss
 
 
-def build_schedule(config: TrainConfig, steps_per_epoch: int) -> SeedSchedule | StepSchedule:
+def build_schedule(config: TrainConfig, steps_per_epoch: int) -> Schedule:
     """The per-step learning rate `config.lr_schedule` names, with the config's batch-size scaling."""
     return schedule_for(config, steps_per_epoch)
 

@@ -1,6 +1,7 @@
-"""Per-step learning rates: the seed's (linear warmup, then cosine decay to lr_end, floored at 0) and timm's step
-decay (linear warmup, then lr_max times decay_rate every decay_epochs), and the optional linear scaling of the rates
-with the batch size. Both are functions of the global step alone, so a resumed run takes up the same rates."""
+"""What changes with the position in training: per-step learning rates (the seed's linear warmup then cosine decay
+to lr_end, floored at 0; a linear decay to lr_end, the "budgeted" schedule of time-to-accuracy recipes; timm's step
+decay), the optional linear scaling of the rates with the batch size, and the training crop's size per epoch under
+progressive resizing. Each is a function of the position alone, so a resumed run takes up the same values."""
 
 from __future__ import annotations
 
@@ -33,6 +34,28 @@ class SeedSchedule:
         else:
             progress = (step - warmup) / max(self.total_steps - warmup, 1)
             lr = self.lr_end + (self.lr_max - self.lr_end) * (1.0 + math.cos(math.pi * progress)) / 2.0
+        return max(lr, 0.0)
+
+
+@dataclass(frozen=True)
+class LinearSchedule:
+    """Linear warmup from lr_init to lr_max, then a straight line to lr_end over the remaining steps (FFCV's
+    "budgeted" schedule: the decay is stretched over however many epochs the run is given), floored at 0."""
+
+    lr_init: float
+    lr_max: float
+    lr_end: float
+    warmup_epochs: float
+    total_epochs: int
+    steps_per_epoch: int
+
+    def __call__(self, step: int) -> float:
+        warmup = self.warmup_epochs * self.steps_per_epoch
+        if step < warmup:
+            lr = self.lr_init + (self.lr_max - self.lr_init) * step / warmup
+        else:
+            progress = (step - warmup) / max(self.total_epochs * self.steps_per_epoch - warmup, 1)
+            lr = self.lr_max + (self.lr_end - self.lr_max) * progress
         return max(lr, 0.0)
 
 
@@ -75,11 +98,48 @@ def lr_note(batch_size: int, reference_batch: int, scaling: str, lr_max: float) 
             f"(the seed's way); lr_scaling linear would use {scaled:.4g}")
 
 
-def schedule_for(config, steps_per_epoch: int) -> SeedSchedule | StepSchedule:
+Schedule = SeedSchedule | LinearSchedule | StepSchedule
+
+
+def schedule_for(config, steps_per_epoch: int) -> Schedule:
     """The run's schedule (`config.lr_schedule`) from a TrainConfig, with its learning-rate scaling applied."""
     factor = lr_scale(config.batch_size, config.lr_reference_batch, config.lr_scaling)
     if config.lr_schedule == "step":
         return StepSchedule(config.lr_init * factor, config.lr_max * factor, config.warmup_epochs, config.decay_epochs,
                             config.decay_rate, steps_per_epoch)
-    return SeedSchedule(config.lr_init * factor, config.lr_max * factor, config.lr_end * factor, config.warmup_epochs,
+    shape = LinearSchedule if config.lr_schedule == "linear" else SeedSchedule
+    return shape(config.lr_init * factor, config.lr_max * factor, config.lr_end * factor, config.warmup_epochs,
                         config.epochs, steps_per_epoch)
+
+
+@dataclass(frozen=True)
+class ResolutionSchedule:
+    """Progressive resizing (FFCV's): the training crop is `low` px until epoch `start`, grows linearly to `high` by
+    epoch `end`, and stays `high` after. The size changes per epoch: epoch e (0-based) trains at the line's value at
+    e, rounded to the nearest multiple of `multiple` and kept within [low, high]. Without progressive resizing
+    `low == high` and every epoch trains at that size."""
+
+    low: int
+    high: int
+    start: float = 0.0
+    end: float = 0.0
+    multiple: int = 32
+
+    def __call__(self, epoch: int) -> int:
+        if self.low == self.high or epoch <= self.start:
+            return self.low
+        if epoch >= self.end:
+            return self.high
+        size = self.low + (self.high - self.low) * (epoch - self.start) / (self.end - self.start)
+        return min(max(int(round(size / self.multiple)) * self.multiple, self.low), self.high)
+
+
+def resolution_for(config, image_size: int) -> ResolutionSchedule:
+    """The run's training crop size per epoch: `config.progressive_resize` over `config.progressive_ramp` when set,
+    else the fixed train crop size (`train_crop_size`, or the eval crop `image_size`)."""
+    if not config.progressive_resize:
+        size = config.train_crop_size or image_size
+        return ResolutionSchedule(size, size)
+    low, high = config.progressive_sizes
+    start, end = config.progressive_ramp_epochs
+    return ResolutionSchedule(low, high, start, end, config.progressive_multiple)

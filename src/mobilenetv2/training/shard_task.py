@@ -19,6 +19,7 @@ from mobilenetv2.errors import DataError, UserError
 from mobilenetv2.evaluation import EvalResult, evaluate
 from mobilenetv2.model import MobileNetV2
 from mobilenetv2.runtime import Runtime
+from mobilenetv2.training.schedule import resolution_for
 from mobilenetv2.training.tasks import TrainTask
 
 STREAMING_REFUSES = {"in_memory": "--in-memory decodes an ImageFolder tree once; shards stream",
@@ -72,14 +73,15 @@ def shard_task(config: TrainConfig, model: MobileNetV2, splits: ShardSplits, run
     steps, batch = streams.steps_and_batch(train.num_samples, runtime.world_size, config.batch_size)
     policy = augment.image_policy(config, preprocess)
     device = config.data_backend == "device"
+    sizes = resolution_for(config, preprocess.image_size)
     if device:
         item, collate = streams.EncodedItem(), on_device.collate_encoded
-        train_augment = on_device.DeviceTrainAugment(preprocess, config.min_scale, config.color_jitter,
-                                                     config.train_crop_size, policy)
+        train_augment = on_device.DeviceTrainAugment(preprocess, config.min_scale, config.color_jitter, sizes(0),
+                                                     policy)
     else:
-        item = streams.PilItem(train_transform(preprocess, config.min_scale, config.color_jitter, normalized=False,
-                                                crop_size=config.train_crop_size, policy=policy))
-        collate = collate_skipping
+        transform = train_transform(preprocess, config.min_scale, config.color_jitter, normalized=False,
+                                    crop_size=sizes(0), policy=policy)
+        item, collate = streams.PilItem(transform), collate_skipping
     stream = streams.ShardStream(train, classes, item, collate, batch, training=True, steps=steps,
                                  streams=config.workers, seed=config.seed, rank=runtime.rank,
                                  world_size=runtime.world_size, shuffle_buffer=config.shuffle_buffer,
@@ -88,6 +90,10 @@ def shard_task(config: TrainConfig, model: MobileNetV2, splits: ShardSplits, run
 
     def batches(epoch: int, skip: int):
         stream.epoch, stream.skip = epoch, skip
+        if device:
+            train_augment.size = sizes(epoch)
+        else:  # before the epoch's loader starts its workers, which take a copy of the stream
+            transform.geometry.size = sizes(epoch)
         loader = streams.checked(streams.stream_loader(stream, config.workers, pin))
         if device:
             yield from on_device.on_device(loader, train_augment, runtime.device)
@@ -117,7 +123,7 @@ def shard_task(config: TrainConfig, model: MobileNetV2, splits: ShardSplits, run
         counts = np.zeros(model.num_classes, dtype=np.int64)
         counts[:classes] = train.class_counts
     return TrainTask(runtime.wrap_distributed(model), model, batches, steps, evaluate_fn, runtime, notes=notes,
-                     class_counts=counts)
+                     class_counts=counts, train_size=sizes)
 
 
 def shard_eval(shards: ShardSet, classes: list[str], model_names: list[str] | None, num_classes: int, preprocess,

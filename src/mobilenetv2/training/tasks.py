@@ -30,6 +30,7 @@ from mobilenetv2.runtime import Runtime
 from mobilenetv2.training import head_cache
 from mobilenetv2.training.balance import BalancedSampler
 from mobilenetv2.training.distill import CachedLogits
+from mobilenetv2.training.schedule import resolution_for
 
 
 @dataclass
@@ -45,6 +46,7 @@ class TrainTask:
     notes: list[str] = field(default_factory=list)
     class_counts: np.ndarray | None = None  # training images per output (class weights 'auto' need them)
     teacher: nn.Module | None = None  # head-only distillation: the teacher's logits, read from each batch's rows
+    train_size: Callable[[int], int] | None = None  # epoch -> the training crop's size (None: features, no crop)
 
 
 class _SkipSampler(Sampler[int]):
@@ -163,15 +165,17 @@ def image_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetS
     """Train the whole network (or what requires grad) on images through a DataLoader."""
     known = _known_classes(model, splits)
     policy = augment.image_policy(config, model.preprocess)
-    train_set = _SeededSamples(folders.image_folder(splits.train, train_transform(
-        model.preprocess, config.min_scale, config.color_jitter, normalized=False, crop_size=config.train_crop_size,
-        policy=policy), known), config.seed, runtime.rank)
+    sizes = resolution_for(config, model.preprocess.image_size)
+    transform = train_transform(model.preprocess, config.min_scale, config.color_jitter, normalized=False,
+                                crop_size=sizes(0), policy=policy)
+    train_set = _SeededSamples(folders.image_folder(splits.train, transform, known), config.seed, runtime.rank)
     targets = train_set.dataset.targets
     sampler, drop_last, steps = _train_sampler(targets, config, runtime)
     pin = runtime.device.type == "cuda"
 
     def batches(epoch: int, skip: int):  # uint8 from the workers, normalised on the device
-        train_set.epoch = epoch
+        # set before the epoch's loader starts its workers, which take a copy of the dataset
+        train_set.epoch, transform.geometry.size = epoch, sizes(epoch)
         loader = _epoch_loader(train_set, sampler, drop_last, config, runtime, folders.collate_skipping, epoch, skip,
                                positioned=True)
         for images, labels, skipped in loader:
@@ -189,7 +193,7 @@ def image_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetS
             return evaluate(network, val_loader, runtime, model.num_classes)
 
     return TrainTask(runtime.wrap_distributed(model), model, batches, steps, evaluate_fn, runtime,
-                     class_counts=_counts(targets, model))
+                     class_counts=_counts(targets, model), train_size=sizes)
 
 
 def device_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetSplits, runtime: Runtime,
@@ -198,11 +202,13 @@ def device_task(config: TrainConfig, model: MobileNetV2, splits: folders.Dataset
     known = _known_classes(model, splits)
     train_set = folders.image_folder(splits.train, None, known, kind=on_device.EncodedFolder)
     sampler, drop_last, steps = _train_sampler(train_set.targets, config, runtime)
-    train_augment = on_device.DeviceTrainAugment(model.preprocess, config.min_scale, config.color_jitter,
-                                                 config.train_crop_size, augment.image_policy(config, model.preprocess))
+    sizes = resolution_for(config, model.preprocess.image_size)
+    train_augment = on_device.DeviceTrainAugment(model.preprocess, config.min_scale, config.color_jitter, sizes(0),
+                                                 augment.image_policy(config, model.preprocess))
     pin = runtime.device.type == "cuda"
 
     def batches(epoch: int, skip: int):
+        train_augment.size = sizes(epoch)
         loader = _epoch_loader(train_set, sampler, drop_last, config, runtime, on_device.collate_encoded, epoch, skip)
         return on_device.on_device(loader, train_augment, runtime.device)
 
@@ -219,7 +225,7 @@ def device_task(config: TrainConfig, model: MobileNetV2, splits: folders.Dataset
 
     return TrainTask(runtime.wrap_distributed(model), model, batches, steps, evaluate_fn, runtime,
                      notes=[f"data backend device: batches decoded and augmented on {runtime.device}"],
-                     class_counts=_counts(train_set.targets, model))
+                     class_counts=_counts(train_set.targets, model), train_size=sizes)
 
 
 def memory_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetSplits, runtime: Runtime,
@@ -228,12 +234,14 @@ def memory_task(config: TrainConfig, model: MobileNetV2, splits: folders.Dataset
     preprocess, known = model.preprocess, _known_classes(model, splits)
     images, labels, skipped = batched.decode_all(folders.image_folder(splits.train, None, known),
                                                  preprocess.resize_size, config.workers)
-    train_augment = batched.BatchAugment(preprocess, config.min_scale, config.color_jitter, config.train_crop_size,
+    sizes = resolution_for(config, preprocess.image_size)
+    train_augment = batched.BatchAugment(preprocess, config.min_scale, config.color_jitter, sizes(0),
                                          augment.image_policy(config, preprocess))
     sampler, drop_last, steps = _train_sampler(labels.numpy(), config, runtime)
 
     def batches(epoch: int, skip: int):
         sampler.set_epoch(epoch)
+        train_augment.size = sizes(epoch)
         order = torch.tensor(list(sampler))
         for start in range(skip * config.batch_size, steps * config.batch_size if drop_last else len(order),
                            config.batch_size):
@@ -254,7 +262,7 @@ def memory_task(config: TrainConfig, model: MobileNetV2, splits: folders.Dataset
 
     return TrainTask(runtime.wrap_distributed(model), model, batches, steps, evaluate_fn, runtime,
                      notes=[f"{len(labels)} training images decoded into memory at {preprocess.resize_size} px"],
-                     class_counts=_counts(labels.numpy(), model))
+                     class_counts=_counts(labels.numpy(), model), train_size=sizes)
 
 
 class HeadOnFeatures(nn.Module):
