@@ -36,11 +36,17 @@ PIL_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "near
 
 def _draft(image: Image.Image, scale: float) -> float:
     """Ask the decoder for `image` at no less than `scale` of its size (JPEG only; a loaded image is left as is).
-    Returns the scale it will actually be decoded at."""
+    Returns the scale it will actually be decoded at: libjpeg's DCT scale 1/s (s = 1, 2, 4 or 8), which maps an
+    original pixel coordinate x to x/s in the reduced image on both axes. The reduced image's sides are each rounded
+    up (333 px at 1/2 is 167 px, not 166.5), so their ratio to the original sides differs from 1/s and between the
+    axes: a crop box scaled by the width's ratio could pass the reduced image's bottom edge."""
     width, height = image.size
     if scale < 1 and image.format == "JPEG":
-        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-    return image.size[0] / width
+        drafted = image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        if drafted is not None:
+            _mode, (_left, _top, right, _bottom) = drafted  # (0, 0, width / s, height / s)
+            return 1 / round(width / right)
+    return 1.0
 
 
 class SeedRandomResizedCrop:

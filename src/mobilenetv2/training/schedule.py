@@ -116,7 +116,7 @@ def schedule_for(config, steps_per_epoch: int) -> Schedule:
 class ResolutionSchedule:
     """Progressive resizing (FFCV's): the training crop is `low` px until epoch `start`, grows linearly to `high` by
     epoch `end`, and stays `high` after. The size changes per epoch: epoch e (0-based) trains at the line's value at
-    e, rounded to the nearest multiple of `multiple` and kept within [low, high]. Without progressive resizing
+    e, rounded to the nearest multiple of `multiple` (halves up) and kept within [low, high]. Without progressive resizing
     `low == high` and every epoch trains at that size."""
 
     low: int
@@ -131,7 +131,7 @@ class ResolutionSchedule:
         if epoch >= self.end:
             return self.high
         size = self.low + (self.high - self.low) * (epoch - self.start) / (self.end - self.start)
-        return min(max(int(round(size / self.multiple)) * self.multiple, self.low), self.high)
+        return min(max(math.floor(size / self.multiple + 0.5) * self.multiple, self.low), self.high)
 
 
 def resolution_for(config, image_size: int) -> ResolutionSchedule:
