@@ -1,6 +1,8 @@
 """One prepared GPU benchmark: training images/s at 224 px, batch 256, bf16, channels-last — from tensors already on
 the GPU (model only; eager and torch.compile) and end to end from JPEG files (`--data-backend pil` with every core,
 and `device`: nvJPEG) — eval images/s, and torchvision's mobilenet_v2 in a plain AMP loop as the baseline row.
+Then a step at each training size of configs/seed_fast.yaml's progressive schedule, with the measured epoch-time
+estimate of that recipe beside its image-pixel estimate (both against 224-px epochs).
 Prints one table; writes gpu_suite.json to $OUT when set. `--cpu` runs everything small on the CPU (CI, laptops).
 
     PYTHONPATH=src python3 benchmarks/gpu_suite.py [--cpu] [--images 1500] [--steps 30]
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from mobilenetv2.config import TrainConfig
+from mobilenetv2.config import TrainConfig, build_config
 from mobilenetv2.data import folders, on_device
 from mobilenetv2.data.synthetic import write_synthetic
 from mobilenetv2.data.transforms import eval_transform
@@ -27,6 +29,9 @@ from mobilenetv2.runtime import Runtime
 from mobilenetv2.training.loop import train_step
 from mobilenetv2.training.run import run_training
 from mobilenetv2.training.recipe import build_loss, build_optimizer
+from mobilenetv2.training.schedule import resolution_for
+
+SEED_FAST = Path(__file__).resolve().parent.parent / "configs" / "seed_fast.yaml"
 
 
 def timed(step, steps: int, sync) -> float:
@@ -104,6 +109,23 @@ def eval_rate(data: Path, backend: str, runtime: Runtime, args) -> float:
     return count / (time.perf_counter() - start)
 
 
+def seed_fast_sizes(runtime: Runtime, args, sync) -> dict[str, float]:
+    """Model-only images/s at each training size of seed_fast.yaml and at its eval size, and that recipe's epochs
+    in 224-px epochs by image-pixels and by these step times. On the CPU the sizes are divided by 7 (the code path)."""
+    config = build_config(TrainConfig, SEED_FAST)
+    sizes = [resolution_for(config, config.image_size)(epoch) for epoch in range(config.epochs)]
+    scale = 1 if runtime.device.type == "cuda" else 7
+    rates = {size: model_only(runtime, args.batch_size, size // scale, args.steps, False, sync)
+             for size in sorted({*sizes, config.image_size})}
+    full = rates[config.image_size]
+    results = {f"train, GPU tensors, ours eager, seed_fast {size} px (/{scale})": rate for size, rate in rates.items()}
+    pixels = sum((size / config.image_size) ** 2 for size in sizes)
+    measured = sum(full / rates[size] for size in sizes)
+    results[f"seed_fast's {config.epochs} by image-pixels, {config.image_size}-px epochs"] = pixels
+    results[f"seed_fast's {config.epochs} by measured steps, {config.image_size}-px epochs"] = measured
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="small sizes on the CPU")
@@ -138,14 +160,16 @@ def main() -> None:
             results[f"train end to end from JPEG, {backend}"] = end_to_end(data, tmp / f"run-{backend}", backend, args,
                                                                            str(device))
             results[f"eval from JPEG, {backend}"] = eval_rate(data, backend, runtime, args)
+        results.update(seed_fast_sizes(runtime, args, sync))
     results["suite, s"] = time.perf_counter() - started
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     print(f"{name}, torch {torch.__version__}, torchvision {torchvision.__version__}, batch {args.batch_size}, "
           f"{args.image_size} px, bf16, channels-last, {args.workers} loader workers")
     baseline = results["train, GPU tensors, torchvision plain AMP loop (baseline)"]
     for key, value in results.items():
-        ratio = "" if key.endswith(", s") else f"  {value / baseline:5.2f}x baseline"
-        print(f"{key:60s} {value:10.1f}{' s' if key.endswith(', s') else ' images/s'}{ratio}")
+        unit = " s" if key.endswith(", s") else " epochs" if key.endswith("-px epochs") else None
+        ratio = "" if unit else f"  {value / baseline:5.2f}x baseline"
+        print(f"{key:66s} {value:10.1f}{unit or ' images/s'}{ratio}")
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / "gpu_suite.json").write_text(json.dumps({"device": name, **results}, indent=2))
 

@@ -60,8 +60,13 @@ def test_the_gpu_suite_runs_as_prepared_on_the_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     for row in ("train, GPU tensors, torchvision plain AMP loop (baseline)", "train, GPU tensors, ours eager",
-                "train end to end from JPEG, pil", "train end to end from JPEG, device", "eval from JPEG, device"):
+                "train end to end from JPEG, pil", "train end to end from JPEG, device", "eval from JPEG, device",
+                *(f"train, GPU tensors, ours eager, seed_fast {size} px (/7)" for size in (160, 192, 224))):
         assert report[row] > 0, row
+    # seed_fast.yaml's estimate: 72 epochs at 160 px and 18 at 192 px are 50.0 epochs at 224 px by image-pixels
+    assert report["seed_fast's 90 by image-pixels, 224-px epochs"] == pytest.approx(
+        (72 * 160 ** 2 + 18 * 192 ** 2) / 224 ** 2)
+    assert report["seed_fast's 90 by measured steps, 224-px epochs"] > 0
     assert "x baseline" in result.stdout
 
 
