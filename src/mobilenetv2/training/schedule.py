@@ -33,30 +33,23 @@ class SeedSchedule:
             lr = self.lr_init + (self.lr_max - self.lr_init) * step / warmup
         else:
             progress = (step - warmup) / max(self.total_steps - warmup, 1)
-            lr = self.lr_end + (self.lr_max - self.lr_end) * (1.0 + math.cos(math.pi * progress)) / 2.0
+            lr = self.lr_end + (self.lr_max - self.lr_end) * self.remaining(progress)
         return max(lr, 0.0)
+
+    @staticmethod
+    def remaining(progress: float) -> float:
+        """The share of (lr_max - lr_end) left after `progress` (0 to 1) of the decay: the seed's cosine."""
+        return (1.0 + math.cos(math.pi * progress)) / 2.0
 
 
 @dataclass(frozen=True)
-class LinearSchedule:
-    """Linear warmup from lr_init to lr_max, then a straight line to lr_end over the remaining steps (FFCV's
-    "budgeted" schedule: the decay is stretched over however many epochs the run is given), floored at 0."""
+class LinearSchedule(SeedSchedule):
+    """The seed's warmup, then a straight line from lr_max to lr_end over the remaining steps (FFCV's "budgeted"
+    schedule: the decay is stretched over however many epochs the run is given), floored at 0."""
 
-    lr_init: float
-    lr_max: float
-    lr_end: float
-    warmup_epochs: float
-    total_epochs: int
-    steps_per_epoch: int
-
-    def __call__(self, step: int) -> float:
-        warmup = self.warmup_epochs * self.steps_per_epoch
-        if step < warmup:
-            lr = self.lr_init + (self.lr_max - self.lr_init) * step / warmup
-        else:
-            progress = (step - warmup) / max(self.total_epochs * self.steps_per_epoch - warmup, 1)
-            lr = self.lr_max + (self.lr_end - self.lr_max) * progress
-        return max(lr, 0.0)
+    @staticmethod
+    def remaining(progress: float) -> float:
+        return 1.0 - progress
 
 
 @dataclass(frozen=True)
@@ -98,7 +91,7 @@ def lr_note(batch_size: int, reference_batch: int, scaling: str, lr_max: float) 
             f"(the seed's way); lr_scaling linear would use {scaled:.4g}")
 
 
-Schedule = SeedSchedule | LinearSchedule | StepSchedule
+Schedule = SeedSchedule | StepSchedule  # LinearSchedule is a SeedSchedule
 
 
 def schedule_for(config, steps_per_epoch: int) -> Schedule:
