@@ -102,7 +102,7 @@ def main() -> None:
     rows = {r: summarise(runs[r], args.target) for r in recipes}
     base = rows[recipes[0]]
     print(f"\n| recipe | final top-1 min / median / max | training s min / median / max | vs {recipes[0]} "
-          f"(median) | s to reach {args.target:.0%} (median; runs that reached it) | image-pixels (x1e9) | vs "
+          f"(median) | s to reach {args.target:.0%} (median; runs that reached it) | image-pixels (median) | vs "
           f"{recipes[0]} |")
     print("|---|---|---|---|---|---|---|")
     for recipe, row in rows.items():
@@ -110,7 +110,7 @@ def main() -> None:
         reach = f"{statistics.median(reached):.0f} ({len(reached)}/{len(seeds)})" if reached else f"never (0/{len(seeds)})"
         print(f"| {recipe} | {spread([100 * t for t in row['top1']], '{:.2f} %')} | {spread(row['train_s'], '{:.0f}')} "
               f"| {statistics.median(row['train_s']) / statistics.median(base['train_s']):.2f}x | {reach} | "
-              f"{statistics.median(row['pixels']) / 1e9:.2f} | "
+              f"{statistics.median(row['pixels']):.3g} | "
               f"{statistics.median(row['pixels']) / statistics.median(base['pixels']):.2f}x |")
 
 

@@ -97,3 +97,21 @@ def test_the_serving_load_benchmark_reports_each_concurrency(tmp_path):
     rows = [line for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
     assert [row.split(" | ")[0] for row in rows] == ["| 1", "| 4", "| 4"]
     assert all(row.endswith("| 0 | 0 |") for row in rows), rows  # no errors, no 5xx, bad requests included
+
+
+def test_time_to_accuracy_trains_each_recipe_per_seed_and_reports_min_median_max(tmp_path):
+    """A smoke run (one epoch of 120 images at 32 px): every recipe trains once per seed, in turns, and the table
+    gives each recipe's spread, its time against the first recipe's and its image-pixels from the recorded sizes."""
+    out = run("time_to_accuracy.py", "--data", str(tmp_path / "fm"), "--per-class", "12", "--val-per-class", "3",
+              "--seeds", "1,2", "--recipes", "demo-8-epochs,demo-progressive", "--", "--epochs", "2",
+              "--width-mult", "0.25", "--image-size", "32", "--resize-size", "32", "--batch-size", "16",
+              "--workers", "0")
+    assert out.startswith("CPU: ")
+    assert [line.split(":")[0] for line in out.splitlines() if " seed " in line] == [
+        "demo-8-epochs seed 1", "demo-progressive seed 1", "demo-8-epochs seed 2", "demo-progressive seed 2"]
+    assert "sizes [32, 32]" in out and "sizes [36, 48]" in out  # each recipe's epochs, as recorded (36:48, ramp 0:1)
+    rows = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| demo")}
+    assert set(rows) == {"demo-8-epochs", "demo-progressive"} and "| 1.00x |" in rows["demo-8-epochs"]
+    # 7 steps of 16 images an epoch: the baseline's two epochs at 32 px, the progressive one's at 36 then 48 px
+    assert f"| {2 * 112 * 32 ** 2:.3g} | 1.00x |" in rows["demo-8-epochs"]
+    assert f"| {112 * (36 ** 2 + 48 ** 2):.3g} | 1.76x |" in rows["demo-progressive"]
