@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mobilenetv2"
 # Lower layers never import higher ones. Modules of one package (data/, training/, ...) share a layer.
 LAYERS = [
     {"errors"},
-    {"config", "files", "cpu_memory", "cpu_autograd"},
+    {"config", "preprocess", "files", "cpu_memory", "cpu_autograd"},
     {"metadata"},
     {"model", "runtime", "monitor"},
     {"interop"},

@@ -54,7 +54,8 @@ def test_the_gpu_suite_runs_as_prepared_on_the_cpu(tmp_path):
     import json
     import os
 
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    # one thread, as the test workers run torch: two would contend with the other worker for two cores
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--cpu"], env=env, capture_output=True,
                             text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -99,9 +100,10 @@ def test_the_serving_load_benchmark_reports_each_concurrency(tmp_path):
     assert all(row.endswith("| 0 | 0 |") for row in rows), rows  # no errors, no 5xx, bad requests included
 
 
-def test_time_to_accuracy_trains_each_recipe_per_seed_and_reports_min_median_max(tmp_path):
-    """A smoke run (one epoch of 120 images at 32 px): every recipe trains once per seed, in turns, and the table
+def test_time_to_accuracy_trains_each_recipe_per_seed_and_reports_min_median_max(tmp_path, monkeypatch):
+    """A smoke run (two epochs of 120 images at 32 px): every recipe trains once per seed, in turns, and the table
     gives each recipe's spread, its time against the first recipe's and its image-pixels from the recorded sizes."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runs' processes, beside the other test worker
     out = run("time_to_accuracy.py", "--data", str(tmp_path / "fm"), "--per-class", "12", "--val-per-class", "3",
               "--seeds", "1,2", "--recipes", "demo-8-epochs,demo-progressive", "--", "--epochs", "2",
               "--width-mult", "0.25", "--image-size", "32", "--resize-size", "32", "--batch-size", "16",

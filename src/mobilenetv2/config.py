@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mobilenetv2.errors import UserError, first_line
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
+from mobilenetv2.errors import UserError
+from mobilenetv2.files import read_yaml, write_yaml  # noqa: F401  (part of this module's interface)
+from mobilenetv2.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: F401  (likewise)
 
 # the parameter sets weight decay can apply to (TrainConfig.weight_decay_on); training/recipe.py decides membership
 WEIGHT_DECAY_SETS = ("seed", "weights", "all")
@@ -30,40 +28,6 @@ RAND_AUGMENT = re.compile(r"^rand(-[a-z]+[0-9.]*)+$")  # timm's string: rand-m9-
 
 def _help(text: str, **kwargs) -> Any:
     return field(metadata={"help": text}, **kwargs)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """What an image must go through before the network sees it; travels inside every checkpoint and export."""
-
-    image_size: int = 224
-    resize_size: int = 256
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"
-    resize_mode: str = "short"  # "short": shorter side to resize_size then centre crop; "squash": resize_size square
-
-    def __post_init__(self):
-        if self.image_size < 8 or self.resize_size < self.image_size:
-            raise UserError(f"image size {self.image_size} / resize size {self.resize_size} are not usable")
-        if self.resize_mode not in ("short", "squash"):
-            raise UserError(f"resize mode must be 'short' or 'squash', got {self.resize_mode!r}")
-        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
-            raise UserError(f"interpolation must be bilinear, bicubic or nearest, got {self.interpolation!r}")
-
-    @classmethod
-    def for_image_size(cls, image_size: int, **kwargs) -> Preprocess:
-        """The seed's ratio: resize to 256/224 of the crop size."""
-        return cls(image_size=image_size, resize_size=int(round(image_size * 256 / 224)), **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Preprocess:
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
-        return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -374,24 +338,3 @@ def build_config(cls, file: str | Path | None = None, overrides: dict[str, Any] 
         except (TypeError, ValueError):
             raise UserError(f"option {key!r}: {value!r} is not a {wanted.__name__}") from None
     return cls(**typed)
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"config file {path} must hold a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in values.items()}
-
-
-def write_yaml(values: dict[str, Any], path: str | Path) -> None:
-    import yaml
-
-    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from mobilenetv2.errors import WriteError
+from mobilenetv2.errors import UserError, WriteError, first_line
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
@@ -136,3 +136,24 @@ def file_sha256(path: str | os.PathLike, salt: bytes = b"") -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def write_yaml(values: dict[str, Any], path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
