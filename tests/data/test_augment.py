@@ -255,22 +255,26 @@ def test_bad_augmentation_values_are_one_line_exit_2(capsys, dataset, tmp_path, 
 
 
 def test_every_option_under_torchrun(dataset, tmp_path):
-    """Two ranks with every option: the repeated-augmentation sampler splits across them, eval counts each image
-    once, and the run's steps are what the sampler's share gives."""
+    """Two ranks with every option, progressive resizing included: the repeated-augmentation sampler splits across
+    them, eval counts each image once, the run's steps are what the sampler's share gives, and each epoch trains at
+    its scheduled size on both ranks."""
     import os
     import sys
 
     run = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "mobilenetv2", "train", "--data", str(dataset), "--output", str(run), "--width-mult", "0.25",
-               "--image-size", "32", "--workers", "0", "--batch-size", "4", "--epochs", "1", "--amp", "off",
-               *EVERY_OPTION]
+               "--image-size", "32", "--workers", "0", "--batch-size", "4", "--epochs", "2", "--amp", "off",
+               *EVERY_OPTION, "--train-crop-size", "0", "--progressive-resize", "24:32", "--progressive-ramp", "0:1",
+               "--progressive-multiple", "8"]  # progressive resizing in place of the fixed train crop
     result = torchrun(command, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     from conftest import records
 
-    (epoch,) = records(run, "epoch")
-    assert epoch["eval_count"] == 15 and epoch["steps"] == 24 // 2 // 4  # timm's share: 24 images / 2 ranks
+    epochs = records(run, "epoch")
+    assert [epoch["train_size"] for epoch in epochs] == [24, 32]
+    for epoch in epochs:
+        assert epoch["eval_count"] == 15 and epoch["steps"] == 24 // 2 // 4  # timm's share: 24 images / 2 ranks
 
 
 def test_image_options_are_refused_for_cached_features(capsys, dataset, tmp_path):
