@@ -113,7 +113,7 @@ def seed_fast_sizes(runtime: Runtime, args, sync) -> dict[str, float]:
     """Model-only images/s at each training size of seed_fast.yaml and at its eval size, and that recipe's epochs
     in 224-px epochs by image-pixels and by these step times. On the CPU the sizes are divided by 7 (the code path)."""
     config = build_config(TrainConfig, SEED_FAST)
-    sizes = [resolution_for(config, config.image_size)(epoch) for epoch in range(config.epochs)]
+    sizes = [resolution_for(config)(epoch) for epoch in range(config.epochs)]
     scale = 1 if runtime.device.type == "cuda" else 7
     rates = {size: model_only(runtime, args.batch_size, size // scale, args.steps, False, sync)
              for size in sorted({*sizes, config.image_size})}

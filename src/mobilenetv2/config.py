@@ -261,6 +261,15 @@ class TrainConfig:
         return _pair(self.progressive_resize, int, "progressive_resize", "MIN:MAX such as 32:48")
 
     @property
+    def train_sizes(self) -> tuple[int, int]:
+        """The smallest and largest training crop of the run: progressive resizing's (MIN, MAX), else the one fixed
+        size (`train_crop_size`, or the eval crop `image_size`) twice."""
+        if self.progressive_resize:
+            return self.progressive_sizes
+        size = self.train_crop_size or self.image_size
+        return size, size
+
+    @property
     def progressive_ramp_epochs(self) -> tuple[float, float]:
         """(START, END) epochs of the ramp: `progressive_ramp`, or the whole run (0 to the last epoch's start)."""
         if not self.progressive_ramp:

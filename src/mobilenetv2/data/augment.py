@@ -132,8 +132,7 @@ def image_policy(config, preprocess) -> ImagePolicy | None:
     """The run's per-image policy at the training crop size (the largest under progressive resizing), or None."""
     if config.auto_augment == "none":
         return None
-    size = config.progressive_sizes[1] if config.progressive_resize else config.train_crop_size or preprocess.image_size
-    return ImagePolicy(config.auto_augment, size, preprocess.mean, preprocess.interpolation)
+    return ImagePolicy(config.auto_augment, config.train_sizes[1], preprocess.mean, preprocess.interpolation)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from mobilenetv2.runtime import Runtime
 from mobilenetv2.training.distill import load_teacher
 from mobilenetv2.training.loop import fit
 from mobilenetv2.training.run_checkpoints import LoopState, ResumePoint, resume_path
-from mobilenetv2.training.schedule import lr_note, resolution_for
+from mobilenetv2.training.schedule import lr_note
 from mobilenetv2.training.setup import build_model, resolve_config
 from mobilenetv2.training.shard_task import check_shard_run, shard_task
 from mobilenetv2.training.tasks import build_task
@@ -45,7 +45,7 @@ def run_training(config: TrainConfig) -> LoopState:
             amp_note = None
             if config.freeze == "none":  # head-only training runs on cached features: nothing worth timing
                 runtime, amp_note = runtime_module.tune_cpu_amp(runtime, config.amp, model, config.batch_size,
-                                                                resolution_for(config, config.image_size).high,
+                                                                config.train_sizes[1],
                                                                 model.num_classes)
             teacher = load_teacher(config, model, runtime)
             if resume:

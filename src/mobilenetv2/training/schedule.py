@@ -127,12 +127,11 @@ class ResolutionSchedule:
         return min(max(math.floor(size / self.multiple + 0.5) * self.multiple, self.low), self.high)
 
 
-def resolution_for(config, image_size: int) -> ResolutionSchedule:
+def resolution_for(config) -> ResolutionSchedule:
     """The run's training crop size per epoch: `config.progressive_resize` over `config.progressive_ramp` when set,
-    else the fixed train crop size (`train_crop_size`, or the eval crop `image_size`)."""
+    else its one fixed size (`config.train_sizes`)."""
+    low, high = config.train_sizes
     if not config.progressive_resize:
-        size = config.train_crop_size or image_size
-        return ResolutionSchedule(size, size)
-    low, high = config.progressive_sizes
+        return ResolutionSchedule(low, high)
     start, end = config.progressive_ramp_epochs
     return ResolutionSchedule(low, high, start, end, config.progressive_multiple)

@@ -73,7 +73,7 @@ def shard_task(config: TrainConfig, model: MobileNetV2, splits: ShardSplits, run
     steps, batch = streams.steps_and_batch(train.num_samples, runtime.world_size, config.batch_size)
     policy = augment.image_policy(config, preprocess)
     device = config.data_backend == "device"
-    sizes = resolution_for(config, preprocess.image_size)
+    sizes = resolution_for(config)
     if device:
         item, collate = streams.EncodedItem(), on_device.collate_encoded
         train_augment = on_device.DeviceTrainAugment(preprocess, config.min_scale, config.color_jitter, sizes(0),

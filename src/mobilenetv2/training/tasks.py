@@ -165,7 +165,7 @@ def image_task(config: TrainConfig, model: MobileNetV2, splits: folders.DatasetS
     """Train the whole network (or what requires grad) on images through a DataLoader."""
     known = _known_classes(model, splits)
     policy = augment.image_policy(config, model.preprocess)
-    sizes = resolution_for(config, model.preprocess.image_size)
+    sizes = resolution_for(config)
     transform = train_transform(model.preprocess, config.min_scale, config.color_jitter, normalized=False,
                                 crop_size=sizes(0), policy=policy)
     train_set = _SeededSamples(folders.image_folder(splits.train, transform, known), config.seed, runtime.rank)
@@ -202,7 +202,7 @@ def device_task(config: TrainConfig, model: MobileNetV2, splits: folders.Dataset
     known = _known_classes(model, splits)
     train_set = folders.image_folder(splits.train, None, known, kind=on_device.EncodedFolder)
     sampler, drop_last, steps = _train_sampler(train_set.targets, config, runtime)
-    sizes = resolution_for(config, model.preprocess.image_size)
+    sizes = resolution_for(config)
     train_augment = on_device.DeviceTrainAugment(model.preprocess, config.min_scale, config.color_jitter, sizes(0),
                                                  augment.image_policy(config, model.preprocess))
     pin = runtime.device.type == "cuda"
@@ -234,7 +234,7 @@ def memory_task(config: TrainConfig, model: MobileNetV2, splits: folders.Dataset
     preprocess, known = model.preprocess, _known_classes(model, splits)
     images, labels, skipped = batched.decode_all(folders.image_folder(splits.train, None, known),
                                                  preprocess.resize_size, config.workers)
-    sizes = resolution_for(config, preprocess.image_size)
+    sizes = resolution_for(config)
     train_augment = batched.BatchAugment(preprocess, config.min_scale, config.color_jitter, sizes(0),
                                          augment.image_policy(config, preprocess))
     sampler, drop_last, steps = _train_sampler(labels.numpy(), config, runtime)
