@@ -97,7 +97,7 @@ class _Run:
     criterion: nn.Module
     batch_ops: BatchOps | None
     teacher_file: TeacherFile | None = None
-    resumed_at: int = 0  # the epoch the loop starts in (a resumed run says its size there too)
+    announced_size: int | None = None  # the training size the log last named (none yet: the run's first epoch says it)
     skipped_images: int = 0
     skipped_steps: int = 0  # fp16 overflows
     pending: list = field(default_factory=list)  # step records whose loss is still on the device
@@ -134,7 +134,6 @@ def fit(task: TrainTask, config: TrainConfig, monitor: RunMonitor, output: Path 
     state = resume.restore(task.model, run.ema, run.optimizer, run.scaler) if resume else LoopState()
     if resume:
         monitor.line(f"resumed from {resume.path} at epoch {state.epoch}, step {state.global_step}")
-    run.resumed_at = state.epoch
     with _StopRequest.watching():
         _epochs(run, state)
     if run.skipped_images:
@@ -173,13 +172,13 @@ def _epochs(run: _Run, state: LoopState) -> None:
 
 
 def _announce_size(run: _Run, epoch: _Epoch) -> None:
-    """Under progressive resizing, a line when the training crop's size changes (and at the run's first epoch)."""
-    if not run.config.progressive_resize or epoch.train_size is None:
+    """Under progressive resizing, a line when the training crop's size changes (and at the first epoch this process
+    runs, resumed or not)."""
+    if not run.config.progressive_resize or epoch.train_size in (None, run.announced_size):
         return
-    before = run.task.train_size(epoch.index - 1) if epoch.index > 0 else None
-    if epoch.train_size != before or epoch.index == run.resumed_at:
-        run.monitor.line(f"training size {epoch.train_size} px from epoch {epoch.index + 1} "
-                         f"(progressive {run.config.progressive_resize}, eval at {run.config.image_size} px)")
+    run.announced_size = epoch.train_size
+    run.monitor.line(f"training size {epoch.train_size} px from epoch {epoch.index + 1} "
+                     f"(progressive {run.config.progressive_resize}, eval at {run.config.image_size} px)")
 
 
 def _stop_requested(run: _Run, step: int) -> bool:
