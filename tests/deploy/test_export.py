@@ -104,6 +104,7 @@ def test_an_export_that_fails_its_check_exits_1_and_leaves_no_file(converted, tm
     output = tmp_path / f"model.{fmt}"
     output.write_bytes(b"the previous, good export")
     monkeypatch.setattr(onnx_files, "TOLERANCE", -1.0)  # no difference passes (every export check compares there)
+    monkeypatch.setattr(onnx_files, "NOISE_MULTIPLE", -1.0)
     assert main(["export", "--checkpoint", str(converted), "--format", fmt, "--output", str(output),
                  *(FAST if fmt == "onnx" else [])]) == 1
     assert "check failed" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +28,8 @@ import torch
 from torch import nn
 
 from mobilenetv2.config import Preprocess
-from mobilenetv2.engines.onnx_files import (ENGINE_RUNNERS, EXTRAS, check_images, export_for_engines,
-                                           installed, read_onnx_metadata, require_runtime)
+from mobilenetv2.engines.onnx_files import (ENGINE_RUNNERS, EXTRAS, CachedExportError, check_images,
+                                           export_for_engines, installed, read_onnx_metadata, require_runtime)
 from mobilenetv2.errors import CheckpointError, UserError, first_line
 from mobilenetv2.files import file_sha256
 from mobilenetv2.interop import published
@@ -244,7 +245,14 @@ def load_classifier(path: str | os.PathLike, device: torch.device | None = None,
         return as_classifier(model.to(device) if device is not None else model)
     if published.is_published_name(str(path)):  # its export is cached beside the file in its library's cache
         path = published.resolve(str(path))[0]
-    export = cached_export(path, model)
+    try:
+        export = cached_export(path, model)
+    except CachedExportError as exc:
+        if runtime_name != "auto":
+            raise
+        # an automatic choice never turns an answer into an error: eager PyTorch answers where its export fails
+        print(f"mobilenetv2: warning: runtime auto runs {path} in torch: {exc}", file=sys.stderr, flush=True)
+        return as_classifier(model.to(device) if device is not None else model)
     builders = {engine: (lambda: as_classifier(model)) if engine == "torch" else
                 (lambda engine=engine: onnx_classifier(export, engine)) for engine in _cpu_engines(runtime_name)}
     return _fastest(builders, lambda c: c.forward, model.preprocess.image_size, batch,
@@ -285,7 +293,14 @@ def feature_function(model: MobileNetV2, runtime, runtime_name: str = "auto",
 
     with tempfile.TemporaryDirectory(prefix="mobilenetv2-features-") as folder:  # engines keep the graph in memory
         target = Path(folder) / "features.onnx"
-        export_for_engines(_Features(model).eval(), target, check_images(model, 3), model.metadata())
+        try:
+            export_for_engines(_Features(model).eval(), target, check_images(model, 3), model.metadata())
+        except CachedExportError as exc:
+            if runtime_name != "auto":
+                raise
+            print(f"mobilenetv2: warning: runtime auto extracts features in torch: {exc}", file=sys.stderr,
+                  flush=True)
+            return model.features, "torch"
         engine, forward = _fastest({engine: builder(engine, target) for engine in _cpu_engines(runtime_name)},
                                    lambda built: built[1], model.preprocess.image_size,
                                    max(1, min(batch_size, TIMING_BATCH)), None, runtime)
