@@ -77,10 +77,18 @@ def _cmd_export(args) -> int:
     output = args.output or default_output(args.checkpoint, args.format)
     try:
         options = {"onnx_exporter": args.onnx_exporter} if args.format in ("onnx", "triton") else {}
-        if args.format == "executorch" and args.int8:
+        if args.int8 and args.format not in ("executorch", "tflite"):
+            raise UserError(f"--int8 is for executorch and tflite, not {args.format} (int8 ONNX: mobilenetv2 quantize)")
+        if args.int8:
+            from mobilenetv2.data.folders import find_splits
             from mobilenetv2.deploy.quantize import calibration_from
 
             options = {"int8": True, "calibration": calibration_from(model, args.data, args.calibration_images)}
+            if args.format == "tflite":
+                options["val"] = find_splits(args.data).val
+        options.update({"layout": args.layout} if args.format == "tflite" else {})
+        options.update({"precision": args.precision} if args.format in ("openvino", "coreml") else {})
+        options.update({"python": args.mindspore_python} if args.format == "mindir" else {})
         batch_size = args.batch_size or (32 if args.format == "triton" else 1)  # triton: its max_batch_size
         reports = export(model, args.format, output, batch_size=batch_size, dynamic_batch=args.dynamic_batch,
                          with_softmax=args.with_softmax, **options)
@@ -191,8 +199,16 @@ def add_deploy_commands(commands) -> None:
                         "(default 32)")
     export.add_argument("--dynamic-batch", action="store_true", help="any batch size at run time")
     export.add_argument("--with-softmax", action="store_true", help="also output probabilities ('probs')")
-    export.add_argument("--int8", action="store_true", help="executorch: int8 through the PT2E quantizer")
-    export.add_argument("--data", help="with --int8: dataset root whose train/ images calibrate")
+    export.add_argument("--int8", action="store_true", help="executorch and tflite: static int8 through the PT2E "
+                        "quantizer (int8 ONNX: mobilenetv2 quantize)")
+    export.add_argument("--data", help="with --int8: dataset root whose train/ images calibrate (tflite: its val/ "
+                        "top-1 before and after is measured and kept in the file)")
+    export.add_argument("--layout", choices=["nchw", "nhwc"], default="nchw", help="tflite: the input's layout, "
+                        "N x 3 x H x W as exported or N x H x W x 3 as an Android bitmap's pixels")
+    export.add_argument("--precision", choices=["auto", "fp32", "fp16"], default="auto", help="openvino (default "
+                        "fp32) and coreml (default fp16, what the Neural Engine runs) weights")
+    export.add_argument("--mindspore-python", help="mindir: the python of an environment with mindspore (default "
+                        "$MOBILENETV2_MINDSPORE_PYTHON, else this one's mindspore)")
     export.add_argument("--calibration-images", type=int, default=512)
     export.add_argument("--onnx-exporter", choices=["dynamo", "legacy", "auto"], default="dynamo",
                         help="onnx and triton: dynamo, torch's current exporter (opset 18); legacy, the deprecated "

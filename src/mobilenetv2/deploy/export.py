@@ -192,13 +192,55 @@ def export_pte(model: MobileNetV2, temp: Path, *, int8: bool = False, calibratio
     if not int8:
         return _check_against_eager(model, lambda images: [run(images)], [4], False, "ExecuTorch runtime",
                                     "ExecuTorch")
+    return [_int8_check(model, run, "ExecuTorch runtime")]
+
+
+def _int8_check(model: MobileNetV2, run: Callable, runner: str) -> str:
+    """An int8 file's logits on 4 photos within INT8_TOLERANCE of eager's, and how many top-1s agree."""
     images = check_images(model, 4)
     with torch.no_grad():
         expected, actual = model(images), run(images)
-    difference = compare(expected, actual, "int8 ExecuTorch logits", INT8_TOLERANCE)
+    difference = compare(expected, actual, f"int8 {runner} logits", INT8_TOLERANCE)
     agree = int((expected.argmax(1) == actual.argmax(1)).sum())
-    return [f"ExecuTorch runtime (int8) vs eager, 4 photos: max abs difference {difference:.3g} (tolerance "
-            f"{INT8_TOLERANCE} x logit scale), top-1 equal on {agree}/4"]
+    return (f"{runner} (int8) vs eager, 4 photos: max abs difference {difference:.3g} (tolerance "
+            f"{INT8_TOLERANCE} x logit scale), top-1 equal on {agree}/4")
+
+
+def export_tflite(model: MobileNetV2, temp: Path, *, int8: bool = False, calibration=None, val=None,
+                  layout: str = "nchw", **_options) -> list[str]:
+    """LiteRT (deploy/litert.py), batch 1 (the interpreter resizes it); fp32 checked like ONNX at batches 1 and 3,
+    int8 within INT8_TOLERANCE, with its top-1 beside eager's on the `val` folder when given. The metadata record
+    (and the file's layout and quantization) rides inside the file."""
+    from mobilenetv2.deploy import litert
+
+    if int8 and calibration is None:
+        raise UserError("int8 LiteRT export needs calibration images (`data`)")
+    val = litert.val_dataset(model, val) if int8 and val is not None else None
+    litert.convert(model, temp, layout=layout, int8=int8, calibration=calibration)
+    run = litert.litert_runner(temp, layout=layout)
+    record = {**model.metadata(), "litert": {"layout": layout, "input": "int8 (the input tensor's scale and zero "
+                                             "point)" if int8 else "float32", "batch": "1, resizable"}}
+    if not int8:
+        reports = _check_against_eager(model, lambda images: [run(images)], [1, 3], False, "LiteRT Interpreter",
+                                       "LiteRT")
+    else:
+        reports = [_int8_check(model, run, "LiteRT Interpreter")]
+        if val is not None:
+            fp32_top1, int8_top1, count = litert.val_top1(model, run, val)
+            record["quantization"] = {"scheme": "litert-torch PT2E static int8: per-channel symmetric weights, "
+                                      "int8 activations", "calibration_images": len(calibration),
+                                      "fp32_top1": fp32_top1, "int8_top1": int8_top1, "evaluated_images": count}
+            reports.append(f"top-1 on {count} val images: fp32 (eager) {fp32_top1:.2%}, int8 (LiteRT) "
+                           f"{int8_top1:.2%}")
+    litert.attach_contract(temp, record, model.class_names)
+    if litert.read_contract(temp) != json.loads(json.dumps(record)):
+        raise ExportCheckError("the LiteRT file's metadata does not read back as written")
+    run = litert.litert_runner(temp)  # the file as shipped: the archive appended, the layout read from it
+    if int8:
+        _int8_check(model, run, "LiteRT Interpreter")
+    else:
+        _check_against_eager(model, lambda images: [run(images)], [2], False, "LiteRT Interpreter", "LiteRT")
+    return reports
 
 
 def export_triton(model: MobileNetV2, temp: Path, **options) -> list[str]:
