@@ -243,6 +243,30 @@ def export_tflite(model: MobileNetV2, temp: Path, *, int8: bool = False, calibra
     return reports
 
 
+def export_openvino(model: MobileNetV2, temp: Path, *, precision: str = "auto", **_options) -> list[str]:
+    """OpenVINO IR (deploy/openvino_ir.py) in the folder `temp` (model.xml, model.bin; `export` moves them into
+    place), run back with OpenVINO at batches 1 and 3: fp32 like ONNX, fp16 weights within FP16_TOLERANCE."""
+    from mobilenetv2.deploy import openvino_ir
+    from mobilenetv2.engines.onnx_files import openvino_run, read_openvino_metadata
+
+    precision = "fp32" if precision == "auto" else precision
+    temp.unlink(missing_ok=True)  # a free name, held for the folder
+    xml = openvino_ir.write_ir(model, temp, precision)
+    if read_openvino_metadata(xml)[1] != json.loads(json.dumps(model.metadata())):
+        raise ExportCheckError("the OpenVINO IR's metadata does not read back as written")
+    run, _batch = openvino_run(xml)
+    tolerance = None if precision == "fp32" else openvino_ir.FP16_TOLERANCE
+    reports = []
+    for batch in (1, 3):
+        images = check_images(model, batch)
+        with torch.no_grad():
+            expected = model(images)
+        difference = compare(expected, run(images.numpy()), f"OpenVINO ({precision}) logits at batch {batch}",
+                             tolerance, noise=float32_error(model, images))
+        reports.append(f"OpenVINO ({precision} weights) vs eager, batch {batch}: max abs difference {difference:.3g}")
+    return reports
+
+
 def export_triton(model: MobileNetV2, temp: Path, **options) -> list[str]:
     """A Triton model repository entry (deploy/triton.py) around our checked ONNX export."""
     return triton.write_entry(model, temp, export_onnx, **options)
@@ -274,7 +298,12 @@ def export(model: MobileNetV2, fmt: str, output: str | os.PathLike, **options) -
 
 
 def _replace(temp: Path, output: Path) -> None:
-    """Put `temp` (a file, or a folder) at `output`; a folder already there is swapped out, then removed."""
+    """Put `temp` (a file, or a folder) at `output`; a folder already there is swapped out, then removed. An
+    OpenVINO IR's folder puts its weights beside `output` first, then the graph, which names the export done."""
+    if temp.is_dir() and (temp / "model.xml").is_file() and output.suffix == ".xml":
+        os.replace(temp / "model.bin", output.with_suffix(".bin"))
+        os.replace(temp / "model.xml", output)
+        return
     if not (temp.is_dir() and output.is_dir()):
         os.replace(temp, output)
         return

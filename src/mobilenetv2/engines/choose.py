@@ -29,7 +29,8 @@ from torch import nn
 
 from mobilenetv2.config import Preprocess
 from mobilenetv2.engines.onnx_files import (ENGINE_RUNNERS, EXTRAS, CachedExportError, check_images,
-                                           export_for_engines, installed, read_onnx_metadata, require_runtime)
+                                           export_for_engines, installed, read_engine_metadata, read_onnx_metadata,
+                                           read_openvino_metadata, require_runtime)
 from mobilenetv2.errors import CheckpointError, UserError, first_line
 from mobilenetv2.files import file_sha256
 from mobilenetv2.interop import published
@@ -72,11 +73,12 @@ def as_classifier(model: MobileNetV2) -> Classifier:
 
 
 def onnx_classifier(path: str | os.PathLike, engine: str = "onnx") -> Classifier:
-    """An exported .onnx (ours: it carries the metadata record) run by ONNX Runtime or OpenVINO on the CPU."""
+    """An exported .onnx (ours: it carries the metadata record) run by ONNX Runtime or OpenVINO on the CPU, or an
+    OpenVINO IR (.xml) run by OpenVINO."""
     path = Path(path)
     if not installed(engine):
-        raise CheckpointError(f"reading .onnx files with {engine} needs it installed: {EXTRAS[engine]}")
-    meta, _record = read_onnx_metadata(path)
+        raise CheckpointError(f"reading {path.suffix} files with {engine} needs it installed: {EXTRAS[engine]}")
+    meta, _record = read_engine_metadata(path)
     try:
         run, batch_dim = ENGINE_RUNNERS[engine](path)
     except Exception as exc:  # noqa: BLE001 - the engines' own load errors (Fail, InvalidGraph, RuntimeError, ...)
@@ -228,6 +230,12 @@ def load_classifier(path: str | os.PathLike, device: torch.device | None = None,
     if on_gpu and runtime_name not in ("auto", "torch"):
         raise UserError(f"`runtime` {runtime_name} runs on the CPU; use --device cpu, or --runtime torch on {device}")
     batch = max(1, min(batch_size, TIMING_BATCH))
+    if str(path).endswith(".xml"):  # an OpenVINO IR: OpenVINO alone reads it
+        path = Path(path)
+        if runtime_name not in ("auto", "openvino"):
+            raise UserError(f"{path} is an OpenVINO IR: run it with --runtime openvino (or auto)")
+        read_openvino_metadata(path)
+        return onnx_classifier(path, "openvino")
     if str(path).endswith(".onnx"):
         path = Path(path)
         if runtime_name == "torch":

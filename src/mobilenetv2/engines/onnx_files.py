@@ -162,6 +162,46 @@ def read_onnx_metadata(path: Path):
     return meta, record
 
 
+MAX_IR_BYTES = 2 << 30
+
+
+def read_openvino_metadata(path: Path):
+    """As `read_onnx_metadata`, for an OpenVINO IR (`.xml`, its `.bin` beside it) written by `export --format
+    openvino`: the record rides in the IR's runtime info."""
+    if not installed("openvino"):
+        raise CheckpointError(f"reading OpenVINO IR needs OpenVINO: {EXTRAS['openvino']}")
+    import openvino
+
+    weights = path.with_suffix(".bin")
+    for part in (path, weights):
+        if not part.is_file():
+            raise CheckpointError(f"checkpoint not found: {part}" + (" (an IR's weights lie beside its .xml)"
+                                                                     if part == weights else ""))
+        if part.stat().st_size > MAX_IR_BYTES:
+            raise CheckpointError(f"{part}: {part.stat().st_size} bytes is more than the {MAX_IR_BYTES} we read")
+    try:
+        network = openvino.Core().read_model(str(path))
+        text = network.get_rt_info([FORMAT_NAME]).astype(str) if network.has_rt_info([FORMAT_NAME]) else None
+    except Exception as exc:  # noqa: BLE001 - OpenVINO's own parse errors
+        raise CheckpointError(f"{path}: not a readable OpenVINO IR ({first_line(exc, 120)})") from None
+    if text is None:
+        raise CheckpointError(f"{path}: an OpenVINO IR without mobilenetv2 metadata (export it with 'mobilenetv2 "
+                              "export --format openvino')")
+    try:
+        record = json.loads(text)
+        meta = parse(record, str(path))
+    except (ValueError, TypeError):
+        raise CheckpointError(f"{path}: its mobilenetv2 metadata is not a JSON record") from None
+    if not isinstance(meta.architecture.get("num_classes"), int) or meta.architecture["num_classes"] < 1:
+        raise CheckpointError(f"{path}: its mobilenetv2 metadata has no class count")
+    return meta, record
+
+
+def read_engine_metadata(path: Path):
+    """The metadata of a file an engine runs: an ONNX file, or an OpenVINO IR (`.xml`)."""
+    return read_openvino_metadata(path) if path.suffix == ".xml" else read_onnx_metadata(path)
+
+
 ONNX_OPSET = {"dynamo": 18, "legacy": 17}  # 18 is the lowest the dynamo exporter writes
 ONNX_EXPORTERS = ("auto", *ONNX_OPSET)
 

@@ -1,0 +1,43 @@
+"""OpenVINO IR: `model.xml` (the graph, with our metadata record in its runtime info) and `model.bin` (the weights)
+beside it, converted from our checked ONNX export (so the input is `input`, N x 3 x H x W with any batch, and the
+output `logits`), fp32 weights by default or fp16 (`compress_to_fp16`, half the file; OpenVINO computes in f32 on a
+CPU either way). `eval`, `predict` and `bench` read the `.xml`. OpenVINO is the [openvino] extra."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mobilenetv2.engines.onnx_files import installed, torch_onnx_export
+from mobilenetv2.errors import UserError
+from mobilenetv2.metadata import FORMAT_NAME
+from mobilenetv2.model import MobileNetV2
+
+PRECISIONS = ("fp32", "fp16")
+FP16_TOLERANCE = 5e-3  # fp16 weights: max |difference| from eager, relative to max(1, logit scale)
+
+
+def require_openvino() -> None:
+    if not installed("openvino"):
+        raise UserError("the openvino export needs OpenVINO: pip install 'mobilenetv2[openvino]'")
+
+
+def write_ir(model: MobileNetV2, folder: Path, precision: str = "fp32", record: dict | None = None) -> Path:
+    """`folder`/model.xml and model.bin for `model` (its metadata, or `record`, in the runtime info)."""
+    require_openvino()
+    if precision not in PRECISIONS:
+        raise UserError(f"openvino `precision` must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    import openvino
+
+    folder.mkdir(parents=True, exist_ok=True)
+    size = model.preprocess.image_size
+    onnx_file = folder / "graph.onnx"
+    torch_onnx_export(model.eval(), torch.zeros(1, 3, size, size), onnx_file, ["logits"], True, "auto")
+    network = openvino.convert_model(str(onnx_file))
+    onnx_file.unlink()
+    network.set_rt_info(json.dumps(model.metadata() if record is None else record), [FORMAT_NAME])
+    xml = folder / "model.xml"
+    openvino.save_model(network, str(xml), compress_to_fp16=precision == "fp16")
+    return xml
