@@ -30,9 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "configs" / "fashion_mnist.yaml"
 # the demo's recipe until 2026-12-07 (8 epochs at 48 px, crops of 85-100 %, cosine), as overrides of the demo's file
 RECIPES = {
-    "demo-8-epochs": ["--epochs", "8", "--min-scale", "0.85", "--lr-schedule", "cosine", "--progressive-resize", "",
-                      "--progressive-ramp", ""],
-    "demo": [],  # configs/fashion_mnist.yaml as it stands: 5 epochs, no crops, linear decay
+    "demo-8-epochs": ["--epochs", "8", "--min-scale", "0.85", "--lr-schedule", "cosine", "--eval-tta", "none",
+                      "--progressive-resize", "", "--progressive-ramp", ""],
+    # configs/fashion_mnist.yaml as it stands: 5 epochs, no crops, linear decay, flip TTA in the eval
+    "demo": [],
+    "demo-no-tta": ["--eval-tta", "none"],  # the same training, each test image seen once
     # the same with its first epoch at 36 px (progressive resizing): 0.74 of a 48-px epoch's step time
     "demo-progressive": ["--progressive-resize", "36:48", "--progressive-ramp", "0:1", "--progressive-multiple", "4"],
 }

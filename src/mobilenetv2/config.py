@@ -157,6 +157,8 @@ class TrainConfig:
     save_every: int = _help("save a numbered checkpoint every N epochs", default=1)
     keep_max: int = _help("numbered checkpoints kept (oldest deleted first)", default=10)
     eval_every: int = _help("evaluate on val every N epochs (0: never)", default=1)
+    eval_tta: str = _help("test-time augmentation of that eval: none, or flip (each image and its mirror, logits "
+                          "averaged; twice the eval's work)", default="none")
     tensorboard: bool = _help("also write TensorBoard event files", default=False)
     log_every: int = _help("write the seed's step line every N steps (the last step of an epoch always)", default=1)
 
@@ -178,9 +180,9 @@ class TrainConfig:
             (self.freeze == "none" or bool(self.pretrained), "`freeze` backbone needs `pretrained` (a trained backbone)"),
             (0 <= self.ema < 1, "`ema` must be in [0, 1)"),
             (self.save_every >= 1 and self.keep_max >= 1, "`save_every` and `keep_max` must be >= 1"),
-            (self.eval_every >= 0, "`eval_every` must be >= 0"),
-            (self.workers >= 0, "`workers` must be >= 0"),
-            (self.max_steps >= 0, "`max_steps` must be >= 0"),
+            (self.eval_every >= 0 and self.workers >= 0 and self.max_steps >= 0,
+             "`eval_every`, `workers` and `max_steps` must be >= 0"),
+            (self.eval_tta in ("none", "flip"), f"`eval_tta` must be none or flip, got {self.eval_tta!r}"),
             (self.feature_views >= 1, "`feature_views` must be >= 1"),
             (self.feature_runtime in ("auto", "torch", "onnx", "openvino"),
              f"`feature_runtime` must be auto, torch, onnx or openvino, got {self.feature_runtime!r}"),

@@ -56,9 +56,9 @@ def run_demo(options: DemoOptions) -> dict:
     run_training(config)
     trained = time.perf_counter()
     checkpoint = options.output / "checkpoints" / "last.pt"
-    evaluation = _evaluate(checkpoint, data_dir, options)
+    evaluation = _evaluate(checkpoint, data_dir, options, config.eval_tta)
     onnx_report = _export(checkpoint, options.output / "model.onnx")
-    onnx_eval = _evaluate(options.output / "model.onnx", data_dir, options, device="cpu")
+    onnx_eval = _evaluate(options.output / "model.onnx", data_dir, options, config.eval_tta, device="cpu")
     predictions = _predict(checkpoint, data_dir)
     curves = plot_run(options.output)
     finished = time.perf_counter()
@@ -74,12 +74,13 @@ def run_demo(options: DemoOptions) -> dict:
     return summary
 
 
-def _evaluate(checkpoint: Path, data_dir: Path, options: DemoOptions, device: str | None = None) -> dict:
-    """Top-1 and the rest of `checkpoint` as written: a .pt in PyTorch (the export is measured on its own)."""
+def _evaluate(checkpoint: Path, data_dir: Path, options: DemoOptions, tta: str, device: str | None = None) -> dict:
+    """Top-1 and the rest of `checkpoint` as written: a .pt in PyTorch (the export is measured on its own), with
+    the recipe's test-time augmentation."""
     with runtime.session(device or options.device, "off") as state:
         engine = "onnx" if checkpoint.suffix == ".onnx" else "torch"
         result, classes, _ = predict.evaluate_checkpoint(checkpoint, data_dir / "val", state, batch_size=500,
-                                                         runtime_name=engine)
+                                                         runtime_name=engine, tta=tta)
     return result.to_dict(classes)
 
 
@@ -110,7 +111,8 @@ def _write_report(path: Path, summary: dict, options: DemoOptions) -> None:
         "",
         "| metric | value |",
         "|---|---|",
-        f"| top-1 on {summary['count']} test images | **{summary['top1']:.2%}** |",
+        f"| top-1 on {summary['count']} test images{' (flip TTA)' if config['eval_tta'] == 'flip' else ''} | "
+        f"**{summary['top1']:.2%}** |",
         f"| top-5 | {summary['top5']:.2%} |",
         f"| top-1 of the exported ONNX model (onnxruntime) | {summary['onnx_top1']:.2%} |",
         f"| data preparation | {seconds['data']:.0f} s |",

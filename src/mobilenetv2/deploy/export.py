@@ -7,6 +7,7 @@ leaves no file that looks valid. ONNX and TorchScript files carry the model's me
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -19,8 +20,9 @@ from torch import nn
 
 from mobilenetv2.deploy.formats import FORMATS, require_format
 from mobilenetv2.deploy import triton
-from mobilenetv2.engines.onnx_files import (NOISE_MULTIPLE, ONNX_OPSET, TOLERANCE, ExportCheckError, check_images,
-                                            compare, float32_error, torch_onnx_export)
+from mobilenetv2.deploy.checks import INT8_TOLERANCE, check_against_eager, int8_check
+from mobilenetv2.engines.onnx_files import (ONNX_OPSET, TOLERANCE, ExportCheckError, check_images, compare,
+                                            torch_onnx_export)
 from mobilenetv2.errors import UserError
 from mobilenetv2.files import temp_path_beside, write_error
 from mobilenetv2.metadata import FORMAT_NAME
@@ -40,32 +42,6 @@ class WithSoftmax(nn.Module):
     def forward(self, images: torch.Tensor):
         logits = self.model(images)
         return logits, torch.softmax(logits, dim=1)
-
-
-def _check_against_eager(model: MobileNetV2, run: Callable, batch_sizes: list[int], with_softmax: bool,
-                         runner: str, what: str) -> list[str]:
-    """Run the written file (`run(images)` -> outputs, logits first) on real photos and compare with eager."""
-    reports = []
-    for batch in batch_sizes:
-        images = check_images(model, batch)
-        with torch.no_grad():
-            expected = model(images)
-            results = run(images)
-        noise = float32_error(model, images)
-        difference = compare(expected, results[0], f"{what} logits at batch {batch}", noise=noise)
-        if with_softmax:
-            compare(torch.softmax(expected, 1), results[1], f"{what} probs at batch {batch}")
-        reports.append(f"{runner} vs eager, batch {batch}: max abs difference {difference:.3g}" +
-                       _noise_note(expected, noise))
-    return reports
-
-
-def _noise_note(expected: torch.Tensor, noise: float) -> str:
-    """Said where eager float32's own error, not TOLERANCE, set the bound (an ill-conditioned network)."""
-    if NOISE_MULTIPLE * noise <= TOLERANCE * max(1.0, float(expected.abs().max())):
-        return ""
-    return (f" (eager float32 is itself {noise:.3g} from float64 on these photos: the bound is {NOISE_MULTIPLE}x "
-            "that, as the network is ill-conditioned)")
 
 
 def _check_batches(batch_size: int, dynamic_batch: bool) -> list[int]:
@@ -91,7 +67,7 @@ def export_onnx(model: MobileNetV2, temp: Path, *, batch_size: int = 1, dynamic_
     proto.doc_string = "MobileNetV2 (mobilenetv2): input N x 3 x H x W float32, normalised as in metadata"
     temp.write_bytes(proto.SerializeToString())
     session = onnxruntime.InferenceSession(str(temp), providers=["CPUExecutionProvider"])
-    return _check_against_eager(model, lambda images: session.run(None, {"input": images.numpy()}),
+    return check_against_eager(model, lambda images: session.run(None, {"input": images.numpy()}),
                                 _check_batches(batch_size, dynamic_batch), with_softmax,
                                 f"onnxruntime ({used} exporter, opset {ONNX_OPSET[used]})", "ONNX")
 
@@ -110,7 +86,7 @@ def export_torchscript(model: MobileNetV2, temp: Path, *, batch_size: int = 1, d
         outputs = loaded(images)
         return [output.detach() for output in outputs] if with_softmax else [outputs.detach()]
 
-    return _check_against_eager(model, run, _check_batches(batch_size, dynamic_batch), with_softmax,
+    return check_against_eager(model, run, _check_batches(batch_size, dynamic_batch), with_softmax,
                                 "torch.jit.load", "TorchScript")
 
 
@@ -167,7 +143,7 @@ def _export_state_dict(fmt: str, model: MobileNetV2, temp: Path, suffix: str) ->
         loaded = torch.load(temp, weights_only=True)
     network.load_state_dict(loaded, strict=True)
     network.eval()
-    return _check_against_eager(model, lambda images: [network(images)], [4], False, f"{fmt} (strict load)", fmt)
+    return check_against_eager(model, lambda images: [network(images)], [4], False, f"{fmt} (strict load)", fmt)
 
 
 def export_torchvision(model: MobileNetV2, temp: Path, *, suffix: str = ".pth", **_options) -> list[str]:
@@ -176,9 +152,6 @@ def export_torchvision(model: MobileNetV2, temp: Path, *, suffix: str = ".pth", 
 
 def export_timm(model: MobileNetV2, temp: Path, *, suffix: str = ".pth", **_options) -> list[str]:
     return _export_state_dict("timm", model, temp, suffix)
-
-
-INT8_TOLERANCE = 0.15  # int8 .pte: max |difference| from eager, relative to max(1, logit scale)
 
 
 def export_pte(model: MobileNetV2, temp: Path, *, int8: bool = False, calibration=None, **_options) -> list[str]:
@@ -190,81 +163,9 @@ def export_pte(model: MobileNetV2, temp: Path, *, int8: bool = False, calibratio
     export_executorch(model, temp, int8=int8, calibration=calibration)
     run = executorch_runner(temp)
     if not int8:
-        return _check_against_eager(model, lambda images: [run(images)], [4], False, "ExecuTorch runtime",
+        return check_against_eager(model, lambda images: [run(images)], [4], False, "ExecuTorch runtime",
                                     "ExecuTorch")
-    return [_int8_check(model, run, "ExecuTorch runtime")]
-
-
-def _int8_check(model: MobileNetV2, run: Callable, runner: str) -> str:
-    """An int8 file's logits on 4 photos within INT8_TOLERANCE of eager's, and how many top-1s agree."""
-    images = check_images(model, 4)
-    with torch.no_grad():
-        expected, actual = model(images), run(images)
-    difference = compare(expected, actual, f"int8 {runner} logits", INT8_TOLERANCE)
-    agree = int((expected.argmax(1) == actual.argmax(1)).sum())
-    return (f"{runner} (int8) vs eager, 4 photos: max abs difference {difference:.3g} (tolerance "
-            f"{INT8_TOLERANCE} x logit scale), top-1 equal on {agree}/4")
-
-
-def export_tflite(model: MobileNetV2, temp: Path, *, int8: bool = False, calibration=None, val=None,
-                  layout: str = "nchw", **_options) -> list[str]:
-    """LiteRT (deploy/litert.py), batch 1 (the interpreter resizes it); fp32 checked like ONNX at batches 1 and 3,
-    int8 within INT8_TOLERANCE, with its top-1 beside eager's on the `val` folder when given. The metadata record
-    (and the file's layout and quantization) rides inside the file."""
-    from mobilenetv2.deploy import litert
-
-    if int8 and calibration is None:
-        raise UserError("int8 LiteRT export needs calibration images (`data`)")
-    val = litert.val_dataset(model, val) if int8 and val is not None else None
-    litert.convert(model, temp, layout=layout, int8=int8, calibration=calibration)
-    run = litert.litert_runner(temp, layout=layout)
-    record = {**model.metadata(), "litert": {"layout": layout, "input": "int8 (the input tensor's scale and zero "
-                                             "point)" if int8 else "float32", "batch": "1, resizable"}}
-    if not int8:
-        reports = _check_against_eager(model, lambda images: [run(images)], [1, 3], False, "LiteRT Interpreter",
-                                       "LiteRT")
-    else:
-        reports = [_int8_check(model, run, "LiteRT Interpreter")]
-        if val is not None:
-            fp32_top1, int8_top1, count = litert.val_top1(model, run, val)
-            record["quantization"] = {"scheme": "litert-torch PT2E static int8: per-channel symmetric weights, "
-                                      "int8 activations", "calibration_images": len(calibration),
-                                      "fp32_top1": fp32_top1, "int8_top1": int8_top1, "evaluated_images": count}
-            reports.append(f"top-1 on {count} val images: fp32 (eager) {fp32_top1:.2%}, int8 (LiteRT) "
-                           f"{int8_top1:.2%}")
-    litert.attach_contract(temp, record, model.class_names)
-    if litert.read_contract(temp) != json.loads(json.dumps(record)):
-        raise ExportCheckError("the LiteRT file's metadata does not read back as written")
-    run = litert.litert_runner(temp)  # the file as shipped: the archive appended, the layout read from it
-    if int8:
-        _int8_check(model, run, "LiteRT Interpreter")
-    else:
-        _check_against_eager(model, lambda images: [run(images)], [2], False, "LiteRT Interpreter", "LiteRT")
-    return reports
-
-
-def export_openvino(model: MobileNetV2, temp: Path, *, precision: str = "auto", **_options) -> list[str]:
-    """OpenVINO IR (deploy/openvino_ir.py) in the folder `temp` (model.xml, model.bin; `export` moves them into
-    place), run back with OpenVINO at batches 1 and 3: fp32 like ONNX, fp16 weights within FP16_TOLERANCE."""
-    from mobilenetv2.deploy import openvino_ir
-    from mobilenetv2.engines.onnx_files import openvino_run, read_openvino_metadata
-
-    precision = "fp32" if precision == "auto" else precision
-    temp.unlink(missing_ok=True)  # a free name, held for the folder
-    xml = openvino_ir.write_ir(model, temp, precision)
-    if read_openvino_metadata(xml)[1] != json.loads(json.dumps(model.metadata())):
-        raise ExportCheckError("the OpenVINO IR's metadata does not read back as written")
-    run, _batch = openvino_run(xml)
-    tolerance = None if precision == "fp32" else openvino_ir.FP16_TOLERANCE
-    reports = []
-    for batch in (1, 3):
-        images = check_images(model, batch)
-        with torch.no_grad():
-            expected = model(images)
-        difference = compare(expected, run(images.numpy()), f"OpenVINO ({precision}) logits at batch {batch}",
-                             tolerance, noise=float32_error(model, images))
-        reports.append(f"OpenVINO ({precision} weights) vs eager, batch {batch}: max abs difference {difference:.3g}")
-    return reports
+    return [int8_check(model, run, "ExecuTorch runtime")]
 
 
 def export_triton(model: MobileNetV2, temp: Path, **options) -> list[str]:
@@ -288,13 +189,19 @@ def export(model: MobileNetV2, fmt: str, output: str | os.PathLike, **options) -
         options = {"name": output.name, **options}
     temp = temp_path_beside(output)
     try:
-        reports = globals()[FORMATS[fmt].writer](model.eval(), temp, **options)
+        reports = _writer(fmt)(model.eval(), temp, **options)
         _replace(temp, output)
     except OSError as exc:  # a full disk or a read-only folder, wherever the writer met it
         raise write_error(output, exc) from None
     finally:
         shutil.rmtree(temp, ignore_errors=True) if temp.is_dir() else temp.unlink(missing_ok=True)
     return reports
+
+
+def _writer(fmt: str) -> Callable[..., list[str]]:
+    """The write-and-check function of `fmt`: one here, or `module:function` in a module of deploy/ of its own."""
+    module, _, name = FORMATS[fmt].writer.rpartition(":")
+    return getattr(importlib.import_module(f"mobilenetv2.deploy.{module}"), name) if module else globals()[name]
 
 
 def _replace(temp: Path, output: Path) -> None:

@@ -13,7 +13,7 @@ from mobilenetv2.errors import UserError
 @dataclass(frozen=True)
 class ExportFormat:
     suffix: str  # the default file ending
-    writer: str  # name of the write-and-check function in mobilenetv2.deploy.export
+    writer: str  # the write-and-check function: its name in deploy/export.py, or module:name in deploy/
     description: str
 
 
@@ -30,13 +30,13 @@ FORMATS: dict[str, ExportFormat] = {
                            "1/model.onnx, the config checked with Triton's own schema (the [triton] extra)"),
     "timm": ExportFormat(".pth", "export_timm", "state dict that timm's mobilenetv2_* models load strictly (.pth or "
                          ".safetensors)"),
-    "tflite": ExportFormat(".tflite", "export_tflite", "LiteRT (TensorFlow Lite) for Android through litert-torch, "
-                           "fp32 or --int8 (--layout nhwc for bitmaps' pixel order), run back with LiteRT's "
+    "tflite": ExportFormat(".tflite", "litert:export_tflite", "LiteRT (TensorFlow Lite) for Android through "
+                           "litert-torch, fp32 or --int8 (--layout nhwc for bitmaps' pixel order), run back with LiteRT's "
                            "Interpreter; class names and contract inside (the [litert] extra)"),
-    "openvino": ExportFormat(".xml", "export_openvino", "OpenVINO IR (.xml + .bin beside it), fp32 or --precision "
-                             "fp16, run back with OpenVINO (the [openvino] extra)"),
-    "coreml": ExportFormat(".mlpackage", "export_coreml", "Core ML ML Program classifier for iOS/macOS (fp16, or "
-                           "--precision fp32), taking an RGB image; on Linux its numbers are NOT checked, only its "
+    "openvino": ExportFormat(".xml", "openvino_ir:export_openvino", "OpenVINO IR (.xml + .bin beside it), fp32 "
+                             "or --precision fp16, run back with OpenVINO (the [openvino] extra)"),
+    "coreml": ExportFormat(".mlpackage", "coreml:export_coreml", "Core ML ML Program classifier for iOS/macOS "
+                           "(fp16, or --precision fp32), taking an RGB image; on Linux its numbers are NOT checked, only its "
                            "structure (coremltools predicts on macOS only; the [coreml] extra)"),
     "mindir": ExportFormat(".mindir", "export_mindir", "MindSpore MINDIR (the seed's export), the seed's network in "
                            "MindSpore, run back with mindspore.load + GraphCell; MindSpore in this environment or "

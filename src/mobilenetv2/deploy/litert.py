@@ -7,14 +7,10 @@ LiteRT is an optional extra (`pip install 'mobilenetv2[litert]'`)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import json
-import logging
 import os
-import sys
-import warnings
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,6 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mobilenetv2.deploy.checks import check_against_eager, int8_check
+from mobilenetv2.engines.onnx_files import ExportCheckError
+from mobilenetv2.deploy.quiet import quiet
 from mobilenetv2.errors import CheckpointError, UserError
 from mobilenetv2.metadata import FORMAT_NAME
 from mobilenetv2.model import MobileNetV2
@@ -35,7 +34,7 @@ MAX_CONTRACT_BYTES = 1 << 20
 
 def require_litert() -> None:
     try:
-        with _quiet():  # torchao's deprecation notes at import
+        with quiet():  # torchao's deprecation notes at import
             import ai_edge_litert.interpreter  # noqa: F401
             import litert_torch  # noqa: F401
     except ImportError:
@@ -53,31 +52,6 @@ class _ChannelsLast(nn.Module):
         return self.model(images.permute(0, 3, 1, 2))
 
 
-@contextlib.contextmanager
-def _quiet():
-    """litert-torch reports each conversion stage on stdout, and its converter and interpreter log from C++ to the
-    process's stderr; the export prints its own lines. Python's errors still rise as exceptions."""
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, null):
-            os.close(fd)
-        logger.setLevel(level)
-
-
 def convert(model: MobileNetV2, path: Path, *, layout: str = "nchw", int8: bool = False,
             calibration: Iterable | None = None) -> None:
     """Write `model` (batch 1, its image size) as a `.tflite` at `path`; with `int8`, `calibration` (batches of
@@ -93,7 +67,7 @@ def convert(model: MobileNetV2, path: Path, *, layout: str = "nchw", int8: bool 
     if layout == "nhwc":
         network = _ChannelsLast(network).eval()
     sample = (torch.zeros(1, size, size, 3) if layout == "nhwc" else torch.zeros(1, 3, size, size),)
-    with _quiet():
+    with quiet():
         if int8:
             network, options = _quantized(network, sample, calibration, layout)
         else:
@@ -151,7 +125,7 @@ def litert_runner(path: str | os.PathLike, threads: int | None = None,
 
     if layout is None:
         layout = read_contract(path).get("litert", {}).get("layout", "nchw")
-    with _quiet():
+    with quiet():
         interpreter = Interpreter(model_path=str(path), num_threads=threads or torch.get_num_threads())
     source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     shape = [int(v) for v in source["shape"]]
@@ -173,7 +147,7 @@ def litert_runner(path: str | os.PathLike, threads: int | None = None,
             output = (output - zero) * scale
         return torch.from_numpy(output)
 
-    with _quiet():  # the XNNPACK delegate's line
+    with quiet():  # the XNNPACK delegate's line
         interpreter.allocate_tensors()
     return run
 
@@ -200,3 +174,38 @@ def val_top1(model: MobileNetV2, run: Callable[[torch.Tensor], torch.Tensor], da
     with runtime_module.session("cpu", "off") as state:
         eager, written = evaluate_each([model, run], eval_loader(dataset, batch_size, 0), state, model.num_classes)
     return eager.top1, written.top1, eager.count
+
+
+def export_tflite(model: MobileNetV2, temp: Path, *, int8: bool = False, calibration=None, val=None,
+                  layout: str = "nchw", **_options) -> list[str]:
+    """LiteRT (deploy/py), batch 1 (the interpreter resizes it); fp32 checked like ONNX at batches 1 and 3,
+    int8 within INT8_TOLERANCE, with its top-1 beside eager's on the `val` folder when given. The metadata record
+    (and the file's layout and quantization) rides inside the file."""
+    if int8 and calibration is None:
+        raise UserError("int8 LiteRT export needs calibration images (`data`)")
+    val = val_dataset(model, val) if int8 and val is not None else None
+    convert(model, temp, layout=layout, int8=int8, calibration=calibration)
+    run = litert_runner(temp, layout=layout)
+    record = {**model.metadata(), "litert": {"layout": layout, "input": "int8 (the input tensor's scale and zero "
+                                             "point)" if int8 else "float32", "batch": "1, resizable"}}
+    if not int8:
+        reports = check_against_eager(model, lambda images: [run(images)], [1, 3], False, "LiteRT Interpreter",
+                                       "LiteRT")
+    else:
+        reports = [int8_check(model, run, "LiteRT Interpreter")]
+        if val is not None:
+            fp32_top1, int8_top1, count = val_top1(model, run, val)
+            record["quantization"] = {"scheme": "litert-torch PT2E static int8: per-channel symmetric weights, "
+                                      "int8 activations", "calibration_images": len(calibration),
+                                      "fp32_top1": fp32_top1, "int8_top1": int8_top1, "evaluated_images": count}
+            reports.append(f"top-1 on {count} val images: fp32 (eager) {fp32_top1:.2%}, int8 (LiteRT) "
+                           f"{int8_top1:.2%}")
+    attach_contract(temp, record, model.class_names)
+    if read_contract(temp) != json.loads(json.dumps(record)):
+        raise ExportCheckError("the LiteRT file's metadata does not read back as written")
+    run = litert_runner(temp)  # the file as shipped: the archive appended, the layout read from it
+    if int8:
+        int8_check(model, run, "LiteRT Interpreter")
+    else:
+        check_against_eager(model, lambda images: [run(images)], [2], False, "LiteRT Interpreter", "LiteRT")
+    return reports

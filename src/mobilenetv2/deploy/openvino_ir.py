@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
+from mobilenetv2.deploy.checks import FP16_TOLERANCE
+from mobilenetv2.engines.onnx_files import ExportCheckError, check_images, compare, float32_error
 from mobilenetv2.engines.onnx_files import installed, torch_onnx_export
 from mobilenetv2.errors import UserError
 from mobilenetv2.metadata import FORMAT_NAME
 from mobilenetv2.model import MobileNetV2
 
 PRECISIONS = ("fp32", "fp16")
-FP16_TOLERANCE = 5e-3  # fp16 weights: max |difference| from eager, relative to max(1, logit scale)
 
 
 def require_openvino() -> None:
@@ -41,3 +42,26 @@ def write_ir(model: MobileNetV2, folder: Path, precision: str = "fp32", record: 
     xml = folder / "model.xml"
     openvino.save_model(network, str(xml), compress_to_fp16=precision == "fp16")
     return xml
+
+
+def export_openvino(model: MobileNetV2, temp: Path, *, precision: str = "auto", **_options) -> list[str]:
+    """OpenVINO IR (deploy/py) in the folder `temp` (model.xml, model.bin; `export` moves them into
+    place), run back with OpenVINO at batches 1 and 3: fp32 like ONNX, fp16 weights within FP16_TOLERANCE."""
+    from mobilenetv2.engines.onnx_files import openvino_run, read_openvino_metadata
+
+    precision = "fp32" if precision == "auto" else precision
+    temp.unlink(missing_ok=True)  # a free name, held for the folder
+    xml = write_ir(model, temp, precision)
+    if read_openvino_metadata(xml)[1] != json.loads(json.dumps(model.metadata())):
+        raise ExportCheckError("the OpenVINO IR's metadata does not read back as written")
+    run, _batch = openvino_run(xml)
+    tolerance = None if precision == "fp32" else FP16_TOLERANCE
+    reports = []
+    for batch in (1, 3):
+        images = check_images(model, batch)
+        with torch.no_grad():
+            expected = model(images)
+        difference = compare(expected, run(images.numpy()), f"OpenVINO ({precision}) logits at batch {batch}",
+                             tolerance, noise=float32_error(model, images))
+        reports.append(f"OpenVINO ({precision} weights) vs eager, batch {batch}: max abs difference {difference:.3g}")
+    return reports

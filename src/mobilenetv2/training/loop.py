@@ -22,7 +22,7 @@ from torch import nn
 from mobilenetv2.config import TrainConfig
 from mobilenetv2.data.augment import BatchOps, batch_ops
 from mobilenetv2.errors import TrainingStopped
-from mobilenetv2.evaluation import EvalResult
+from mobilenetv2.evaluation import EvalResult, with_tta
 from mobilenetv2.monitor import RunMonitor, epoch_line, step_line
 from mobilenetv2.runtime import Runtime
 from mobilenetv2.training import run_checkpoints
@@ -305,7 +305,7 @@ def _end_epoch(run: _Run, state: LoopState, epoch: _Epoch) -> None:
     runtime.share_buffers(task.model, *([run.ema] if run.ema is not None else []))  # the set rank 0 saves
     if task.evaluate is not None and finished and (state.epoch % config.eval_every == 0 or state.epoch == config.epochs):
         run.evaluated.eval()
-        result = task.evaluate(run.evaluated)
+        result = task.evaluate(with_tta(run.evaluated, config.eval_tta, task.model.preprocess.image_size))
         state.best_acc = max(result.top1, state.best_acc or 0.0)
     run.monitor.line(epoch_line(seconds * 1000, seconds * 1000 / max(epoch.steps_run, 1), mean_loss,
                                 result.top1 if result else None, state.best_acc if result else None))

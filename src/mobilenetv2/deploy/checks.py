@@ -1,0 +1,51 @@
+"""The check every export shares: the written file, run in its own runtime on real photos, against eager PyTorch
+(fp32 within TOLERANCE or a multiple of eager float32's own error; fp16 weights and int8 within their own bounds)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mobilenetv2.engines.onnx_files import NOISE_MULTIPLE, TOLERANCE, check_images, compare, float32_error
+from mobilenetv2.model import MobileNetV2
+
+INT8_TOLERANCE = 0.15  # int8 files: max |difference| from eager, relative to max(1, logit scale)
+FP16_TOLERANCE = 5e-3  # fp16 weights (OpenVINO --precision fp16, Core ML): max |difference| / max(1, scale)
+
+
+def check_against_eager(model: MobileNetV2, run: Callable, batch_sizes: list[int], with_softmax: bool,
+                         runner: str, what: str) -> list[str]:
+    """Run the written file (`run(images)` -> outputs, logits first) on real photos and compare with eager."""
+    reports = []
+    for batch in batch_sizes:
+        images = check_images(model, batch)
+        with torch.no_grad():
+            expected = model(images)
+            results = run(images)
+        noise = float32_error(model, images)
+        difference = compare(expected, results[0], f"{what} logits at batch {batch}", noise=noise)
+        if with_softmax:
+            compare(torch.softmax(expected, 1), results[1], f"{what} probs at batch {batch}")
+        reports.append(f"{runner} vs eager, batch {batch}: max abs difference {difference:.3g}" +
+                       noise_note(expected, noise))
+    return reports
+
+
+def noise_note(expected: torch.Tensor, noise: float) -> str:
+    """Said where eager float32's own error, not TOLERANCE, set the bound (an ill-conditioned network)."""
+    if NOISE_MULTIPLE * noise <= TOLERANCE * max(1.0, float(expected.abs().max())):
+        return ""
+    return (f" (eager float32 is itself {noise:.3g} from float64 on these photos: the bound is {NOISE_MULTIPLE}x "
+            "that, as the network is ill-conditioned)")
+
+
+def int8_check(model: MobileNetV2, run: Callable, runner: str) -> str:
+    """An int8 file's logits on 4 photos within INT8_TOLERANCE of eager's, and how many top-1s agree."""
+    images = check_images(model, 4)
+    with torch.no_grad():
+        expected, actual = model(images), run(images)
+    difference = compare(expected, actual, f"int8 {runner} logits", INT8_TOLERANCE)
+    agree = int((expected.argmax(1) == actual.argmax(1)).sum())
+    return (f"{runner} (int8) vs eager, 4 photos: max abs difference {difference:.3g} (tolerance "
+            f"{INT8_TOLERANCE} x logit scale), top-1 equal on {agree}/4")
