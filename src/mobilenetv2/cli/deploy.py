@@ -73,6 +73,10 @@ def _cmd_export(args) -> int:
     from mobilenetv2.deploy.export import ExportCheckError, export
 
     require_format(args.format)  # before the checkpoint is read; export() checks the batch size
+    if args.format == "mindir":  # no MindSpore anywhere: said before any work
+        from mobilenetv2.deploy.mindir import mindspore_python
+
+        mindspore_python(args.mindspore_python)
     model = load_model(args.checkpoint)
     output = args.output or default_output(args.checkpoint, args.format)
     try:

@@ -38,7 +38,7 @@ FORMATS: dict[str, ExportFormat] = {
     "coreml": ExportFormat(".mlpackage", "coreml:export_coreml", "Core ML ML Program classifier for iOS/macOS "
                            "(fp16, or --precision fp32), taking an RGB image; on Linux its numbers are NOT checked, only its "
                            "structure (coremltools predicts on macOS only; the [coreml] extra)"),
-    "mindir": ExportFormat(".mindir", "export_mindir", "MindSpore MINDIR (the seed's export), the seed's network in "
+    "mindir": ExportFormat(".mindir", "mindir:export_mindir", "MindSpore MINDIR (the seed's export), the seed's network in "
                            "MindSpore, run back with mindspore.load + GraphCell; MindSpore in this environment or "
                            "in --mindspore-python's"),
 }
