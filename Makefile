@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # served from local disk on our machines; pyproject declares the ranges (torch>=2.4)
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo demo-quick bench clean fashion-mnist browser curl
+.PHONY: install test demo demo-quick bench clean fashion-mnist browser curl mindspore
 
 # uv installs the same wheels as pip in less than half the time (torch's CUDA wheels unpack to ~4 GB; measured
 # 43 s against 62 s for the demo's set, 4 s against 30 s for the test extra); pip takes over wherever uv fails.
@@ -23,6 +23,17 @@ $(VENV)/.installed: $(VENV)/.installed-demo
 	touch $@
 
 install: $(VENV)/.installed
+
+# MindSpore for `export --format mindir` and its test, in an environment of its own (it needs protobuf >= 7, which
+# tritonclient's grpc refuses); reused when present. The suite finds it through MOBILENETV2_MINDSPORE_PYTHON.
+MINDSPORE_VENV ?= .venv-mindspore
+$(MINDSPORE_VENV)/.installed:
+	$(PYTHON) -m venv $(MINDSPORE_VENV)
+	$(VENV)/bin/uv pip install -q --python $(MINDSPORE_VENV)/bin/python 'mindspore>=2.3,<3' numpy || \
+		$(MINDSPORE_VENV)/bin/python -m pip install -q 'mindspore>=2.3,<3' numpy
+	touch $@
+
+mindspore: $(VENV)/.installed $(MINDSPORE_VENV)/.installed
 
 # Fashion-MNIST from Debian, for the demo and its end-to-end test
 fashion-mnist:
@@ -48,8 +59,8 @@ demo: $(VENV)/.installed-demo fashion-mnist
 demo-quick: $(VENV)/.installed-demo fashion-mnist
 	$(PY) -m mobilenetv2 demo --quick --per-class 300 --val-per-class 100 --output runs/demo-quick
 
-test: install fashion-mnist browser curl
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+test: install mindspore fashion-mnist browser curl
+	MOBILENETV2_MINDSPORE_PYTHON=$(abspath $(MINDSPORE_VENV))/bin/python $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench: install
 	$(PY) benchmarks/train_throughput.py
@@ -57,4 +68,4 @@ bench: install
 	$(PY) benchmarks/inference.py
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(MINDSPORE_VENV) runs build *.egg-info

@@ -333,3 +333,42 @@ def one_line_exit_2(capsys, argv):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     return err
 
+
+
+# ------------------------------------------------------------------ networks for the export formats' checks
+
+
+def calibrated_network(width: float, size: int = 64, classes: tuple[str, ...] = ("astronaut", "chelsea", "coffee")):
+    """A network whose logits depend on the photo: BatchNorm affine terms drawn, statistics measured on real photos
+    (a fresh network's BatchNorm would give every photo nearly the same answer, which a parity check cannot use)."""
+    from mobilenetv2 import MobileNetV2
+    from mobilenetv2.engines.onnx_files import check_images
+    from mobilenetv2.preprocess import Preprocess
+
+    torch.manual_seed(int(width * 100))
+    model = MobileNetV2(num_classes=len(classes), width_mult=width, class_names=list(classes),
+                        preprocess=Preprocess(image_size=size, resize_size=size + size // 8))
+    draw = torch.Generator().manual_seed(7)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.weight.data = torch.empty(module.num_features).uniform_(0.5, 1.5, generator=draw)
+            module.bias.data = torch.randn(module.num_features, generator=draw) * 0.2
+            module.momentum = None  # a cumulative average over the photos
+    model.train()
+    with torch.no_grad():
+        model(check_images(model, 4))
+    model.eval()
+    with torch.no_grad():
+        logits = model(check_images(model, 4))
+    assert float((logits[0] - logits[1]).abs().max()) > 0.05 * float(logits.abs().max())  # photo-dependent
+    return model
+
+
+def swapped_colours(model):
+    """`model` with its stem reading BGR as RGB: the wrong channel order in copied weights."""
+    import copy
+
+    wrong = copy.deepcopy(model)
+    stem = next(m for m in wrong.modules() if isinstance(m, torch.nn.Conv2d))
+    stem.weight.data = stem.weight.data.flip(1)
+    return wrong

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mobilenetv2.deploy.checks import FP16_TOLERANCE
+from mobilenetv2.deploy.checks import FP16_TOLERANCE, fp16_weights_error
 from mobilenetv2.engines.onnx_files import TOLERANCE, ExportCheckError, check_images, compare
 from mobilenetv2.deploy.quiet import quiet
 from mobilenetv2.errors import UserError
@@ -58,8 +58,8 @@ def class_labels(model: MobileNetV2) -> list[str]:
     return list(model.class_names) if model.class_names else [str(i) for i in range(model.num_classes)]
 
 
-def convert(model: MobileNetV2, path: Path, precision: str = "fp16") -> None:
-    """Write `model` as an ML Program classifier package (a folder) at `path`."""
+def convert(model: MobileNetV2, path: Path, precision: str = "fp16", record: dict | None = None) -> None:
+    """Write `model` as an ML Program classifier package (a folder) at `path`, its metadata (or `record`) inside."""
     ct = require_coremltools()
     if precision not in PRECISIONS:
         raise UserError(f"coreml `precision` must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -75,7 +75,7 @@ def convert(model: MobileNetV2, path: Path, precision: str = "fp16") -> None:
     network.short_description = (f"MobileNetV2 (width {model.width_mult:g}, {model.num_classes} classes): an RGB "
                                  f"image resized to {model.preprocess.resize_size} px and centre-cropped to {size} px")
     network.input_description["image"] = f"RGB image, {size} x {size} (normalisation is inside the model)"
-    network.user_defined_metadata[FORMAT_NAME] = json.dumps(model.metadata())
+    network.user_defined_metadata[FORMAT_NAME] = json.dumps(model.metadata() if record is None else record)
     with quiet():
         network.save(str(path))
 
@@ -215,8 +215,9 @@ def export_coreml(model: MobileNetV2, temp: Path, *, precision: str = "auto", **
             probs = torch.cat([run_program(program, pixels[None]) for pixels in (images * std + mean) * 255])
         except ValueError as exc:
             raise ExportCheckError(str(exc)) from None
+    shared = 0.0 if precision == "fp32" else fp16_weights_error(model, images, lambda logits: torch.softmax(logits, 1))
     difference = compare(expected_probs, probs, "the Core ML program's probabilities",
-                         TOLERANCE if precision == "fp32" else FP16_TOLERANCE)
+                         TOLERANCE if precision == "fp32" else FP16_TOLERANCE, noise=shared)
     return [f"Core ML package reloaded: input image {size}x{size} RGB, {len(class_labels(model))} class "
             f"labels, {counts['conv']} conv / {counts['clip']} clip operations as the network's layers, metadata",
             f"its program's operations and {precision} weights run by torch's kernels vs eager, 2 photos: max abs "

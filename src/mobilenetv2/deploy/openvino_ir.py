@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mobilenetv2.deploy.checks import FP16_TOLERANCE
+from mobilenetv2.deploy.checks import FP16_TOLERANCE, fp16_weights_error
 from mobilenetv2.engines.onnx_files import ExportCheckError, check_images, compare, float32_error
 from mobilenetv2.engines.onnx_files import installed, torch_onnx_export
 from mobilenetv2.errors import UserError
@@ -61,7 +61,8 @@ def export_openvino(model: MobileNetV2, temp: Path, *, precision: str = "auto", 
         images = check_images(model, batch)
         with torch.no_grad():
             expected = model(images)
+        noise = float32_error(model, images) if precision == "fp32" else fp16_weights_error(model, images)
         difference = compare(expected, run(images.numpy()), f"OpenVINO ({precision}) logits at batch {batch}",
-                             tolerance, noise=float32_error(model, images))
+                             tolerance, noise=noise)
         reports.append(f"OpenVINO ({precision} weights) vs eager, batch {batch}: max abs difference {difference:.3g}")
     return reports
