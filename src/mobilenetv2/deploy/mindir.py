@@ -32,6 +32,10 @@ HOW = ("python3 -m venv ~/.mindspore && ~/.mindspore/bin/pip install mindspore n
        f"~/.mindspore/bin/python (or set {PYTHON_VARIABLE})")
 
 
+def mindspore_here() -> bool:
+    return importlib.util.find_spec("mindspore") is not None
+
+
 def mindspore_python(python: str | None = None) -> str | None:
     """The interpreter to run MindSpore in: `python`, else $MOBILENETV2_MINDSPORE_PYTHON, else None when this
     environment imports MindSpore itself; UserError when there is none."""
@@ -40,7 +44,7 @@ def mindspore_python(python: str | None = None) -> str | None:
         if not (Path(chosen).is_file() and os.access(chosen, os.X_OK)):
             raise UserError(f"--mindspore-python {chosen}: not an executable file")
         return chosen
-    if importlib.util.find_spec("mindspore") is not None:
+    if mindspore_here():
         return None
     raise UserError(f"the mindir export needs MindSpore, which is not installed here: {HOW}")
 
