@@ -240,8 +240,8 @@ def add_deploy_commands(commands) -> None:
 
     bench_ = commands.add_parser("bench", help="latency and throughput per runtime on this machine, one table")
     bench_.add_argument("--checkpoint", required=True)
-    bench_.add_argument("--formats", help="torch, onnx, onnx-int8, openvino, openvino-int8, executorch (default: "
-                        "every CPU engine installed here but executorch)")
+    bench_.add_argument("--formats", help="torch, onnx, onnx-int8, openvino, openvino-int8, executorch, litert, "
+                        "litert-int8 (default: every CPU engine installed here but the phones' executorch and litert)")
     bench_.add_argument("--batch-sizes", default="1,32")
     bench_.add_argument("--int8", help="an int8 .onnx from `quantize` (default: quantized here, photos calibrate)")
     bench_.add_argument("--pte", help="the executorch row's program, from `export --format executorch` of this "

@@ -1,7 +1,7 @@
 """`mobilenetv2 bench`: latency and throughput of one model in every runtime we ship to, on this machine, in one run.
 
 Each runtime is built from the same checkpoint (fp32 eager PyTorch in channels-last, fp32 ONNX Runtime, int8 ONNX
-Runtime, OpenVINO on the same fp32 and int8 ONNX files, ExecuTorch with XNNPACK) and measured in interleaved rounds,
+Runtime, OpenVINO on the same fp32 and int8 ONNX files, ExecuTorch with XNNPACK, LiteRT fp32 and int8) and measured in interleaved rounds,
 every runtime with the same thread count. The int8 file is the one given, or one quantized here with real photos as
 calibration (speed does not depend on calibration; for accuracy use `mobilenetv2 quantize`, which measures it). The
 `.pte` is the one given (checked to be this checkpoint's network), or exported here (a minute or two on a small CPU).
@@ -25,11 +25,12 @@ from mobilenetv2.deploy.timing import cpu_description, interleaved, onnx_runner,
 from mobilenetv2.errors import UserError
 from mobilenetv2.model import MobileNetV2
 
-RUNTIMES = ("torch", "onnx", "onnx-int8", "openvino", "openvino-int8", "executorch")
+RUNTIMES = ("torch", "onnx", "onnx-int8", "openvino", "openvino-int8", "executorch", "litert", "litert-int8")
 
 
 def default_runtimes() -> str:
-    """What `bench` times when not told: every CPU engine installed here, ExecuTorch aside (a phone's engine)."""
+    """What `bench` times when not told: every CPU engine installed here, ExecuTorch and LiteRT aside (phones'
+    engines, asked for by name)."""
     from mobilenetv2.engines.onnx_files import installed
 
     return ",".join(["torch", "onnx", "onnx-int8"] + (["openvino", "openvino-int8"] if installed("openvino") else []))
@@ -93,6 +94,14 @@ def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int,
         if executorch_threads(threads) != threads:
             raise UserError(f"ExecuTorch could not be given {threads} threads")
         found["executorch"] = _checked_pte(model, Path(pte))
+    for name in ("litert", "litert-int8"):
+        if name in runtimes:  # speed does not depend on the calibration: real photos will do
+            from mobilenetv2.deploy.export import check_images
+            from mobilenetv2.deploy.litert import convert, litert_runner
+
+            path = folder / f"{name}.tflite"
+            convert(model, path, int8=name == "litert-int8", calibration=[check_images(model, 8).numpy()])
+            found[name] = litert_runner(path, threads, layout="nchw")
     return found
 
 
