@@ -43,7 +43,7 @@ def mindspore_python(python: str | None = None) -> str | None:
     if chosen:
         if not (Path(chosen).is_file() and os.access(chosen, os.X_OK)):
             raise UserError(f"--mindspore-python {chosen}: not an executable file")
-        return chosen
+        return os.path.abspath(chosen)  # the child runs in a temp folder; a venv's link must stay a link
     if mindspore_here():
         return None
     raise UserError(f"the mindir export needs MindSpore, which is not installed here: {HOW}")
