@@ -115,10 +115,10 @@ def test_int8_keeps_the_top1_within_two_points_and_records_both(fashion, pretrai
     assert interpreter.get_input_details()[0]["dtype"] == np.int8  # the whole graph in int8, as LiteRT's int8 models
 
 
-def test_bench_times_litert_fp32_and_int8_beside_onnx_on_the_same_threads(pretrained_five, capsys):
-    assert main(["bench", "--checkpoint", str(pretrained_five), "--formats", "onnx,litert,litert-int8",
+def test_bench_times_litert_beside_onnx_on_the_same_threads(pretrained_five, capsys):
+    assert main(["bench", "--checkpoint", str(pretrained_five), "--formats", "onnx,litert-int8",
                  "--batch-sizes", "1,4", "--seconds", "0.2", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(row["runtime"], row["batch_size"]) for row in rows] == [
-        (name, batch) for batch in (1, 4) for name in ("onnx", "litert", "litert-int8")]
+        (name, batch) for batch in (1, 4) for name in ("onnx", "litert-int8")]
     assert all(row["images_per_s"] > 0 and row["threads"] == torch.get_num_threads() for row in rows)
