@@ -114,3 +114,27 @@ def test_an_unknown_tta_mode_is_one_line_exit_2(photos, tmp_path, capsys):
     line = one_line_exit_2(capsys, ["eval", "--data", str(_folder(tmp_path / "d", photos, False)), "--checkpoint",
                                     str(checkpoint), "--tta", "rotate"])
     assert "tta" in line
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_the_per_epoch_eval_with_flip_is_eval_tta_flip_of_the_checkpoint(dataset, tmp_path, capsys, in_memory):
+    """`train --eval-tta flip`: the epoch record's top-1 is what `eval --tta flip` gives the checkpoint it saved, and
+    differs from the plain eval's count on real photos (the mirrors change answers)."""
+    from conftest import TINY_TRAIN, last_eval
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(dataset), "--output", str(run), *TINY_TRAIN, "--epochs", "1",
+                 "--batch-size", "8", "--eval-tta", "flip", *(["--in-memory"] if in_memory else [])]) == 0
+    record = last_eval(run)
+    capsys.readouterr()
+    results = {}
+    for mode in ("none", "flip"):
+        assert main(["eval", "--data", str(dataset), "--checkpoint", str(run / "checkpoints" / "last.pt"),
+                     "--runtime", "torch", "--workers", "0", "--tta", mode, "--json", str(tmp_path / f"{mode}.json")]) == 0
+        results[mode] = json.loads((tmp_path / f"{mode}.json").read_text())
+    assert record["eval_top1"] == results["flip"]["top1"] and record["eval_loss"] == pytest.approx(
+        results["flip"]["loss"], rel=1e-5)
+    assert results["flip"]["loss"] != results["none"]["loss"]
+    err = one_line_exit_2(capsys, ["train", "--data", str(dataset), "--output", str(tmp_path / "bad"), *TINY_TRAIN,
+                                   "--eval-tta", "flip-crops"])
+    assert "`eval_tta` must be none or flip" in err or "--eval-tta must be none or flip" in err

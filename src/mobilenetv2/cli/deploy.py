@@ -194,7 +194,8 @@ def add_deploy_commands(commands) -> None:
     predict.add_argument("--runtime", default="auto", help=RUNTIME_HELP)
     predict.set_defaults(handler=_cmd_predict)
 
-    export = commands.add_parser("export", help="export to ONNX / TorchScript / MindSpore, checked against eager")
+    export = commands.add_parser("export", help="export to ONNX, TorchScript, MindSpore (.ckpt, MINDIR), ExecuTorch, "
+                                 "LiteRT, OpenVINO, Core ML, torchvision, timm or Triton, each checked in its runtime")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--format", required=True, help="; ".join(f"{name}: {fmt.description}"
                                                                    for name, fmt in EXPORT_FORMATS.items()))
