@@ -26,7 +26,12 @@ def test_make_demo_quick_reaches_its_stated_accuracy(tmp_path, capsys):
     assert any(line.startswith("onnxruntime (legacy exporter") and "vs eager, batch 3: max abs difference" in line
                for line in summary["onnx_check"])  # the fast exporter, while this torch has it
     report = (output / "report.md").read_text()
-    assert f"top-1 on 1000 test images | **{summary['top1']:.2%}**" in report and "![curves](curves.png)" in report
+    # the recipe's flip TTA, in the epoch's eval and the report's alike
+    assert summary["config"]["eval_tta"] == "flip"
+    epochs = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in epochs if r["type"] == "epoch"][-1]["eval_top1"] == summary["top1"]
+    assert f"top-1 on 1000 test images (flip TTA) | **{summary['top1']:.2%}**" in report
+    assert "![curves](curves.png)" in report
     assert (output / "curves.png").stat().st_size > 10_000
     assert (output / "model.onnx").is_file()
     assert len(summary["predictions"]) == 6
