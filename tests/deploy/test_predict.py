@@ -170,7 +170,7 @@ def test_bad_input_one_line_exit_2(converted, tmp_path, capsys):
     assert "not a readable image" in one_line_exit_2(capsys, ["predict", "--checkpoint", str(converted),
                                                               str(tmp_path / "notes.jpg")])
     assert "unknown export format" in one_line_exit_2(capsys, ["export", "--checkpoint", str(converted),
-                                                               "--format", "tflite"])
+                                                               "--format", "mindir-air"])
     foreign = tmp_path / "foreign.onnx"
     torch.onnx.export(torch.nn.Linear(3, 2), (torch.zeros(1, 3),), str(foreign), dynamo=False)
     assert "without mobilenetv2 metadata" in one_line_exit_2(capsys, ["eval", "--data", str(tmp_path),
