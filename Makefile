@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # served from local disk on our machines; pyproject declares the ranges (torch>=2.4)
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo demo-quick bench clean fashion-mnist browser curl mindspore
+.PHONY: install test demo demo-quick bench clean fashion-mnist debs mindspore
 
 # uv installs the same wheels as pip in less than half the time (torch's CUDA wheels unpack to ~4 GB; measured
 # 43 s against 62 s for the demo's set, 4 s against 30 s for the test extra); pip takes over wherever uv fails.
@@ -25,33 +25,32 @@ $(VENV)/.installed: $(VENV)/.installed-demo
 install: $(VENV)/.installed
 
 # MindSpore for `export --format mindir` and its test, in an environment of its own (it needs protobuf >= 7, which
-# tritonclient's grpc refuses); reused when present. The suite finds it through MOBILENETV2_MINDSPORE_PYTHON.
+# tritonclient's grpc refuses); reused when present. The suite finds it through MOBILENETV2_MINDSPORE_PYTHON. It has
+# its own uv, so that `make test` builds it while the main environment installs.
 MINDSPORE_VENV ?= .venv-mindspore
+MS_PY := $(MINDSPORE_VENV)/bin/python
 $(MINDSPORE_VENV)/.installed:
 	$(PYTHON) -m venv $(MINDSPORE_VENV)
-	$(VENV)/bin/uv pip install -q --python $(MINDSPORE_VENV)/bin/python 'mindspore>=2.3,<3' numpy || \
-		$(MINDSPORE_VENV)/bin/python -m pip install -q 'mindspore>=2.3,<3' numpy
+	$(MS_PY) -m pip install -q uv || true
+	$(MINDSPORE_VENV)/bin/uv pip install -q --python $(MS_PY) 'mindspore>=2.3,<3' numpy || \
+		$(MS_PY) -m pip install -q 'mindspore>=2.3,<3' numpy
 	touch $@
 
-mindspore: $(VENV)/.installed $(MINDSPORE_VENV)/.installed
+mindspore: $(MINDSPORE_VENV)/.installed
 
-# Fashion-MNIST from Debian, for the demo and its end-to-end test
+# Debian packages, installed when missing and we are root: Fashion-MNIST (the demo and its end-to-end test),
+# headless Chromium and its WebDriver (the test of the page `serve` shows), curl (webdataset's opener for http(s)
+# shards, which the shard tests serve on loopback). One apt-get call: two at once would wait on dpkg's lock.
+APT = if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ]; then apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	(apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null); fi
+FASHION_DEB = $$([ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || echo dataset-fashion-mnist)
+
 fashion-mnist:
-	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ]; then \
-		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
-		(apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null); fi
+	@missing="$(FASHION_DEB)"; $(APT)
 
-# headless Chromium and its WebDriver, for the test of the page `serve` shows
-browser:
-	@if ! command -v chromedriver >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
-		(apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null); fi
-
-# curl: webdataset's opener for http(s) shards, which the shard tests serve on loopback
-curl:
-	@if ! command -v curl >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		apt-get install -y -q curl >/dev/null 2>&1 || \
-		(apt-get update -q >/dev/null && apt-get install -y -q curl >/dev/null); fi
+debs:
+	@missing=$$(echo $(FASHION_DEB) $$(command -v chromedriver >/dev/null || echo chromium chromium-driver) \
+		$$(command -v curl >/dev/null || echo curl)); $(APT)
 
 demo: $(VENV)/.installed-demo fashion-mnist
 	$(PY) -m mobilenetv2 demo
@@ -59,7 +58,9 @@ demo: $(VENV)/.installed-demo fashion-mnist
 demo-quick: $(VENV)/.installed-demo fashion-mnist
 	$(PY) -m mobilenetv2 demo --quick --per-class 300 --val-per-class 100 --output runs/demo-quick
 
-test: install mindspore fashion-mnist browser curl
+# the three installs are independent: run together they take about the longest one's time, not the sum
+test:
+	$(MAKE) --no-print-directory -j3 install mindspore debs
 	MOBILENETV2_MINDSPORE_PYTHON=$(abspath $(MINDSPORE_VENV))/bin/python $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench: install

@@ -1,6 +1,10 @@
 """export --format coreml: an ML Program classifier package whose interface, labels, layers and own operations and
 weights are checked on Linux (Core ML itself predicts on Apple platforms only, which the output says)."""
 
+import contextlib
+import io
+import shutil
+
 import pytest
 import torch
 
@@ -14,15 +18,17 @@ pytest.importorskip("coremltools", reason="coremltools is not installed (pip ins
 
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory):
-    """A width-0.5 network as fp16 (the default) and a width-1.0 one as fp32, each exported once."""
+    """A width-0.5 network as fp16 (the default) and a width-1.0 one as fp32, each exported once (with what the
+    export printed)."""
     folder = tmp_path_factory.mktemp("coreml")
     written = {}
     for width, precision in ((0.5, "fp16"), (1.0, "fp32")):
         model = calibrated_network(width)
         save_model(model, folder / f"w{width}.pt")
         extra = [] if precision == "fp16" else ["--precision", "fp32"]
-        assert main(["export", "--checkpoint", str(folder / f"w{width}.pt"), "--format", "coreml", *extra]) == 0
-        written[width] = (model, folder / f"w{width}.mlpackage", precision)
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert main(["export", "--checkpoint", str(folder / f"w{width}.pt"), "--format", "coreml", *extra]) == 0
+        written[width] = (model, folder / f"w{width}.mlpackage", precision, out.getvalue())
     return written
 
 
@@ -32,7 +38,7 @@ def test_the_package_is_a_classifier_whose_program_answers_as_eager(packages, wi
     from mobilenetv2.deploy.checks import fp16_weights_error
     from mobilenetv2.engines.onnx_files import check_images
 
-    model, package, precision = packages[width]
+    model, package, precision, _out = packages[width]
     spec, program = coreml.load_program(package)
     described = coreml.describe(spec)
     assert described["inputs"] == ["image"] and described["outputs"] == ["classLabel", "classLabel_probs"]
@@ -55,16 +61,13 @@ def test_the_package_is_a_classifier_whose_program_answers_as_eager(packages, wi
     assert float((probs - wrong).abs().max()) > 10 * float((probs - expected).abs().max())  # the check can tell
 
 
-def test_the_output_says_core_mls_own_numbers_are_not_checked(tmp_path, capsys):
-    model = calibrated_network(0.5, size=32)
-    save_model(model, tmp_path / "m.pt")
-    assert main(["export", "--checkpoint", str(tmp_path / "m.pt"), "--format", "coreml"]) == 0
-    out = capsys.readouterr().out
+def test_the_output_says_core_mls_own_numbers_are_not_checked(packages):
+    out = packages[0.5][3]
     assert "NOT checked: Core ML's own numbers" in out and "52 conv / 35 clip" in out
 
 
 @pytest.mark.parametrize("fault", ["unfolded batchnorm", "swapped colours", "no mean in the contract"])
-def test_a_planted_fault_fails_the_check_and_leaves_nothing(tmp_path, capsys, monkeypatch, fault):
+def test_a_planted_fault_fails_the_check_and_leaves_nothing(packages, tmp_path, capsys, monkeypatch, fault):
     import coremltools as ct
 
     from mobilenetv2.deploy import coreml
@@ -75,8 +78,10 @@ def test_a_planted_fault_fails_the_check_and_leaves_nothing(tmp_path, capsys, mo
     if fault == "unfolded batchnorm":  # coremltools' passes off: BatchNorm stays an operation of its own
         monkeypatch.setattr(ct, "convert", lambda *a, **k: original_ct_convert(*a, **k,
                                                                                pass_pipeline=ct.PassPipeline.EMPTY))
-    elif fault == "swapped colours":
-        monkeypatch.setattr(coreml, "convert", lambda m, path, precision: convert(swapped_colours(m), path, precision))
+    elif fault == "swapped colours":  # the good package stands in for the conversion of a colour-swapped checkpoint
+        good, model = packages[0.5][1], swapped_colours(packages[0.5][0])
+        save_model(model, tmp_path / "m.pt")
+        monkeypatch.setattr(coreml, "convert", lambda m, path, precision: shutil.copytree(good, path))
     else:
         record = model.metadata()
         record["preprocess"].pop("mean")
