@@ -5,12 +5,8 @@ clients."""
 import concurrent.futures
 import io
 import json
-import os
 import socket
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,65 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FIVE_CLASSES, cli_process, subset
+from conftest import FIVE_CLASSES, subset
+from live_server import Server
 from mobilenetv2.deploy import predict
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Server:
-    def __init__(self, checkpoint, *extra):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        handle, self.stderr = tempfile.mkstemp(prefix="serve-stderr-")
-        os.close(handle)
-        # its own process (forked from one that imported torch once; one thread, as the xdist workers run)
-        self.process = cli_process(["serve", "--checkpoint", str(checkpoint), "--port", str(self.port), *extra],
-                                   Path(self.stderr))
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if not self.process.is_alive():
-                raise AssertionError(f"server exited: {Path(self.stderr).read_text()[-2000:]}")
-            try:
-                if self.get("/v2/health/ready")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("server not ready in 120 s")
-
-    def request(self, path, data=None, headers=None, method=None):
-        request = urllib.request.Request(self.url + path, data=data, headers=headers or {}, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, response.read(), dict(response.headers)
-        except urllib.error.HTTPError as error:
-            return error.code, error.read(), dict(error.headers)
-
-    def get(self, path):
-        status, body, _ = self.request(path)
-        return status, body
-
-    def json(self, path, payload=None, raw=None):
-        data = raw if raw is not None else (json.dumps(payload).encode() if payload is not None else None)
-        status, body, headers = self.request(path, data, {"Content-Type": "application/json"} if data else {})
-        return status, json.loads(body), headers
-
-    def stop(self):
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(20)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join()
-        Path(self.stderr).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -245,15 +188,28 @@ def test_a_full_queue_answers_503_with_retry_after(model_file, five_data):
 
 
 def test_sigterm_finishes_what_is_in_flight_and_exits_0(model_file, five_data):
-    served = Server(model_file, "--max-delay-ms", "1500", "--max-batch", "64")
+    """REST and gRPC requests waiting in one batch when SIGTERM comes: all answered, then exit 0."""
+    grpc_client = pytest.importorskip("tritonclient.grpc")
+    from live_server import _free_port
+
+    grpc_port = _free_port()
+    served = Server(model_file, "--max-delay-ms", "1500", "--max-batch", "64", "--grpc-port", str(grpc_port))
     image = _val_images(five_data, 1)[0].read_bytes()
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+
+    def remote():
+        with grpc_client.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            tensor = grpc_client.InferInput("input", [1, 3, 32, 32], "FP32")
+            tensor.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
+            return 200 if client.infer("mobilenetv2", [tensor]).as_numpy("logits").shape == (1, 5) else 0, b"", {}
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
         pending = [pool.submit(served.request, "/v1/classify", image, None, "POST") for _ in range(8)]
+        pending += [pool.submit(remote) for _ in range(4)]
         time.sleep(0.5)  # the requests wait for their batch to fill
         started = time.time()
         served.process.terminate()  # SIGTERM
         answers = [future.result() for future in pending]
-    assert [status for status, _, _ in answers] == [200] * 8
+    assert [status for status, _, _ in answers] == [200] * 12
     served.process.join(15)
     assert served.process.exitcode == 0
     assert time.time() - started < 10

@@ -25,10 +25,16 @@ def _cmd_serve(args) -> int:
     checks = [(args.max_batch >= 1, "`max_batch` must be >= 1"), (args.max_delay_ms >= 0, "`max_delay_ms` must be >= 0"),
               (args.max_queue >= args.max_batch, "`max_queue` must be >= `max_batch`"),
               (args.max_body_mb > 0, "`max_body_mb` must be > 0"), (args.timeout_s > 0, "`timeout_s` must be > 0"),
-              (0 <= args.port < 65536, "`port` must be 0 to 65535"), (args.threads >= 0, "`threads` must be >= 0")]
+              (0 <= args.port < 65536, "`port` must be 0 to 65535"), (args.threads >= 0, "`threads` must be >= 0"),
+              (args.grpc_port is None or 0 < args.grpc_port < 65536, "`grpc_port` must be 1 to 65535"),
+              (args.grpc_port != args.port, "`grpc_port` must differ from `port`")]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    if args.grpc_port is not None:
+        from mobilenetv2.serving.grpc_service import require_grpc
+
+        require_grpc()
     if args.runtime == "onnx-int8" and not _quantized(args.checkpoint):
         raise UserError("`runtime` onnx-int8 serves an int8 .onnx: make one with `mobilenetv2 quantize`")
     if args.threads:
@@ -37,9 +43,11 @@ def _cmd_serve(args) -> int:
     classifier = predict.load_classifier(args.checkpoint, runtime_name=engine, batch_size=args.max_batch)
     platform = "onnxruntime_onnx" if classifier.runtime == "onnx" else "pytorch_eager"
     options = ServeOptions(name=args.name, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
-                           max_queue=args.max_queue, timeout_s=args.timeout_s, max_body_mb=args.max_body_mb)
+                           max_queue=args.max_queue, timeout_s=args.timeout_s, max_body_mb=args.max_body_mb,
+                           grpc_port=args.grpc_port, grpc_host=args.host, max_connections=args.max_connections)
     app = create_app(classifier, options, platform)
-    print(f"serving {args.checkpoint} as {args.name!r} ({classifier.runtime}) on http://{args.host}:{args.port}",
+    grpc = f" and grpc://{args.host}:{args.grpc_port}" if args.grpc_port is not None else ""
+    print(f"serving {args.checkpoint} as {args.name!r} ({classifier.runtime}) on http://{args.host}:{args.port}{grpc}",
           flush=True)
     # SIGTERM: uvicorn stops accepting, lets requests in flight finish, then the app drains its batcher. uvicorn
     # re-raises the signal to the handler it found; this one makes that drained stop an exit 0, not a kill
@@ -65,14 +73,16 @@ def _quantized(checkpoint: str) -> bool:
 
 
 def add_serve_command(commands) -> None:
-    serve = commands.add_parser("serve", help="an HTTP server: Open Inference Protocol v2, /v1/classify, metrics, a "
-                                              "web page; dynamic batching")
+    serve = commands.add_parser("serve", help="an HTTP (and gRPC) server: Open Inference Protocol v2 with Triton's "
+                                              "binary tensors, /v1/classify, metrics, a web page; dynamic batching")
     serve.add_argument("--checkpoint", required=True, help="any model file we read, or an exported (int8) .onnx")
     serve.add_argument("--runtime", default="onnx", help="onnx (ONNX Runtime; a .pt through its checked, cached "
                        "export) | onnx-int8 (an int8 .onnx from quantize) | torch")
     serve.add_argument("--name", default="mobilenetv2", help="the model's name in /v2/models/NAME")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=None, help="also serve the Open Inference Protocol's gRPC "
+                       "service on this port (off unless given; Triton's default is 8001)")
     serve.add_argument("--max-batch", type=int, default=32, help="most images per model call")
     serve.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill")
     serve.add_argument("--max-queue", type=int, default=256, help="images waiting before requests get 503")

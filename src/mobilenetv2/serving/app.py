@@ -1,6 +1,9 @@
-"""The HTTP app (FastAPI on uvicorn: the `serve` extra): KServe's Open Inference Protocol v2 (health, model metadata, FP32 tensor inference), `/v1/classify`
-for an image, Prometheus metrics, and the web page. Every request to the model goes through one DynamicBatcher.
-Bad input of any kind is a 4xx with a JSON body `{"error": ...}`; it never reaches the model."""
+"""The HTTP app (FastAPI on uvicorn: the `serve` extra): KServe's Open Inference Protocol v2 (server and model
+metadata and health, versioned and unversioned paths, tensor inference with Triton's binary tensor data and
+classification extensions, model statistics, configuration and the repository index), `/v1/classify` for an image,
+Prometheus metrics and the web page; and, on `--grpc-port`, the protocol's gRPC service (serving/grpc_service.py).
+Every request to the model goes through one DynamicBatcher. Bad input of any kind is a 4xx with a JSON body
+`{"error": ...}`; it never reaches the model."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import asyncio
 import io
 import json
 import time
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 
@@ -23,6 +27,9 @@ from mobilenetv2.data.folders import DECODE_ERRORS, decode_rgb
 from mobilenetv2.data.transforms import eval_transform
 from mobilenetv2.deploy.predict import Classifier
 from mobilenetv2.serving.batcher import DynamicBatcher, QueueFull, Stopped
+from mobilenetv2.serving.protocol import (EXTENSIONS, ModelInfo, ProtocolError, RequestError, decode_request,
+                                          encode_outputs, split_body)
+from mobilenetv2.serving.statistics import Statistics, Timing
 
 DRAIN_FACTOR = 2  # an over-long body is read and dropped up to this many times --max-body-mb before the 413
 MAX_TOPK = 100
@@ -35,15 +42,10 @@ class ServeOptions:
     max_delay_ms: float = 5.0
     max_queue: int = 256  # images waiting; beyond it requests get 503 with Retry-After
     timeout_s: float = 30.0  # per request, queue and model together
-    max_body_mb: float = 16.0
-
-
-class RequestError(Exception):
-    """A request we refuse: `status` and a message for the JSON body."""
-
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.headers = status, headers or {}
+    max_body_mb: float = 16.0  # a request's body (decompressed, when it comes gzip- or deflate-encoded)
+    grpc_port: int | None = None  # the gRPC service, off unless given
+    grpc_host: str = "127.0.0.1"
+    max_connections: int = 1024  # concurrent gRPC calls beyond it are refused (RESOURCE_EXHAUSTED)
 
 
 def _metrics():
@@ -71,8 +73,10 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
 
     registry, metric = _metrics()
     preprocess = classifier.preprocess
-    size = preprocess.image_size
     names = classifier.class_names or [str(i) for i in range(classifier.num_classes)]
+    info = ModelInfo(options.name, platform, preprocess.image_size, list(names), preprocess.to_dict(),
+                     options.max_batch, options.max_delay_ms)
+    statistics = Statistics(options.name, info.version)
     transform = eval_transform(preprocess)
 
     def prepared(data: bytes) -> np.ndarray:
@@ -90,14 +94,56 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
         metric["batch"].observe(batch)
         metric["queue"].set(queued)
 
-    batcher = DynamicBatcher(forward, options.max_batch, options.max_delay_ms / 1000, options.max_queue, observe)
+    batcher = DynamicBatcher(forward, options.max_batch, options.max_delay_ms / 1000, options.max_queue, observe,
+                             statistics.batch)
     state = {"ready": False}
 
+    async def run(images: np.ndarray, timing: Timing | None = None) -> np.ndarray:
+        try:
+            return await asyncio.wait_for(batcher.submit(images, timing), options.timeout_s)
+        except QueueFull as exc:
+            raise RequestError(503, f"busy: {exc}; retry", {"Retry-After": "1"}) from None
+        except Stopped as exc:
+            raise RequestError(503, str(exc), {"Retry-After": "1"}) from None
+        except asyncio.TimeoutError:
+            raise RequestError(504, f"no answer within {options.timeout_s:g} s") from None
+        except ValueError as exc:
+            raise RequestError(400, str(exc)) from None
+
+    async def infer_tensors(request: dict, binary, timing: Timing) -> tuple[dict, list[bytes]]:
+        """One Open Inference Protocol request, REST or gRPC: its response's JSON part and binary buffers."""
+        ok = False
+        try:
+            started = time.perf_counter_ns()
+            try:
+                decoded = decode_request(request, binary, info)
+            except ProtocolError as exc:
+                raise RequestError(exc.status, str(exc)) from None
+            timing.input_ns = time.perf_counter_ns() - started
+            logits = await run(decoded.images, timing)
+            started = time.perf_counter_ns()
+            outputs, buffers = encode_outputs(logits, decoded.outputs, info.class_names)
+            answer = {"model_name": info.name, "model_version": info.version, "outputs": outputs}
+            if decoded.id is not None:
+                answer["id"] = decoded.id
+            timing.output_ns = time.perf_counter_ns() - started
+            ok = True
+            return answer, buffers
+        finally:
+            statistics.request(timing, ok)
+
     async def lifespan(_app):
+        grpc_server = None
         batcher.start()
+        if options.grpc_port is not None:
+            from mobilenetv2.serving.grpc_service import start_grpc
+
+            grpc_server = await start_grpc(options, info, state, infer_tensors, statistics)
         state["ready"] = True
         yield
         state["ready"] = False
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5.0)  # calls in flight finish; new ones are refused
         await batcher.drain(timeout_s=5.0)
 
     app = FastAPI(title="mobilenetv2", description="MobileNetV2 inference: Open Inference Protocol v2, "
@@ -127,11 +173,12 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
         metric["latency"].labels(endpoint).observe(time.perf_counter() - started)
         return response
 
+    limit = int(options.max_body_mb * (1 << 20))
+
     async def body(request: Request) -> bytes:
         """The request's body, at most --max-body-mb. A longer one is answered 413 after reading (and dropping) up
         to DRAIN_FACTOR times the limit: a client still sending when the server closed would see its connection
         reset instead of the answer. Past that, the answer goes out at once and the connection closes unread."""
-        limit = int(options.max_body_mb * (1 << 20))
         declared = request.headers.get("content-length")
         declared = int(declared) if declared is not None and declared.isdigit() else None
         declared_over = declared is not None and declared > limit
@@ -148,27 +195,24 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
                 chunks.append(chunk)
         if declared_over or total > limit:
             raise too_long
-        return b"".join(chunks)
+        return _decoded(b"".join(chunks), request.headers.get("content-encoding", "identity"), limit,
+                        options.max_body_mb)
 
-    async def run(images: np.ndarray) -> np.ndarray:
-        try:
-            return await asyncio.wait_for(batcher.submit(images), options.timeout_s)
-        except QueueFull as exc:
-            raise RequestError(503, f"busy: {exc}; retry", {"Retry-After": "1"}) from None
-        except Stopped as exc:
-            raise RequestError(503, str(exc), {"Retry-After": "1"}) from None
-        except asyncio.TimeoutError:
-            raise RequestError(504, f"no answer within {options.timeout_s:g} s") from None
-        except ValueError as exc:
-            raise RequestError(400, str(exc)) from None
-
-    def model_named(model_name: str) -> None:
+    def model_named(model_name: str, version: str | None = None) -> None:
         if model_name != options.name:
             raise RequestError(404, f"no model named {model_name!r}; this server has {options.name!r}")
+        if version is not None and version != info.version:
+            raise RequestError(404, f"model {model_name!r} has no version {version!r}; it has {info.version!r}")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return _page(options.name)
+
+    @app.get("/v2")
+    async def server_metadata():
+        from mobilenetv2 import __version__
+
+        return {"name": "mobilenetv2", "version": __version__, "extensions": EXTENSIONS}
 
     @app.get("/v2/health/live")
     async def live():
@@ -178,32 +222,53 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
     async def ready():
         return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
 
+    @app.get("/v2/models/stats")  # before /v2/models/{model_name}, which would take "stats" for a name
+    @app.get("/v2/models/{model_name}/stats")
+    @app.get("/v2/models/{model_name}/versions/{version}/stats")
+    async def stats(model_name: str | None = None, version: str | None = None):
+        if model_name is not None:
+            model_named(model_name, version)
+        return {"model_stats": [statistics.to_dict()]}
+
     @app.get("/v2/models/{model_name}")
-    async def metadata(model_name: str):
-        model_named(model_name)
-        return {"name": options.name, "versions": ["1"], "platform": platform,
-                "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3, size, size]}],
-                "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, classifier.num_classes]}],
-                "parameters": {"class_names": names, "preprocess": preprocess.to_dict(),
-                               "max_batch_size": options.max_batch}}
+    @app.get("/v2/models/{model_name}/versions/{version}")
+    async def metadata(model_name: str, version: str | None = None):
+        model_named(model_name, version)
+        return info.metadata()
 
     @app.get("/v2/models/{model_name}/ready")
-    async def model_ready(model_name: str):
-        model_named(model_name)
+    @app.get("/v2/models/{model_name}/versions/{version}/ready")
+    async def model_ready(model_name: str, version: str | None = None):
+        model_named(model_name, version)
         return JSONResponse({"name": options.name, "ready": state["ready"]},
                             status_code=200 if state["ready"] else 503)
 
+    @app.get("/v2/models/{model_name}/config")
+    @app.get("/v2/models/{model_name}/versions/{version}/config")
+    async def config(model_name: str, version: str | None = None):
+        model_named(model_name, version)
+        return info.config()
+
+    @app.post("/v2/repository/index")
+    async def repository_index():
+        return [{"name": options.name, "version": info.version, "state": "READY" if state["ready"] else "UNAVAILABLE"}]
+
     @app.post("/v2/models/{model_name}/infer")
-    async def infer(model_name: str, request: Request):
-        model_named(model_name)
-        images, request_id = _tensor_request(await body(request), size)
-        logits = await run(images)
-        answer = {"model_name": options.name, "model_version": "1",
-                  "outputs": [{"name": "logits", "datatype": "FP32", "shape": list(logits.shape),
-                               "data": logits.reshape(-1).tolist()}]}
-        if request_id is not None:
-            answer["id"] = request_id
-        return answer
+    @app.post("/v2/models/{model_name}/versions/{version}/infer")
+    async def infer(model_name: str, request: Request, version: str | None = None):
+        timing = Timing()
+        model_named(model_name, version)
+        try:
+            header, binary = split_body(await body(request), request.headers.get("inference-header-content-length"))
+        except ProtocolError as exc:
+            statistics.request(timing, False)
+            raise RequestError(exc.status, str(exc)) from None
+        answer, buffers = await infer_tensors(header, binary, timing)
+        if not buffers:
+            return JSONResponse(answer)
+        head = json.dumps(answer, separators=(",", ":")).encode()
+        return Response(b"".join([head, *buffers]), media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(len(head))})
 
     @app.post("/v1/classify")
     async def classify(request: Request, topk: int = 5):
@@ -225,33 +290,24 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
     return app
 
 
-def _tensor_request(raw: bytes, size: int) -> tuple[np.ndarray, object]:
-    """The images of an Open Inference Protocol request body, checked: FP32, shape (N, 3, size, size), finite."""
+def _decoded(raw: bytes, encoding: str, limit: int, limit_mb: float) -> bytes:
+    """A body sent gzip- or deflate-encoded (tritonclient's request compression), inflated to at most `limit`
+    bytes: a small body must not unpack into gigabytes."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding not in ("gzip", "deflate"):
+        raise RequestError(415, f"Content-Encoding {encoding[:40]!r} is not supported (gzip, deflate or none)")
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
     try:
-        request = json.loads(raw)
-    except ValueError as exc:
-        raise RequestError(400, f"malformed JSON: {exc}") from None
-    inputs = request.get("inputs") if isinstance(request, dict) else None
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise RequestError(400, "the request must have exactly one input, named 'input'")
-    tensor = inputs[0]
-    if tensor.get("name") != "input":
-        raise RequestError(400, f"unknown input {tensor.get('name')!r}; the model takes 'input'")
-    if tensor.get("datatype") != "FP32":
-        raise RequestError(400, f"input datatype must be FP32, got {tensor.get('datatype')!r}")
-    shape = tensor.get("shape")
-    if (not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(d, int) for d in shape)
-            or shape[0] < 1 or shape[1:] != [3, size, size]):
-        raise RequestError(400, f"input shape must be [N, 3, {size}, {size}], got {shape}")
-    try:
-        data = np.asarray(tensor.get("data"), dtype=np.float32)
-    except (TypeError, ValueError):
-        raise RequestError(400, "input data must be numbers") from None
-    if data.size != int(np.prod(shape)):
-        raise RequestError(400, f"input data has {data.size} values, shape {shape} needs {int(np.prod(shape))}")
-    if not np.all(np.isfinite(data)):
-        raise RequestError(400, "input data must be finite")
-    return data.reshape(shape), request.get("id")
+        data = inflater.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise RequestError(400, f"body is not valid {encoding}: {exc}") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise RequestError(413, f"the decompressed body is over --max-body-mb {limit_mb:g}")
+    if not inflater.eof:
+        raise RequestError(400, f"body is not valid {encoding}: it ends early")
+    return data
 
 
 def _image_bytes(raw: bytes, content_type: str) -> bytes:

@@ -25,17 +25,20 @@ class Stopped(Exception):
 class _Pending:
     images: np.ndarray
     future: asyncio.Future
+    timing: object = None  # a statistics.Timing whose queue_ns and infer_ns the batcher fills, or None
     queued_at: float = field(default_factory=time.perf_counter)
 
 
 class DynamicBatcher:
     """`await submit(images)` -> the model's outputs for those images, run batched with whatever else is waiting.
-    `observe(batch_size, queued_images)` is called for every batch run (metrics)."""
+    `observe(batch_size, queued_images)` is called for every batch run (metrics), `executed(batch_size, ns)` after
+    it with the model's time (statistics)."""
 
     def __init__(self, forward: Callable[[np.ndarray], np.ndarray], max_batch: int, max_delay_s: float,
-                 max_queue: int, observe: Callable[[int, int], None] = lambda size, queued: None):
+                 max_queue: int, observe: Callable[[int, int], None] = lambda size, queued: None,
+                 executed: Callable[[int, int], None] = lambda size, ns: None):
         self.forward, self.max_batch, self.max_delay_s, self.max_queue = forward, max_batch, max_delay_s, max_queue
-        self.observe = observe
+        self.observe, self.executed = observe, executed
         self.queued_images = 0
         self._queue: asyncio.Queue[_Pending] | None = None
         self._task: asyncio.Task | None = None
@@ -47,14 +50,14 @@ class DynamicBatcher:
         self._queue = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def submit(self, images: np.ndarray) -> np.ndarray:
+    async def submit(self, images: np.ndarray, timing=None) -> np.ndarray:
         if self._stopping:
             raise Stopped("the server is shutting down")
         if len(images) > self.max_batch:
             raise ValueError(f"{len(images)} images in one request; this server batches at most {self.max_batch}")
         if self.queued_images + len(images) > self.max_queue:
             raise QueueFull(f"{self.queued_images} images are waiting (the queue holds {self.max_queue})")
-        pending = _Pending(images, asyncio.get_running_loop().create_future())
+        pending = _Pending(images, asyncio.get_running_loop().create_future(), timing)
         self.queued_images += len(images)
         self._queue.put_nowait(pending)
         return await pending.future
@@ -96,6 +99,10 @@ class DynamicBatcher:
             self._busy = True
             self.queued_images -= len(images)
             self.observe(len(images), self.queued_images)
+            started = time.perf_counter()
+            for pending in batch:
+                if pending.timing is not None:
+                    pending.timing.queue_ns = int((started - pending.queued_at) * 1e9)
             try:
                 outputs = await loop.run_in_executor(self._worker, self.forward, images)
             except Exception as exc:  # noqa: BLE001 - handed to each waiting request, the loop goes on
@@ -104,8 +111,12 @@ class DynamicBatcher:
                         pending.future.set_exception(exc)
                 self._busy = False
                 continue
+            infer_ns = int((time.perf_counter() - started) * 1e9)
+            self.executed(len(images), infer_ns)
             start = 0
             for pending in batch:
+                if pending.timing is not None:
+                    pending.timing.infer_ns = infer_ns
                 end = start + len(pending.images)
                 if not pending.future.done():  # a request that timed out no longer waits
                     pending.future.set_result(outputs[start:end])
