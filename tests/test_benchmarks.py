@@ -93,11 +93,14 @@ def test_the_serving_load_benchmark_reports_each_concurrency(tmp_path):
     checkpoint = tmp_path / "model.pt"
     save_model(MobileNetV2(num_classes=3, width_mult=0.25, class_names=["a", "b", "c"],
                            preprocess=Preprocess(image_size=32, resize_size=36)), checkpoint)
-    out = run("serve_load.py", "--checkpoint", str(checkpoint), "--seconds", "1", "--concurrency", "1,4",
-              "--max-batch", "8")
-    rows = [line for line in out.splitlines() if re.match(r"\| \d+ \|", line)]
-    assert [row.split(" | ")[0] for row in rows] == ["| 1", "| 4", "| 4"]
+    out = run("serve_load.py", "--checkpoint", str(checkpoint), "--seconds", "0.5", "--concurrency", "1,4",
+              "--max-batch", "8", "--bad-fraction", "0.3")
+    rows = [line for line in out.splitlines() if re.match(r"\| [a-z-]+ \| \d+ \|", line)]
+    protocols = ["classify", "http-json", "http-binary", "grpc"]
+    assert [tuple(row.split(" | ")[:2]) for row in rows] == [
+        (f"| {p}", c) for p in protocols for c in ("1", "4")] + [(f"| {p}", "4") for p in protocols]
     assert all(row.endswith("| 0 | 0 |") for row in rows), rows  # no errors, no 5xx, bad requests included
+    assert all(int(row.split(" | ")[2].split()[0]) > 0 for row in rows[-4:]), rows  # bad ones were sent
 
 
 def test_time_to_accuracy_trains_each_recipe_per_seed_and_reports_min_median_max(tmp_path, monkeypatch):

@@ -20,14 +20,17 @@ pytest.importorskip("litert_torch", reason="litert-torch is not installed (pip i
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A width-1.0 network exported once, NHWC as Android apps feed it (a conversion takes 12 s here: the NCHW
-    layout is run back by the int8 test and the planted-fault ones)."""
+def files(tmp_path_factory):
+    """A width-0.5 network as NCHW and a width-1.0 one as NHWC, each exported once (12 s a conversion here)."""
     folder = tmp_path_factory.mktemp("litert")
-    model = calibrated_network(1.0)
-    save_model(model, folder / "w1.pt")
-    assert main(["export", "--checkpoint", str(folder / "w1.pt"), "--format", "tflite", "--layout", "nhwc"]) == 0
-    return model, folder / "w1.tflite"
+    written = {}
+    for width, layout in ((0.5, "nchw"), (1.0, "nhwc")):
+        model = calibrated_network(width)
+        save_model(model, folder / f"w{width}.pt")
+        assert main(["export", "--checkpoint", str(folder / f"w{width}.pt"), "--format", "tflite", "--layout",
+                     layout]) == 0
+        written[width] = (model, folder / f"w{width}.tflite", layout)
+    return written
 
 
 def interpret(path, images: np.ndarray) -> np.ndarray:
@@ -45,27 +48,29 @@ def interpret(path, images: np.ndarray) -> np.ndarray:
     return np.concatenate(answers)
 
 
-def test_the_file_runs_in_litert_as_eager_does_and_carries_its_contract(exported):
-    model, path = exported
+@pytest.mark.parametrize("width", [0.5, 1.0])
+def test_the_file_runs_in_litert_as_eager_does_and_carries_its_contract(files, width):
+    model, path, layout = files[width]
     images = check_images(model, 4)
     with torch.no_grad():
         expected = model(images).numpy()
-    actual = interpret(path, np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy()))
+    given = images.permute(0, 2, 3, 1) if layout == "nhwc" else images
+    actual = interpret(path, np.ascontiguousarray(given.numpy()))
     bound = max(TOLERANCE * max(1.0, float(np.abs(expected).max())), 4 * float32_error(model, images))
     assert float(np.abs(actual - expected).max()) <= bound
     with zipfile.ZipFile(path) as package:
         record = json.loads(package.read("mobilenetv2.json"))
         labels = package.read("labels.txt").decode().split()
-    assert labels == model.class_names and record["litert"]["layout"] == "nhwc"
+    assert labels == model.class_names and record["litert"]["layout"] == layout
     assert record["preprocess"]["mean"] == list(model.preprocess.mean)
 
 
-def test_a_failing_check_leaves_nothing_and_a_missing_runtime_is_one_line(exported, tmp_path, capsys, monkeypatch):
+def test_a_failing_check_leaves_nothing_and_a_missing_runtime_is_one_line(files, tmp_path, capsys, monkeypatch):
     from mobilenetv2.deploy import litert
 
-    model, good = exported
+    model, good, _layout = files[0.5]
     save_model(model, tmp_path / "m.pt")
-    export = ["export", "--checkpoint", str(tmp_path / "m.pt"), "--format", "tflite", "--layout", "nhwc"]
+    export = ["export", "--checkpoint", str(tmp_path / "m.pt"), "--format", "tflite"]
     # the contract without the mean: the good file's conversion, its record losing the mean on the way in
     monkeypatch.setattr(litert, "convert", lambda m, path, **options: shutil.copyfile(good, path))
     attach = litert.attach_contract
@@ -80,15 +85,15 @@ def test_a_failing_check_leaves_nothing_and_a_missing_runtime_is_one_line(export
     assert "pip install 'mobilenetv2[litert]'" in err
 
 
-def test_swapped_colour_channels_fail_the_check(exported, tmp_path, capsys, monkeypatch):
+def test_swapped_colour_channels_fail_the_check(files, tmp_path, capsys, monkeypatch):
     """The file reads its channels in the other order than the checkpoint does: the good file stands in for the
     conversion of a checkpoint whose stem has its colours swapped (one conversion saved)."""
     from mobilenetv2.deploy import litert
 
-    model, good = exported
+    model, good, _layout = files[0.5]
     save_model(swapped_colours(model), tmp_path / "m.pt")
     monkeypatch.setattr(litert, "convert", lambda m, path, **options: shutil.copyfile(good, path))
-    assert main(["export", "--checkpoint", str(tmp_path / "m.pt"), "--format", "tflite", "--layout", "nhwc"]) == 1
+    assert main(["export", "--checkpoint", str(tmp_path / "m.pt"), "--format", "tflite"]) == 1
     assert "LiteRT logits at batch 1 differs from eager" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
