@@ -123,11 +123,14 @@ def sender(protocol: str, ports: tuple[int, int], bodies: list[bytes], inputs: l
     if protocol == "grpc":
         import tritonclient.grpc as triton
 
-        client = triton.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        def connect():
+            return triton.InferenceServerClient(f"127.0.0.1:{grpc_port}")
     else:
         import tritonclient.http as triton
 
-        client = triton.InferenceServerClient(f"127.0.0.1:{port}", connection_timeout=60, network_timeout=60)
+        def connect():
+            return triton.InferenceServerClient(f"127.0.0.1:{port}", connection_timeout=60, network_timeout=60)
+    state["client"] = connect()
     binary = protocol != "http-json"
     outputs = None if protocol == "grpc" else [triton.InferRequestedOutput("logits", binary_data=binary)]
 
@@ -143,15 +146,19 @@ def sender(protocol: str, ports: tuple[int, int], bodies: list[bytes], inputs: l
         else:
             tensor.set_data_from_numpy(image, binary_data=binary)
         try:
-            client.infer("mobilenetv2", [tensor], outputs=outputs).as_numpy("logits")
+            state["client"].infer("mobilenetv2", [tensor], outputs=outputs).as_numpy("logits")
             return 200
         except InferenceServerException as exc:
             code = str(exc.status())
             return 400 if "INVALID_ARGUMENT" in code else int(code) if code.isdigit() else 500
+        except Exception:  # noqa: BLE001 - a dropped connection: counted as an error, the client reconnects
+            state["client"].close()
+            state["client"] = connect()
+            return -1
 
     def close():
         state["connection"].close()
-        client.close()
+        state["client"].close()
 
     return send, close
 
