@@ -18,8 +18,10 @@ $(VENV)/.installed-demo: pyproject.toml
 	$(INSTALL); install $(TORCH_PINS) && install -e '.[export,plot]'
 	touch $@
 
+# the test extras unbytecompiled: most of their modules (jax, transformers, ... pulled in by converters) are never
+# imported, and compiling them all took 24 s of a 53 s install; what the tests import compiles on first use
 $(VENV)/.installed: $(VENV)/.installed-demo
-	$(INSTALL); install -e '.[test]'
+	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[test]' || $(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
