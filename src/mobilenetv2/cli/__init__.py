@@ -15,6 +15,7 @@ import typing
 
 from mobilenetv2 import __version__
 from mobilenetv2.cli.deploy import add_deploy_commands
+from mobilenetv2.cli.groups import TRAIN_GROUPS
 from mobilenetv2.cli.serve import add_serve_command
 from mobilenetv2.config import TrainConfig
 from mobilenetv2.errors import TrainingStopped, UserError
@@ -25,18 +26,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One flag per config field; defaults are suppressed so we can tell which flags were given."""
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip=(), groups=()) -> None:
+    """One flag per config field; defaults are suppressed so we can tell which flags were given. With `groups`
+    ((title, description, field names), ...) the flags are listed under those titles, in that order."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+    sections = [(parser.add_argument_group(title, description), names) for title, description, names in groups]
+    placed = {name for _, names in sections for name in names}
+    order = [(section, fields[name]) for section, names in sections for name in names if name in fields]
+    order += [(parser, f) for name, f in fields.items() if name not in placed]
+    for target, f in order:
         flag = "--" + f.name.replace("_", "-")
         kwargs = {"help": f"{f.metadata.get('help', '')} (default: {f.default!r})", "default": argparse.SUPPRESS}
         if hints[f.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            parser.add_argument(flag, type=hints[f.name], metavar=f.name.upper(), **kwargs)
+            target.add_argument(flag, type=hints[f.name], metavar=f.name.upper(), **kwargs)
 
 
 def _cmd_convert(args) -> int:
@@ -136,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train from scratch, fine-tune, or continue training")
     train.add_argument("--config", metavar="FILE.yaml", help="recipe file; flags override its values")
-    _add_dataclass_options(train, TrainConfig)
+    _add_dataclass_options(train, TrainConfig, groups=TRAIN_GROUPS)
     # before --weight-decay-on: still read (as all / weights), with a notice
     train.add_argument("--decay-bn-bias", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                        help=argparse.SUPPRESS)

@@ -166,24 +166,28 @@ def _cmd_bench(args) -> int:
 
 def add_deploy_commands(commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint (or .onnx) on a folder; prints the seed's result line")
-    evaluate.add_argument("--data", required=True, help="dataset root (uses val/ or validation_preprocess/), a "
-                          "class-folder root, or shards (a folder or URL with _info.json, a brace pattern, pipe:)")
-    evaluate.add_argument("--shard-info", default="", help="the shards' manifest, when --data has none beside it")
-    evaluate.add_argument("--skip-bad-shards", action="store_true", help="go on without shards that cannot be read")
-    evaluate.add_argument("--checkpoint", help="any format load_model reads, or an exported .onnx")
-    evaluate.add_argument("--compare", nargs=2, metavar=("A", "B"), help="per-image top-1 agreement of two models")
-    evaluate.add_argument("--batch-size", type=int, default=100)
-    evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    evaluate.add_argument("--workers", type=int, default=2)
-    evaluate.add_argument("--json", metavar="FILE", help="write top-1/top-5, loss, count, per-class accuracy, confusion matrix")
-    evaluate.add_argument("--resize", choices=["short", "squash"], help="short: shorter side then centre crop "
-                          "(torchvision/timm); squash: square resize as the seed (default: the checkpoint's)")
-    evaluate.add_argument("--runtime", default="auto", help=RUNTIME_HELP)
-    evaluate.add_argument("--data-backend", default="pil", help="pil: decode in the loader's workers; device: "
-                          "workers read bytes, the device decodes each batch (nvJPEG on a GPU), as in training")
-    evaluate.add_argument("--tta", default="none", help="test-time augmentation, logits averaged over the views: none "
-                          "| flip (the image and its mirror) | flip-crops (four corner crops and the centre crop of "
-                          "the resized image, and their mirrors)")
+    evaluated = evaluate.add_argument_group("what is evaluated")
+    evaluating = evaluate.add_argument_group("how")
+    reported = evaluate.add_argument_group("output")
+    evaluated.add_argument("--data", required=True, help="dataset root (uses val/ or validation_preprocess/), a "
+                           "class-folder root, or shards (a folder or URL with _info.json, a brace pattern, pipe:)")
+    evaluated.add_argument("--shard-info", default="", help="the shards' manifest, when --data has none beside it")
+    evaluated.add_argument("--skip-bad-shards", action="store_true", help="go on without shards that cannot be read")
+    evaluated.add_argument("--checkpoint", help="any format load_model reads, or an exported .onnx")
+    evaluated.add_argument("--compare", nargs=2, metavar=("A", "B"), help="per-image top-1 agreement of two models")
+    evaluating.add_argument("--batch-size", type=int, default=100)
+    evaluating.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    evaluating.add_argument("--workers", type=int, default=2)
+    reported.add_argument("--json", metavar="FILE", help="write top-1/top-5, loss, count, per-class accuracy, "
+                          "confusion matrix")
+    evaluating.add_argument("--resize", choices=["short", "squash"], help="short: shorter side then centre crop "
+                            "(torchvision/timm); squash: square resize as the seed (default: the checkpoint's)")
+    evaluating.add_argument("--runtime", default="auto", help=RUNTIME_HELP)
+    evaluating.add_argument("--data-backend", default="pil", help="pil: decode in the loader's workers; device: "
+                            "workers read bytes, the device decodes each batch (nvJPEG on a GPU), as in training")
+    evaluating.add_argument("--tta", default="none", help="test-time augmentation, logits averaged over the views: "
+                            "none | flip (the image and its mirror) | flip-crops (four corner crops and the centre "
+                            "crop of the resized image, and their mirrors)")
     evaluate.set_defaults(handler=_cmd_eval)
 
     predict = commands.add_parser("predict", help="classify images: class names and probabilities")
@@ -196,26 +200,30 @@ def add_deploy_commands(commands) -> None:
 
     export = commands.add_parser("export", help="export to ONNX, TorchScript, MindSpore (.ckpt, MINDIR), ExecuTorch, "
                                  "LiteRT, OpenVINO, Core ML, torchvision, timm or Triton, each checked in its runtime")
-    export.add_argument("--checkpoint", required=True)
-    export.add_argument("--format", required=True, help="; ".join(f"{name}: {fmt.description}"
-                                                                   for name, fmt in EXPORT_FORMATS.items()))
-    export.add_argument("--output", "-o", help="output file (default: next to the checkpoint)")
-    export.add_argument("--batch-size", type=int, help="the exported batch (default 1); triton: max_batch_size "
+    exported = export.add_argument_group("what is written")
+    shaped = export.add_argument_group("the graph", "inputs, outputs and precision")
+    quantized = export.add_argument_group("int8", "executorch and tflite")
+    foreign = export.add_argument_group("MindSpore")
+    exported.add_argument("--checkpoint", required=True)
+    exported.add_argument("--format", required=True, help="; ".join(f"{name}: {fmt.description}"
+                                                                     for name, fmt in EXPORT_FORMATS.items()))
+    exported.add_argument("--output", "-o", help="output file (default: next to the checkpoint)")
+    shaped.add_argument("--batch-size", type=int, help="the exported batch (default 1); triton: max_batch_size "
                         "(default 32)")
-    export.add_argument("--dynamic-batch", action="store_true", help="any batch size at run time")
-    export.add_argument("--with-softmax", action="store_true", help="also output probabilities ('probs')")
-    export.add_argument("--int8", action="store_true", help="executorch and tflite: static int8 through the PT2E "
-                        "quantizer (int8 ONNX: mobilenetv2 quantize)")
-    export.add_argument("--data", help="with --int8: dataset root whose train/ images calibrate (tflite: its val/ "
-                        "top-1 before and after is measured and kept in the file)")
-    export.add_argument("--layout", choices=["nchw", "nhwc"], default="nchw", help="tflite: the input's layout, "
+    shaped.add_argument("--dynamic-batch", action="store_true", help="any batch size at run time")
+    shaped.add_argument("--with-softmax", action="store_true", help="also output probabilities ('probs')")
+    quantized.add_argument("--int8", action="store_true", help="executorch and tflite: static int8 through the PT2E "
+                           "quantizer (int8 ONNX: mobilenetv2 quantize)")
+    quantized.add_argument("--data", help="with --int8: dataset root whose train/ images calibrate (tflite: its val/ "
+                           "top-1 before and after is measured and kept in the file)")
+    shaped.add_argument("--layout", choices=["nchw", "nhwc"], default="nchw", help="tflite: the input's layout, "
                         "N x 3 x H x W as exported or N x H x W x 3 as an Android bitmap's pixels")
-    export.add_argument("--precision", choices=["auto", "fp32", "fp16"], default="auto", help="openvino (default "
+    shaped.add_argument("--precision", choices=["auto", "fp32", "fp16"], default="auto", help="openvino (default "
                         "fp32) and coreml (default fp16, what the Neural Engine runs) weights")
-    export.add_argument("--mindspore-python", help="mindir: the python of an environment with mindspore (default "
-                        "$MOBILENETV2_MINDSPORE_PYTHON, else this one's mindspore)")
-    export.add_argument("--calibration-images", type=int, default=512)
-    export.add_argument("--onnx-exporter", choices=["dynamo", "legacy", "auto"], default="dynamo",
+    foreign.add_argument("--mindspore-python", help="mindir: the python of an environment with mindspore (default "
+                         "$MOBILENETV2_MINDSPORE_PYTHON, else this one's mindspore)")
+    quantized.add_argument("--calibration-images", type=int, default=512)
+    shaped.add_argument("--onnx-exporter", choices=["dynamo", "legacy", "auto"], default="dynamo",
                         help="onnx and triton: dynamo, torch's current exporter (opset 18); legacy, the deprecated "
                         "TorchScript-based one (opset 17, ten times faster to export); auto: legacy while torch has it")
     export.set_defaults(handler=_cmd_export)

@@ -75,19 +75,22 @@ def _quantized(checkpoint: str) -> bool:
 def add_serve_command(commands) -> None:
     serve = commands.add_parser("serve", help="an HTTP (and gRPC) server: Open Inference Protocol v2 with Triton's "
                                               "binary tensors, /v1/classify, metrics, a web page; dynamic batching")
-    serve.add_argument("--checkpoint", required=True, help="any model file we read, or an exported (int8) .onnx")
-    serve.add_argument("--runtime", default="onnx", help="onnx (ONNX Runtime; a .pt through its checked, cached "
-                       "export) | onnx-int8 (an int8 .onnx from quantize) | torch")
-    serve.add_argument("--name", default="mobilenetv2", help="the model's name in /v2/models/NAME")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--grpc-port", type=int, default=None, help="also serve the Open Inference Protocol's gRPC "
-                       "service on this port (off unless given; Triton's default is 8001)")
-    serve.add_argument("--max-batch", type=int, default=32, help="most images per model call")
-    serve.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill")
-    serve.add_argument("--max-queue", type=int, default=256, help="images waiting before requests get 503")
-    serve.add_argument("--timeout-s", type=float, default=30.0, help="per request, queue and model together")
-    serve.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
-    serve.add_argument("--max-connections", type=int, default=1024, help="open connections before 503")
-    serve.add_argument("--threads", type=int, default=0, help="inference threads (0: torch's default)")
+    served = serve.add_argument_group("the model")
+    network = serve.add_argument_group("network")
+    batching = serve.add_argument_group("batching and limits")
+    served.add_argument("--checkpoint", required=True, help="any model file we read, or an exported (int8) .onnx")
+    served.add_argument("--runtime", default="onnx", help="onnx (ONNX Runtime; a .pt through its checked, cached "
+                        "export) | onnx-int8 (an int8 .onnx from quantize) | torch")
+    served.add_argument("--name", default="mobilenetv2", help="the model's name in /v2/models/NAME")
+    network.add_argument("--host", default="127.0.0.1")
+    network.add_argument("--port", type=int, default=8000)
+    network.add_argument("--grpc-port", type=int, default=None, help="also serve the Open Inference Protocol's gRPC "
+                         "service on this port (off unless given; Triton's default is 8001)")
+    batching.add_argument("--max-batch", type=int, default=32, help="most images per model call")
+    batching.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    batching.add_argument("--max-queue", type=int, default=256, help="images waiting before requests get 503")
+    batching.add_argument("--timeout-s", type=float, default=30.0, help="per request, queue and model together")
+    batching.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
+    network.add_argument("--max-connections", type=int, default=1024, help="open connections before 503")
+    served.add_argument("--threads", type=int, default=0, help="inference threads (0: torch's default)")
     serve.set_defaults(handler=_cmd_serve)
