@@ -18,10 +18,9 @@ $(VENV)/.installed-demo: pyproject.toml
 	$(INSTALL); install $(TORCH_PINS) && install -e '.[export,plot]'
 	touch $@
 
-# the test extras unbytecompiled: most of their modules (jax, transformers, ... pulled in by converters) are never
-# imported, and compiling them all took 24 s of a 53 s install; what the tests import compiles on first use
+# bytecode compiled at install (24 s of a 53 s install): leaving it to first imports cost the suite more than that
 $(VENV)/.installed: $(VENV)/.installed-demo
-	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[test]' || $(PY) -m pip install -q -e '.[test]'
+	$(INSTALL); install -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
