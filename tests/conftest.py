@@ -125,15 +125,26 @@ TINY_TRAIN = ["--width-mult", "0.25", "--image-size", "32", "--workers", "0", "-
 
 @pytest.fixture(scope="session")
 def pretrained_five(fashion, tmp_path_factory) -> Path:
-    """A network trained from scratch on five Fashion-MNIST classes (its checkpoint carries the class names)."""
-    root = tmp_path_factory.mktemp("pretrained")
-    data = subset(fashion, root / "data", FIVE_CLASSES)
-    # in memory: ten seconds. Five classes from 200 images at 32 px vary with the seed and the thread count (71-93 %
-    # top-1 over seeds 1-3); seed 2 gave 93 % on one thread (as under xdist) and 87 % on two
-    assert main(["train", "--data", str(data), "--output", str(root / "run"), *TINY_TRAIN, "--batch-size", "20",
-                 "--epochs", "20", "--lr-max", "0.03", "--min-scale", "0.5", "--color-jitter", "0",
-                 "--eval-every", "20", "--in-memory", "--seed", "2"]) == 0
-    return root / "run" / "checkpoints" / "last.pt"
+    """A network trained from scratch on five Fashion-MNIST classes (its checkpoint carries the class names).
+    Under xdist the workers share one: the first to ask trains it in this session's temp folder, the others wait on
+    a lock and read it (each worker trains on one thread, so any of them would train the same network)."""
+    from filelock import FileLock
+
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    base = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.mktemp("pretrained-alone")
+    root, checkpoint = base / "pretrained", base / "pretrained" / "run" / "checkpoints" / "last.pt"
+    with FileLock(str(base / "pretrained.lock")):
+        if not checkpoint.is_file():
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)  # a worker that died half-way
+            data = subset(fashion, root / "data", FIVE_CLASSES)
+            # in memory: ten seconds. Five classes from 200 images at 32 px vary with the seed and the thread count
+            # (71-93 % top-1 over seeds 1-3); seed 2 gave 93 % on one thread (as under xdist) and 87 % on two
+            assert main(["train", "--data", str(data), "--output", str(root / "run"), *TINY_TRAIN, "--batch-size", "20",
+                         "--epochs", "20", "--lr-max", "0.03", "--min-scale", "0.5", "--color-jitter", "0",
+                         "--eval-every", "20", "--in-memory", "--seed", "2"]) == 0
+    return checkpoint
 
 
 def randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -1,6 +1,8 @@
 """export --format tflite: LiteRT files that LiteRT's own Interpreter runs as eager PyTorch does (fp32), or close to
 it with the top-1 kept (int8), carrying their contract and labels."""
 
+import contextlib
+import io
 import json
 import shutil
 import sys
@@ -98,12 +100,19 @@ def test_swapped_colour_channels_fail_the_check(files, tmp_path, capsys, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
-def test_int8_keeps_the_top1_within_two_points_and_records_both(fashion, pretrained_five, tmp_path, capsys):
-    data = subset(fashion, tmp_path / "data", FIVE_CLASSES)
-    output = tmp_path / "five.tflite"
-    assert main(["export", "--checkpoint", str(pretrained_five), "--format", "tflite", "--int8", "--data", str(data),
-                 "--calibration-images", "64", "--output", str(output)]) == 0
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def int8_five(fashion, pretrained_five, tmp_path_factory):
+    data = subset(fashion, tmp_path_factory.mktemp("litert-data") / "data", FIVE_CLASSES)
+    output = tmp_path_factory.mktemp("litert-int8") / "five.tflite"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["export", "--checkpoint", str(pretrained_five), "--format", "tflite", "--int8", "--data",
+                     str(data), "--calibration-images", "64", "--output", str(output)]) == 0
+    return data, output, out.getvalue()
+
+
+def test_int8_keeps_the_top1_within_two_points_and_records_both(int8_five):
+    data, output, out = int8_five
     count = len(list((data / "val").glob("*/*")))
     assert "LiteRT Interpreter (int8) vs eager, 4 photos" in out and f"top-1 on {count} val images" in out
     with zipfile.ZipFile(output) as package:
@@ -118,10 +127,15 @@ def test_int8_keeps_the_top1_within_two_points_and_records_both(fashion, pretrai
     assert list(source["shape"][1:]) == [3, 32, 32]  # NCHW, the default layout
 
 
-def test_bench_times_litert_beside_onnx_on_the_same_threads(pretrained_five, capsys):
-    assert main(["bench", "--checkpoint", str(pretrained_five), "--formats", "onnx,litert-int8",
-                 "--batch-sizes", "1,4", "--seconds", "0.2", "--json"]) == 0
+def test_bench_times_the_given_file_beside_onnx_on_the_same_threads(int8_five, files, pretrained_five, capsys):
+    output = int8_five[1]
+    assert main(["bench", "--checkpoint", str(pretrained_five), "--formats", "onnx,litert-int8", "--tflite",
+                 str(output), "--batch-sizes", "1,4", "--seconds", "0.2", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(row["runtime"], row["batch_size"]) for row in rows] == [
         (name, batch) for batch in (1, 4) for name in ("onnx", "litert-int8")]
     assert all(row["images_per_s"] > 0 and row["threads"] == torch.get_num_threads() for row in rows)
+    # another network's file is refused before anything is timed
+    err = one_line_exit_2(capsys, ["bench", "--checkpoint", str(pretrained_five), "--formats", "litert",
+                                   "--tflite", str(files[0.5][1])])
+    assert "LiteRT" in err or "not this checkpoint's network" in err

@@ -159,7 +159,7 @@ def _cmd_bench(args) -> int:
 
     rows = bench(load_model(args.checkpoint), parse_list(args.formats or default_runtimes(), str, "formats"),
                  parse_list(args.batch_sizes, int, "batch_sizes"), seconds=args.seconds, int8=args.int8,
-                 pte=args.pte)
+                 pte=args.pte, tflite=args.tflite)
     print(json.dumps(as_dicts(rows), indent=2) if args.json else table(rows))
     return 0
 
@@ -255,6 +255,8 @@ def add_deploy_commands(commands) -> None:
     bench_.add_argument("--int8", help="an int8 .onnx from `quantize` (default: quantized here, photos calibrate)")
     bench_.add_argument("--pte", help="the executorch row's program, from `export --format executorch` of this "
                         "checkpoint (default: exported here)")
+    bench_.add_argument("--tflite", help="the litert (or, int8, litert-int8) row's file, from `export --format tflite` "
+                        "of this checkpoint (default: converted here); checked against it first")
     bench_.add_argument("--seconds", type=float, default=3.0, help="timed seconds per runtime and batch size")
     bench_.add_argument("--json", action="store_true")
     bench_.set_defaults(handler=_cmd_bench)

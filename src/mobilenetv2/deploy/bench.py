@@ -54,7 +54,7 @@ def summary(latencies: list[float], batch_size: int) -> tuple[float, float, floa
 
 
 def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int, int8: Path | None,
-            pte: Path | None = None) -> dict:
+            pte: Path | None = None, tflite: Path | None = None) -> dict:
     """runtime name -> callable(images) for each runtime asked for."""
     from mobilenetv2.deploy.export import export_onnx
 
@@ -94,8 +94,11 @@ def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int,
         if executorch_threads(threads) != threads:
             raise UserError(f"ExecuTorch could not be given {threads} threads")
         found["executorch"] = _checked_pte(model, Path(pte))
+    given = _checked_tflite(model, Path(tflite), threads) if tflite is not None else None
     for name in ("litert", "litert-int8"):
-        if name in runtimes:  # speed does not depend on the calibration: real photos will do
+        if given is not None and given[0] == name:
+            found[name] = given[1]
+        elif name in runtimes:  # speed does not depend on the calibration: real photos will do
             from mobilenetv2.deploy.export import check_images
             from mobilenetv2.deploy.litert import convert, litert_runner
 
@@ -103,6 +106,31 @@ def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int,
             convert(model, path, int8=name == "litert-int8", calibration=[check_images(model, 8).numpy()])
             found[name] = litert_runner(path, threads, layout="nchw")
     return found
+
+
+def _checked_tflite(model: MobileNetV2, path: Path, threads: int) -> tuple[str, Callable]:
+    """The row a given `.tflite` of ours times (litert, or litert-int8 when its record says int8) and its runner,
+    once it answered as `model` does (the export's tolerance for fp32, the int8 one for int8)."""
+    from mobilenetv2.deploy.export import INT8_TOLERANCE, TOLERANCE, ExportCheckError, check_images, compare
+    from mobilenetv2.deploy.litert import litert_runner, read_contract
+    from mobilenetv2.errors import CheckpointError
+
+    if not path.is_file():
+        raise UserError(f"no LiteRT file at {path}")
+    try:
+        int8 = bool(read_contract(path).get("quantization"))
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    images = check_images(model, 2)
+    try:
+        run = litert_runner(path, threads)
+        with torch.no_grad():
+            compare(model(images), run(images), f"{path}'s logits", INT8_TOLERANCE if int8 else TOLERANCE)
+    except ExportCheckError as exc:
+        raise UserError(f"{exc}: not this checkpoint's network") from None
+    except (RuntimeError, ValueError) as exc:  # another input shape
+        raise UserError(f"{path}: LiteRT cannot run it on this checkpoint's images ({str(exc)[:160]})") from None
+    return ("litert-int8" if int8 else "litert"), run
 
 
 def _checked_pte(model: MobileNetV2, path: Path) -> Callable:
@@ -126,7 +154,7 @@ def _checked_pte(model: MobileNetV2, path: Path) -> Callable:
 
 
 def bench(model: MobileNetV2, runtimes: list[str], batch_sizes: list[int], *, seconds: float = 3.0,
-          int8: Path | None = None, pte: Path | None = None) -> list[BenchRow]:
+          int8: Path | None = None, pte: Path | None = None, tflite: Path | None = None) -> list[BenchRow]:
     unknown = [name for name in runtimes if name not in RUNTIMES]
     if unknown:
         raise UserError(f"unknown `formats` {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
@@ -142,7 +170,7 @@ def bench(model: MobileNetV2, runtimes: list[str], batch_sizes: list[int], *, se
     size = model.preprocess.image_size
     rows, cpu = [], cpu_description()
     with tempfile.TemporaryDirectory() as tmp:
-        found = runners(model, runtimes, Path(tmp), threads, int8, pte)
+        found = runners(model, runtimes, Path(tmp), threads, int8, pte, tflite)
         for batch in batch_sizes:
             images = torch.randn(batch, 3, size, size)
             # the .pte is exported for batch 1 (what a phone runs)
