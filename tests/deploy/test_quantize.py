@@ -309,7 +309,7 @@ def test_bench_interleaves_the_runtimes_so_a_slow_spell_falls_on_all(monkeypatch
 
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(bench_module, "runners",
-                        lambda model, runtimes, folder, threads, int8, pte: {
+                        lambda model, runtimes, folder, threads, int8, pte, tflite: {
                             "onnx": fake("onnx", 0.002), "onnx-int8": fake("onnx-int8", 0.001)})
     rows = bench_module.bench(MobileNetV2(num_classes=3, width_mult=0.25), ["onnx", "onnx-int8"], [2], seconds=0.1)
     timed = order[6:]  # after three warm-up calls each
