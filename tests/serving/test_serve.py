@@ -216,8 +216,10 @@ def test_sigterm_finishes_what_is_in_flight_and_exits_0(model_file, five_data):
     served.stop()
 
 
-def _browser():
-    """Headless Chromium through its WebDriver (Debian's chromium and chromium-driver; `make test` installs them)."""
+def _browser(folder: Path):
+    """Headless Chromium through its WebDriver (Debian's chromium and chromium-driver; `make test` installs them),
+    its profile and temporary files in `folder` (otherwise it leaves an org.chromium.Chromium.* folder in /tmp)."""
+    import os
     import shutil
 
     webdriver = pytest.importorskip("selenium.webdriver")
@@ -229,12 +231,12 @@ def _browser():
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--no-first-run", "--disable-background-networking"):
+                 "--no-first-run", "--disable-background-networking", f"--user-data-dir={folder / 'profile'}"):
         options.add_argument(flag)
-    return webdriver.Chrome(service=Service(driver), options=options)
+    return webdriver.Chrome(service=Service(driver, env={**os.environ, "TMPDIR": str(folder)}), options=options)
 
 
-def test_the_page_classifies_a_picked_image_in_a_real_browser(server, model_file, five_data):
+def test_the_page_classifies_a_picked_image_in_a_real_browser(server, model_file, five_data, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -242,7 +244,7 @@ def test_the_page_classifies_a_picked_image_in_a_real_browser(server, model_file
     assert status == 200 and b"http://" not in page and b"https://" not in page  # nothing fetched from elsewhere
     path = _val_images(five_data, 1)[0]
     expected = predict.predict(predict.load_classifier(model_file, runtime_name="onnx"), [path], topk=5)[0]
-    browser = _browser()
+    browser = _browser(tmp_path)
     try:
         browser.get(server.url + "/")
         WebDriverWait(browser, 30).until(lambda b: "(" in b.find_element(By.ID, "model").text)
