@@ -218,7 +218,8 @@ def test_sigterm_finishes_what_is_in_flight_and_exits_0(model_file, five_data):
 
 def _browser(folder: Path):
     """Headless Chromium through its WebDriver (Debian's chromium and chromium-driver; `make test` installs them),
-    its profile and temporary files in `folder` (otherwise it leaves an org.chromium.Chromium.* folder in /tmp)."""
+    its profile and temporary files in `folder` (otherwise it leaves an org.chromium.Chromium.* folder in /tmp).
+    `folder` must be short: Chromium's SingletonSocket lives in it, and a socket path has at most 107 bytes."""
     import os
     import shutil
 
@@ -236,7 +237,10 @@ def _browser(folder: Path):
     return webdriver.Chrome(service=Service(driver, env={**os.environ, "TMPDIR": str(folder)}), options=options)
 
 
-def test_the_page_classifies_a_picked_image_in_a_real_browser(server, model_file, five_data, tmp_path):
+def test_the_page_classifies_a_picked_image_in_a_real_browser(server, model_file, five_data):
+    import shutil
+    import tempfile
+
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -244,7 +248,12 @@ def test_the_page_classifies_a_picked_image_in_a_real_browser(server, model_file
     assert status == 200 and b"http://" not in page and b"https://" not in page  # nothing fetched from elsewhere
     path = _val_images(five_data, 1)[0]
     expected = predict.predict(predict.load_classifier(model_file, runtime_name="onnx"), [path], topk=5)[0]
-    browser = _browser(tmp_path)
+    folder = Path(tempfile.mkdtemp(prefix="mnv2-chromium-", dir="/tmp"))
+    try:
+        browser = _browser(folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     try:
         browser.get(server.url + "/")
         WebDriverWait(browser, 30).until(lambda b: "(" in b.find_element(By.ID, "model").text)
@@ -274,6 +283,7 @@ def test_the_page_classifies_a_picked_image_in_a_real_browser(server, model_file
         assert browser.find_elements(By.CSS_SELECTOR, ".prediction") == []
     finally:
         browser.quit()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_request_that_waits_past_its_timeout_gets_504_and_bad_options_one_line(model_file, five_data, capsys):
