@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # served from local disk on our machines; pyproject declares the ranges (torch>=2.4)
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo demo-quick bench clean fashion-mnist debs mindspore
+.PHONY: install test demo demo-quick bench docs clean fashion-mnist debs mindspore
 
 # uv installs the same wheels as pip in less than half the time (torch's CUDA wheels unpack to ~4 GB; measured
 # 43 s against 62 s for the demo's set, 4 s against 30 s for the test extra); pip takes over wherever uv fails.
@@ -64,10 +64,19 @@ test:
 	$(MAKE) --no-print-directory -j3 install mindspore debs
 	MOBILENETV2_MINDSPORE_PYTHON=$(abspath $(MINDSPORE_VENV))/bin/python $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
+# the documentation site into site/; --strict: a broken link, anchor or missing page fails the build (the suite builds
+# it too, in tests/test_docs.py)
+$(VENV)/.installed-docs: $(VENV)/.installed-demo
+	$(INSTALL); install -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 bench: install
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/head_finetune.py
 	$(PY) benchmarks/inference.py
 
 clean:
-	rm -rf $(VENV) $(MINDSPORE_VENV) runs build *.egg-info
+	rm -rf $(VENV) $(MINDSPORE_VENV) runs build site *.egg-info

@@ -32,7 +32,7 @@ from timing import cpu_line
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "fashion_mnist.yaml"
-# every recipe row in RESULTS.md was measured at 48 px (the demo's size), whatever the demo config says later
+# every recipe row in docs/results.md was measured at 48 px (the demo's size), whatever the demo config says later
 # the demo's shape, and its recipe as these rows were measured: the seed's cosine and crops of 85-100 % (the demo
 # itself now trains 5 epochs without crops, on a linear decay: benchmarks/time_to_accuracy.py)
 SIZE = {"image_size": 48, "resize_size": 48, "min_scale": 0.85, "lr_schedule": "cosine"}

@@ -267,19 +267,19 @@ def test_a_load_with_ten_percent_malformed_requests_has_no_5xx(served, expected)
     assert sum(what != "good" for what, _ in answers) == 20
 
 
-def test_the_readme_example_runs_against_the_server(served, tmp_path, monkeypatch, capsys):
-    """The tritonclient example of the README's serve section, as written (its ports pointed at this server, a
-    real photo as its photo.jpg)."""
+def test_the_serving_guides_example_runs_against_the_server(served, tmp_path, monkeypatch, capsys):
+    """The tritonclient example of docs/guides/serving.md, as written (its ports pointed at this server, a real photo
+    as its photo.jpg)."""
     from PIL import Image
     from skimage import data
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    (code,) = re.findall(r"```python\n(# tritonclient.*?)```", readme, re.S)
+    guide = (Path(__file__).parents[2] / "docs" / "guides" / "serving.md").read_text()
+    (code,) = re.findall(r"```python\n(# tritonclient.*?)```", guide, re.S)
     code = code.replace("localhost:8000", f"127.0.0.1:{served.port}").replace(
         "localhost:8001", f"127.0.0.1:{served.grpc_port}")
     Image.fromarray(data.chelsea()).save(tmp_path / "photo.jpg")
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    exec(compile(code, "serving.md", "exec"), namespace)  # noqa: S102 - our own docs
     assert namespace["top3"].shape == (1, 3) and namespace["logits"].shape == (1, len(FIVE_CLASSES))
     assert capsys.readouterr().out.strip().endswith(tuple("0123456789"))

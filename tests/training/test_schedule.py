@@ -43,3 +43,22 @@ def test_lr_scale_factor():
     assert lr_scale(256, 128, "linear") == 2.0
     assert lr_scale(256, 128, "none") == 1.0
     assert lr_scale(256, 0, "linear") == 1.0
+
+
+def test_a_diverging_run_says_so_once_and_names_the_fix(dataset, tmp_path, capsys):
+    """A newcomer's run: the seed's rate (0.8, tuned for a batch of 150) at batch 8 on real photos. The loss climbs
+    far above a uniform guess's; the log says the run diverges and names --lr-scaling linear with its rate, once.
+    Scaled, the same run converges and says nothing."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("batch_size: 150\nlr_max: 0.8\nimage_size: 32\nwidth_mult: 0.25\nworkers: 0\nlog_every: 1\n")
+    common = ["train", "--config", str(recipe), "--data", str(dataset), "--batch-size", "8", "--epochs", "3"]
+    assert main([*common, "--output", str(tmp_path / "seed")]) == 0
+    out = capsys.readouterr().out
+    losses = [r["loss"] for r in records(tmp_path / "seed", "step")]
+    assert max(losses) > 4 * math.log(3)  # it did diverge
+    assert out.count("training is diverging") == 1
+    assert "--lr-max 0.8 was tuned for a batch of 150 and is used as given at batch 8" in out
+    assert "add --lr-scaling linear (lr_max 0.04267)" in out
+    assert main([*common, "--output", str(tmp_path / "linear"), "--lr-scaling", "linear"]) == 0
+    assert max(r["loss"] for r in records(tmp_path / "linear", "step")) < 4 * math.log(3)
+    assert "diverging" not in capsys.readouterr().out
