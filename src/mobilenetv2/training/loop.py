@@ -10,7 +10,6 @@ is the last good one. Both are checked on every rank at the same steps, so ranks
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import threading
 import time
@@ -31,7 +30,7 @@ from mobilenetv2.training.balance import class_weights
 from mobilenetv2.training.distill import Teacher, TeacherFile
 from mobilenetv2.training.recipe import build_ema, build_loss, build_optimizer, build_schedule
 from mobilenetv2.training.run_checkpoints import LoopState, ResumePoint
-from mobilenetv2.training.schedule import Schedule, lr_scale
+from mobilenetv2.training.schedule import Schedule, divergence_hint
 from mobilenetv2.training.tasks import TrainTask
 
 
@@ -294,22 +293,13 @@ def _flush(run: _Run, epoch: _Epoch, step: int) -> None:
 
 
 def _hint_divergence(run: _Run, loss: float) -> None:
-    """Once a run, when a logged loss is far above what a uniform guess scores (ln K; the seed's smoothing keeps a
-    converging run near or below it): say the run is diverging and name the fix. The seed's rate (0.8 for a batch
-    of 150 a process) taken unchanged at a newcomer's batch of 16 climbs to tens within the first epoch."""
-    config, classes = run.config, run.task.model.num_classes
-    if run.hinted_divergence or run.teacher_file is not None or classes < 2 or loss < 4 * math.log(classes):
-        return
-    run.hinted_divergence = True
-    scaled = lr_scale(config.batch_size, config.lr_reference_batch, "linear") * config.lr_max
-    if config.lr_scaling != "linear" and config.lr_reference_batch and config.batch_size < config.lr_reference_batch:
-        fix = (f"--lr-max {config.lr_max:g} was tuned for a batch of {config.lr_reference_batch} and is used as given "
-               f"at batch {config.batch_size} (the seed's way): add --lr-scaling linear (lr_max {scaled:.4g}), or "
-               f"give a lower --lr-max")
-    else:
-        fix = f"give a lower --lr-max (now {config.lr_max:g}) or a longer --warmup-epochs"
-    run.monitor.line(f"the loss ({loss:.3g}) is far above a uniform guess's (ln {classes} = {math.log(classes):.2f}): "
-                     f"training is diverging. {fix} (docs: getting-started, \"your own folder\")")
+    """Once a run (not when distilling: the teacher's term has another scale), say when the loss diverges."""
+    config = run.config
+    hint = None if run.hinted_divergence or run.teacher_file is not None else divergence_hint(
+        loss, run.task.model.num_classes, config.batch_size, config.lr_reference_batch, config.lr_scaling, config.lr_max)
+    if hint:
+        run.hinted_divergence = True
+        run.monitor.line(hint)
 
 
 def _end_epoch(run: _Run, state: LoopState, epoch: _Epoch) -> None:

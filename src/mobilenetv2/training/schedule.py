@@ -91,6 +91,23 @@ def lr_note(batch_size: int, reference_batch: int, scaling: str, lr_max: float) 
             f"(the seed's way); lr_scaling linear would use {scaled:.4g}")
 
 
+def divergence_hint(loss: float, classes: int, batch_size: int, reference_batch: int, scaling: str,
+                    lr_max: float) -> str | None:
+    """A log line when a logged loss is far above what a uniform guess scores (ln K; the seed's smoothing keeps a
+    converging run near or below it): the run diverges, and the line names the fix. The seed's rate (0.8 for a batch
+    of 150 a process) taken unchanged at a newcomer's batch of 16 climbs to tens within the first epoch."""
+    if classes < 2 or loss < 4 * math.log(classes):
+        return None
+    if scaling != "linear" and reference_batch and batch_size < reference_batch:
+        fix = (f"--lr-max {lr_max:g} was tuned for a batch of {reference_batch} and is used as given at batch "
+               f"{batch_size} (the seed's way): add --lr-scaling linear (lr_max {lr_max * batch_size / reference_batch:.4g}), "
+               f"or give a lower --lr-max")
+    else:
+        fix = f"give a lower --lr-max (now {lr_max:g}) or a longer --warmup-epochs"
+    return (f"the loss ({loss:.3g}) is far above a uniform guess's (ln {classes} = {math.log(classes):.2f}): training "
+            f"is diverging. {fix} (docs: getting-started, \"your own folder\")")
+
+
 Schedule = SeedSchedule | StepSchedule  # LinearSchedule is a SeedSchedule
 
 
