@@ -31,7 +31,7 @@ def originals(folder: Path) -> dict[str, bytes]:
     model = MobileNetV2(num_classes=3, width_mult=0.25, class_names=["a", "b", "c"]).eval()
     save_model(model, folder / "model.pt")
     save_model(model, folder / "model.safetensors")
-    export(model, "onnx", folder / "model.onnx", batch_size=1, dynamic_batch=True)
+    export(model, "onnx", folder / "model.onnx", batch_size=1, dynamic_batch=True, onnx_exporter="auto")  # any valid file
     return {"pt": (folder / "model.pt").read_bytes(), "safetensors": (folder / "model.safetensors").read_bytes(),
             "ckpt": MS_FIXTURE.read_bytes(), "onnx": (folder / "model.onnx").read_bytes()}
 

@@ -109,7 +109,7 @@ def test_the_stem_layout_keeps_the_stem_and_first_block_fp32_and_none_keeps_noth
 
     model = load_model(five_48).eval()
     fp32 = tmp_path / "fp32.onnx"
-    export_onnx(model, fp32, batch_size=1, dynamic_batch=True)
+    export_onnx(model, fp32, batch_size=1, dynamic_batch=True, onnx_exporter="auto")  # as quantize starts from
     for layout, expected in (("stem", [True] * 3 + [False] * 49), ("none", [False] * 52)):
         int8 = tmp_path / f"{layout}.int8.onnx"
         assert write_faster_int8(model, fp32, int8, lambda: [check_images(model, 2).numpy()], layout) == (layout, None)
@@ -206,11 +206,13 @@ def test_weights_go_out_to_torchvision_and_timm(converted, tmp_path, capsys, fmt
         assert_parity(network.eval()(torch.from_numpy(MS_INPUT)).numpy())
 
 
-def test_bench_prints_a_row_per_runtime_and_batch(pretrained_five, capsys):
+def test_bench_prints_a_row_per_runtime_and_batch(pretrained_five, five_48, int8_five, capsys):
+    """Every runtime at each batch; the int8 rows time the file `quantize` wrote (quantizing here is what the
+    quantize tests check)."""
     from mobilenetv2.engines.onnx_files import installed
 
     formats = ["torch", "onnx", "onnx-int8"] + (["openvino", "openvino-int8"] if installed("openvino") else [])
-    assert main(["bench", "--checkpoint", str(pretrained_five), "--formats", ",".join(formats),
+    assert main(["bench", "--checkpoint", str(five_48), "--int8", str(int8_five), "--formats", ",".join(formats),
                  "--batch-sizes", "1,4", "--seconds", "0.2", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(row["runtime"], row["batch_size"]) for row in rows] == [(n, b) for b in (1, 4) for n in formats]
@@ -219,8 +221,8 @@ def test_bench_prints_a_row_per_runtime_and_batch(pretrained_five, capsys):
     assert {row["threads"] for row in rows} == {torch.get_num_threads()}
     err = one_line_exit_2(capsys, ["bench", "--checkpoint", str(pretrained_five), "--formats", "tflite"])
     assert "unknown --formats tflite" in err
-    assert main(["bench", "--checkpoint", str(pretrained_five), "--batch-sizes", "2", "--seconds", "0.1",
-                 "--json"]) == 0  # by default every CPU engine installed here
+    assert main(["bench", "--checkpoint", str(five_48), "--int8", str(int8_five), "--batch-sizes", "2", "--seconds",
+                 "0.1", "--json"]) == 0  # by default every CPU engine installed here
     assert [row["runtime"] for row in json.loads(capsys.readouterr().out)] == formats
 
 

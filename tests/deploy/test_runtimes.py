@@ -161,7 +161,7 @@ def test_bad_runtime_choices_end_in_one_line(five_data, checkpoint, tmp_path, ca
     assert "--data-backend" in err
     exported = tmp_path / "five.onnx"
     assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--output", str(exported),
-                 "--dynamic-batch"]) == 0
+                 "--dynamic-batch", "--onnx-exporter", "legacy"]) == 0  # the file is the means here
     err = one_line_exit_2(capsys, ["predict", "--checkpoint", str(exported), "--runtime", "torch",
                                    str(next((five_data / "val" / "Bag").iterdir()))])
     assert "is an ONNX file" in err
@@ -206,7 +206,7 @@ def test_head_only_features_from_each_engine_agree(three_new, pretrained_five, t
 def test_onnx_file_given_runs_in_either_engine(checkpoint, tmp_path):
     exported = tmp_path / "five.onnx"
     assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--output", str(exported),
-                 "--batch-size", "2"]) == 0  # a fixed batch of 2: chunks, the last one padded
+                 "--batch-size", "2", "--onnx-exporter", "legacy"]) == 0  # a fixed batch of 2: chunks, the last padded
     model = load_model(checkpoint)
     images = check_images(model, 5)
     for engine in ("onnx", *OPENVINO):

@@ -53,7 +53,7 @@ def test_the_repository_entry_parses_with_tritons_schema_and_runs_any_batch(chec
     # again, into the same folder, with another batch limit: replaced whole
     (entry / "stale.txt").write_text("from before")
     assert main(["export", "--checkpoint", str(path), "--format", "triton", "--output", str(entry),
-                 "--batch-size", "8"]) == 0
+                 "--batch-size", "8", *FAST]) == 0
     assert not (entry / "stale.txt").exists() and "max_batch_size: 8" in (entry / "config.pbtxt").read_text()
     assert not [p for p in repository.iterdir() if p.name != "fashion"]  # no temp folders left
 
