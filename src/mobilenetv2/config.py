@@ -60,9 +60,9 @@ class TrainConfig:
     optimizer: str = _help("sgd (momentum SGD, the seed's) | nesterov | rmsprop-tf (TensorFlow's RMSprop as timm "
                            "has it, alpha 0.9; needs timm) | adamw", default="sgd")
     opt_eps: float = _help("epsilon of rmsprop-tf and adamw (0: the optimizer's own, 1e-10 and 1e-8)", default=0.0)
-    lr_schedule: str = _help("cosine (the seed's: per-step warmup, cosine to lr-end) | linear (per-step warmup, then "
-                             "a straight line to lr-end: the budgeted schedule) | step (warmup, then lr-max times "
-                             "decay-rate every decay-epochs, per step as timm's step schedule)", default="cosine")
+    lr_schedule: str = _help("cosine (the seed's) | linear (a straight line to lr-end: the budgeted schedule) | step "
+                             "(times decay-rate every decay-epochs, as timm's); each after warmup, per step",
+                             default="cosine")
     decay_epochs: float = _help("epochs between decays of the step schedule", default=2.4)
     decay_rate: float = _help("factor per decay of the step schedule", default=0.97)
     clip_grad_norm: float = _help("clip the gradients' global L2 norm to this before each step (0: off)", default=0.0)
@@ -99,18 +99,16 @@ class TrainConfig:
     # data
     train_crop_size: int = _help("training crop size in pixels (0: image-size); smaller than the eval crop for "
                                  "FixRes-style training (train 176, eval resize 232 and crop 224)", default=0)
-    progressive_resize: str = _help("MIN:MAX progressive resizing: the training crop is MIN px until the ramp starts, "
-                                    "grows linearly to MAX over --progressive-ramp, then stays MAX; the size changes "
-                                    "per epoch (eval stays --image-size; quote it in YAML: '32:48')", default="")
+    progressive_resize: str = _help("MIN:MAX: the training crop grows from MIN to MAX px over --progressive-ramp, per "
+                                    "epoch; eval stays --image-size (docs: guides/recipes)", default="")
     progressive_ramp: str = _help("START:END epochs (fractions allowed) of the progressive ramp, within the run "
                                   "(default 0:EPOCHS-1: the whole run, the last epoch at MAX)", default="")
     progressive_multiple: int = _help("sizes on the progressive ramp are rounded to a multiple of this (32: the "
                                       "network's stride, FFCV's; MIN and MAX are kept as given)", default=32)
     interpolation: str = _help("bilinear | bicubic: resampling of the training crop and the eval resize (travels "
                                "in the checkpoint)", default="bilinear")
-    auto_augment: str = _help("none | ta_wide (TrivialAugment-Wide) | augmix | imagenet (AutoAugment's ImageNet "
-                              "policy) | a timm RandAugment string such as rand-m9-mstd0.5 (magnitude 9, two ops, "
-                              "magnitude noise 0.5; needs timm), per image after crop, flip and jitter", default="none")
+    auto_augment: str = _help("none | ta_wide | augmix | imagenet (AutoAugment) | a timm RandAugment string such as "
+                              "rand-m9-mstd0.5 (needs timm): a policy per image (docs: guides/recipes)", default="none")
     random_erase: float = _help("probability of erasing a random rectangle of each normalised training image",
                                 default=0.0)
     random_erase_mode: str = _help("pixel (normal noise per pixel, timm's) | const (0, the mean colour after "
