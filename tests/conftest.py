@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,27 @@ def assert_parity(actual) -> None:
     assert np.asarray(actual).shape == MS_LOGITS.shape
     error = parity_error(actual)
     assert error <= PARITY_TOLERANCE, f"relative error {error:.3g}"
+
+
+def pytest_configure(config):
+    """One short temporary folder for the whole run, removed at its end: what libraries leave in the temporary
+    folder (torchrun's agent folders, converters' scratch packages and models, pytest's own folders) would otherwise
+    pile up in /tmp, a few dozen entries a run. Set once by the process that starts the test workers, who inherit it;
+    short, because a Unix socket's path (multiprocessing's, Chromium's) has at most 107 bytes."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None and "MOBILENETV2_TESTS_TMPDIR" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="mnv2-tests-", dir="/tmp")
+        os.environ["MOBILENETV2_TESTS_TMPDIR"] = os.environ["TMPDIR"] = tempfile.tempdir = folder
+        config.stash[_TMPDIR] = folder
+
+
+def pytest_unconfigure(config):
+    folder = config.stash.get(_TMPDIR, None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop("MOBILENETV2_TESTS_TMPDIR", None)
+
+
+_TMPDIR = pytest.StashKey[str]()
 
 
 # The heaviest files first (seconds of test time per file on the AVX2 VM, 2026-12-07: 131, 100, 87, 62, 47, ...):
