@@ -172,8 +172,6 @@ def pretrained_five(fashion, tmp_path_factory) -> Path:
     root, checkpoint = base / "pretrained", base / "pretrained" / "run" / "checkpoints" / "last.pt"
     with FileLock(str(base / "pretrained.lock")):
         if not checkpoint.is_file():
-            import shutil
-
             shutil.rmtree(root, ignore_errors=True)  # a worker that died half-way
             data = subset(fashion, root / "data", FIVE_CLASSES)
             # in memory: ten seconds. Five classes from 200 images at 32 px vary with the seed and the thread count

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import shlex
 import subprocess
@@ -165,18 +166,19 @@ def test_every_example_runs_here_or_says_why_not():
 def test_the_site_builds_strict_and_its_cli_reference_lists_every_train_flag(tmp_path):
     site = tmp_path / "site"
     built = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)], cwd=ROOT,
-                           capture_output=True, text=True, env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"},
+                           capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
                            timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
     help_text = subprocess.run([sys.executable, "-m", "mobilenetv2", "train", "--help"], capture_output=True, text=True,
-                               env={**__import__("os").environ, "COLUMNS": "120"}, timeout=120).stdout
+                               env={**os.environ, "COLUMNS": "120"}, timeout=120).stdout
     printed = set(re.findall(r"^\s{2}(--[a-z][a-z0-9-]*)", help_text, re.M))
     assert {"--data", "--lr-scaling", "--progressive-resize", "--teacher"} <= printed and len(printed) > 70
     for group in ("data:", "model:", "schedule:", "distillation:"):
         assert f"\n{group}" in help_text
     page = (site / "reference" / "cli" / "index.html").read_text()
     train = page[page.index('id="mobilenetv2-train"'):page.index('id="mobilenetv2-convert"')]
-    assert printed <= set(re.findall(r"(--[a-z][a-z0-9-]*)", train)), sorted(printed - set(re.findall(r"(--[a-z][a-z0-9-]*)", train)))
+    listed = set(re.findall(r"(--[a-z][a-z0-9-]*)", train))
+    assert printed <= listed, sorted(printed - listed)
     config_page = (site / "reference" / "config" / "index.html").read_text()
     assert "lr_reference_batch" in config_page and "progressive_ramp" in config_page
     api = (site / "reference" / "api" / "index.html").read_text()

@@ -100,7 +100,8 @@ def divergence_hint(loss: float, classes: int, batch_size: int, reference_batch:
         return None
     if scaling != "linear" and reference_batch and batch_size < reference_batch:
         fix = (f"--lr-max {lr_max:g} was tuned for a batch of {reference_batch} and is used as given at batch "
-               f"{batch_size} (the seed's way): add --lr-scaling linear (lr_max {lr_max * batch_size / reference_batch:.4g}), "
+               f"{batch_size} (the seed's way): add --lr-scaling linear "
+               f"(lr_max {lr_max * lr_scale(batch_size, reference_batch, 'linear'):.4g}), "
                f"or give a lower --lr-max")
     else:
         fix = f"give a lower --lr-max (now {lr_max:g}) or a longer --warmup-epochs"
