@@ -9,7 +9,12 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 # uv installs the same wheels as pip in less than half the time (torch's CUDA wheels unpack to ~4 GB; measured
 # 43 s against 62 s for the demo's set, 4 s against 30 s for the test extra); pip takes over wherever uv fails.
+# The demo's set is compiled to bytecode at install: what every command imports, ready even where
+# PYTHONDONTWRITEBYTECODE is set (a command then starts in 4 s instead of 10 on the 2-core VM).
 INSTALL = install() { $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) "$$@" || $(PY) -m pip install -q "$$@"; }
+# The test extra is not: compiling its 20,000 files (jax, transformers and the like that converters pull in, mostly
+# never imported) took 26 of its 32 s; the suite writes the bytecode of what it imports as it goes (see `test`).
+INSTALL_LAZY = install() { $(VENV)/bin/uv pip install -q --python $(PY) "$$@" || $(PY) -m pip install -q "$$@"; }
 
 # the demo needs the package with its ONNX export and plots; the suite also needs the test extras
 $(VENV)/.installed-demo: pyproject.toml
@@ -18,9 +23,8 @@ $(VENV)/.installed-demo: pyproject.toml
 	$(INSTALL); install $(TORCH_PINS) && install -e '.[export,plot]'
 	touch $@
 
-# bytecode compiled at install (24 s of a 53 s install): leaving it to first imports cost the suite more than that
 $(VENV)/.installed: $(VENV)/.installed-demo
-	$(INSTALL); install -e '.[test]'
+	$(INSTALL_LAZY); install -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -59,10 +63,13 @@ demo: $(VENV)/.installed-demo fashion-mnist
 demo-quick: $(VENV)/.installed-demo fashion-mnist
 	$(PY) -m mobilenetv2 demo --quick --per-class 300 --val-per-class 100 --output runs/demo-quick
 
-# the three installs are independent: run together they take about the longest one's time, not the sum
+# the three installs are independent: run together they take about the longest one's time, not the sum. The suite
+# writes the bytecode of what it imports (into .venv and gitignored __pycache__ folders) even where
+# PYTHONDONTWRITEBYTECODE is set: otherwise each of its ~60 fresh interpreters compiles it all again.
 test:
 	$(MAKE) --no-print-directory -j3 install mindspore debs
-	MOBILENETV2_MINDSPORE_PYTHON=$(abspath $(MINDSPORE_VENV))/bin/python $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+	PYTHONDONTWRITEBYTECODE= MOBILENETV2_MINDSPORE_PYTHON=$(abspath $(MINDSPORE_VENV))/bin/python \
+		$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 # the documentation site into site/; --strict: a broken link, anchor or missing page fails the build (the suite builds
 # it too, in tests/test_docs.py)

@@ -2,7 +2,8 @@
 run on one CPU (named in the first line), the recipes taking turns seed by seed so that a host that slows down
 slows them alike.
 
-Each run is `mobilenetv2 train` in a child process with an evaluation after every epoch (not counted as training
+Each run is `mobilenetv2 train` in a child process (forked from a server that imported torch and the package once)
+with an evaluation after every epoch (not counted as training
 time: each epoch record's time_s covers its steps only). Per recipe: final top-1 (min / median / max over seeds),
 training wall time, the training time at which top-1 first reached the target (after the first epoch whose eval
 reached it), and the training compute in image-pixels (images x crop side squared, summed over the epochs' recorded
@@ -15,9 +16,12 @@ train_size). Ratios are against the first recipe (today's demo recipe) in the sa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
+import os
+import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,14 +44,31 @@ RECIPES = {
 }
 
 
+def _train(argv: list[str]) -> None:
+    """`mobilenetv2 train ARGV` in the child, what it prints discarded; its exit code is the child's."""
+    from mobilenetv2.cli import main
+
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        sys.exit(main(argv))
+
+
+# a fresh process per run, as the command would be, without the seconds a fresh interpreter spends importing torch
+CHILDREN = multiprocessing.get_context("forkserver")
+CHILDREN.set_forkserver_preload(["torch", "torchvision", "mobilenetv2.cli", "mobilenetv2.training.run"])
+
+
 def run_once(recipe: str, seed: int, data: Path, work: Path, extra: list[str]) -> dict:
     """One training run; its epoch records and wall time."""
     output = work / f"{recipe}-seed{seed}"
-    command = [sys.executable, "-m", "mobilenetv2", "train", "--config", str(DEMO), "--data", str(data), "--output",
-               str(output), "--seed", str(seed), "--eval-every", "1", "--save-every", "100", *RECIPES[recipe], *extra]
+    argv = ["train", "--config", str(DEMO), "--data", str(data), "--output", str(output), "--seed", str(seed),
+            "--eval-every", "1", "--save-every", "100", *RECIPES[recipe], *extra]
     started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=REPO)
+    child = CHILDREN.Process(target=_train, args=(argv,))
+    child.start()
+    child.join()
     wall = time.perf_counter() - started
+    if child.exitcode != 0:
+        sys.exit(f"{recipe} seed {seed}: `mobilenetv2 {shlex.join(argv)}` exited {child.exitcode}")
     epochs = [r for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines()) if r["type"] == "epoch"]
     batch = yaml.safe_load((output / "config.yaml").read_text())["batch_size"]
     return {"epochs": epochs, "wall_s": wall, "batch": batch}

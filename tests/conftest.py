@@ -63,9 +63,13 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
+    import multiprocessing.util
+
     folder = config.stash.get(_TMPDIR, None)
     if folder:
-        shutil.rmtree(folder, ignore_errors=True)
+        # at exit, after multiprocessing has removed its own folder inside ours (a run without xdist forks from here)
+        multiprocessing.util.Finalize(None, shutil.rmtree, args=(folder,), kwargs={"ignore_errors": True},
+                                      exitpriority=-200)
         os.environ.pop("MOBILENETV2_TESTS_TMPDIR", None)
 
 
@@ -362,6 +366,15 @@ def run_script(script: Path, *argv: str, timeout: float = 300) -> str:
     result = _completed([str(script), *argv], timeout, _script, str(script), list(argv))
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
     return result.stdout
+
+
+def installed(module: str, reason: str):
+    """A mark skipping a file's tests where `module` is not installed, found without importing it: every xdist worker
+    collects every file, and coremltools and litert-torch take 3-6 s each to import (this suite's collection: 16 s of
+    which 9 s were those two)."""
+    import importlib.util
+
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=reason)
 
 
 def openvino_present(monkeypatch, present: bool) -> None:

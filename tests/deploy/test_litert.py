@@ -16,9 +16,9 @@ from mobilenetv2 import save_model
 from mobilenetv2.cli import main
 from mobilenetv2.engines.onnx_files import TOLERANCE, check_images, float32_error
 
-from conftest import FIVE_CLASSES, calibrated_network, one_line_exit_2, subset, swapped_colours
+from conftest import FIVE_CLASSES, calibrated_network, installed, one_line_exit_2, subset, swapped_colours
 
-pytest.importorskip("litert_torch", reason="litert-torch is not installed (pip install 'mobilenetv2[litert]')")
+pytestmark = installed("litert_torch", "litert-torch is not installed (pip install 'mobilenetv2[litert]')")
 
 
 @pytest.fixture(scope="module")
