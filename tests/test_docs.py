@@ -4,20 +4,24 @@
 An example is a ```bash or ```python block (```text, ```yaml and the like are shown, not run). It runs as written in
 a folder holding `photos/` (an ImageFolder tree of real photos at odd sizes: 3 classes, train/ and val/),
 `photos-more/` (the same classes and one more), `photo.jpg` and the repository's `configs/`, one page at a time, its
-blocks in order (a page's later examples use what its earlier ones wrote). Two things keep it small: `train` runs one
-epoch (`--epochs 1` after the page's flags) with no loader workers. Each `mobilenetv2 ...` line runs in this process
-(torch imported once); any other program in a block needs the block marked, in the page source, on the line before
-its fence: `<!-- example: not run here: WHY -->` (GPUs, downloads, servers that run until stopped, ...) or
+blocks in order (a page's later examples use what its earlier ones wrote). Three things keep it small: `train` runs one
+epoch (`--epochs 1` after the page's flags) with no loader workers, and a `train` command that an earlier page ran
+as written, on the shared folders alone, is not trained again: the page gets a copy of what it wrote (four pages
+start from the same command). Each `mobilenetv2 ...` line runs in this process (torch imported once); any other
+program in a block needs the block marked, in the page source, on the line before its fence:
+`<!-- example: not run here: WHY -->` (GPUs, downloads, servers that run until stopped, ...) or
 `<!-- example: run by tests/PATH -->` (a test that runs it in the setting it needs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -107,15 +111,31 @@ def materials(tmp_path_factory) -> Path:
     return root
 
 
-def run_command(argv: list[str], where: str) -> None:
+def reads_shared_folders_only(argv: list[str], shared: tuple[Path, ...]) -> bool:
+    """Every path the command names, its --output aside, is in one of the `shared` folders (through the links)."""
+    named = [Path(arg).resolve() for i, arg in enumerate(argv)
+             if (i == 0 or argv[i - 1] != "--output") and Path(arg).exists()]
+    return all(any(root in path.parents for root in shared) for path in named)
+
+
+def run_command(argv: list[str], where: str, materials: Path, trained: Path) -> None:
+    """`argv` as written in the current folder; `trained` keeps a copy of what each `train` on the shared folders
+    alone (`materials` and configs/) wrote, taken as it ended, for the next page that runs the same command."""
     from mobilenetv2.cli import main
 
     if argv[:3] == ["python", "-m", "mobilenetv2"]:
         argv = ["mobilenetv2", *argv[3:]]
     assert argv[0] == "mobilenetv2", f"{where}: runs {argv[0]!r}; mark the block (see tests/test_docs.py)"
     argv = argv[1:]
+    copy = None
     if argv[0] == "train":
         argv = [*argv, "--epochs", "1", "--workers", "0"]
+        if "--output" in argv and reads_shared_folders_only(argv[1:], (materials, ROOT / "configs")):
+            output = Path(argv[argv.index("--output") + 1])
+            copy = trained / hashlib.sha256(shlex.join(argv).encode()).hexdigest()[:16]
+            if copy.is_dir():
+                shutil.copytree(copy, output, symlinks=True)
+                return
     stderr, stdout = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
@@ -123,14 +143,16 @@ def run_command(argv: list[str], where: str) -> None:
     except SystemExit as exit_:
         code = exit_.code
     assert code in (0, None), f"{where}: `mobilenetv2 {shlex.join(argv)}` exited {code}: {stderr.getvalue()[-2000:]}"
+    if copy is not None:
+        shutil.copytree(output, copy, symlinks=True)
 
 
-def run_block(block: Block) -> None:
+def run_block(block: Block, materials: Path, trained: Path) -> None:
     if block.language == "python":
         exec(compile(block.code, block.where, "exec"), {"__name__": "__example__"})  # noqa: S102 - our own docs
         return
     for argv in commands(block.code):
-        run_command(argv, block.where)
+        run_command(argv, block.where, materials, trained)
 
 
 PAGES_WITH_EXAMPLES = sorted({block.page for block in examples()})
@@ -142,10 +164,12 @@ def test_the_examples_of_a_page_run_as_written(page, materials, tmp_path, monkey
         (tmp_path / item.name).symlink_to(item)
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     monkeypatch.chdir(tmp_path)
+    trained = materials.parent / f"{materials.name}-trained"
+    trained.mkdir(exist_ok=True)
     for block in blocks(page):
         if block.language not in EXAMPLE_LANGUAGES or block.mark:
             continue
-        run_block(block)
+        run_block(block, materials, trained)
 
 
 def test_every_example_runs_here_or_says_why_not():
