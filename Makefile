@@ -9,12 +9,14 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 # uv installs the same wheels as pip in less than half the time (torch's CUDA wheels unpack to ~4 GB; measured
 # 43 s against 62 s for the demo's set, 4 s against 30 s for the test extra); pip takes over wherever uv fails.
+# $(call installer,FLAGS) defines `install`, taking uv's extra FLAGS.
+installer = install() { $(VENV)/bin/uv pip install -q $(1) --python $(PY) "$$@" || $(PY) -m pip install -q "$$@"; }
 # The demo's set is compiled to bytecode at install: what every command imports, ready even where
 # PYTHONDONTWRITEBYTECODE is set (a command then starts in 4 s instead of 10 on the 2-core VM).
-INSTALL = install() { $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) "$$@" || $(PY) -m pip install -q "$$@"; }
+INSTALL = $(call installer,--compile-bytecode)
 # The test extra is not: compiling its 20,000 files (jax, transformers and the like that converters pull in, mostly
 # never imported) took 26 of its 32 s; the suite writes the bytecode of what it imports as it goes (see `test`).
-INSTALL_LAZY = install() { $(VENV)/bin/uv pip install -q --python $(PY) "$$@" || $(PY) -m pip install -q "$$@"; }
+INSTALL_LAZY = $(call installer,)
 
 # the demo needs the package with its ONNX export and plots; the suite also needs the test extras
 $(VENV)/.installed-demo: pyproject.toml
