@@ -368,10 +368,10 @@ def run_script(script: Path, *argv: str, timeout: float = 300) -> str:
     return result.stdout
 
 
-def installed(module: str, reason: str):
-    """A mark skipping a file's tests where `module` is not installed, found without importing it: every xdist worker
-    collects every file, and coremltools and litert-torch take 3-6 s each to import (this suite's collection: 16 s of
-    which 9 s were those two)."""
+def skip_unless_installed(module: str, reason: str):
+    """A mark skipping tests where `module` is not installed, found without importing it: every xdist worker collects
+    every file, and coremltools and litert-torch take 3-6 s each to import (this suite's collection: 16 s of which 9 s
+    were those two)."""
     import importlib.util
 
     return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=reason)

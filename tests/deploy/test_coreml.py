@@ -11,9 +11,9 @@ import torch
 from mobilenetv2 import save_model
 from mobilenetv2.cli import main
 
-from conftest import calibrated_network, installed, swapped_colours
+from conftest import calibrated_network, skip_unless_installed, swapped_colours
 
-pytestmark = installed("coremltools", "coremltools is not installed (pip install 'mobilenetv2[coreml]')")
+pytestmark = skip_unless_installed("coremltools", "coremltools is not installed (pip install 'mobilenetv2[coreml]')")
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ from mobilenetv2 import save_model
 from mobilenetv2.cli import main
 from mobilenetv2.engines.onnx_files import TOLERANCE, check_images, float32_error
 
-from conftest import FIVE_CLASSES, calibrated_network, installed, one_line_exit_2, subset, swapped_colours
+from conftest import (FIVE_CLASSES, calibrated_network, one_line_exit_2, skip_unless_installed, subset,
+                      swapped_colours)
 
-pytestmark = installed("litert_torch", "litert-torch is not installed (pip install 'mobilenetv2[litert]')")
+pytestmark = skip_unless_installed("litert_torch", "litert-torch is not installed (pip install 'mobilenetv2[litert]')")
 
 
 @pytest.fixture(scope="module")

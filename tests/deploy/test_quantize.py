@@ -1,12 +1,11 @@
 """int8 ONNX (quantize), per-image agreement (eval --compare), ExecuTorch, torchvision/timm weights out, bench."""
 
-import importlib.util
 import json
 
 import pytest
 import torch
 
-from conftest import MS_INPUT, assert_parity, one_line_exit_2, openvino_present
+from conftest import MS_INPUT, assert_parity, one_line_exit_2, openvino_present, skip_unless_installed
 from mobilenetv2 import load_model
 from mobilenetv2.cli import main
 from mobilenetv2.deploy.timing import cpu_description
@@ -249,7 +248,7 @@ def test_bench_times_the_executorch_program_at_batch_1_on_the_same_threads(conve
                                  str(given)])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO is not installed (an extra)")
+@skip_unless_installed("openvino", "OpenVINO is not installed (an extra)")
 def test_openvino_runs_the_int8_file_close_to_onnxruntime_and_auto_keeps_onnxruntime(int8_five, five_48):
     from mobilenetv2.deploy.export import INT8_TOLERANCE, check_images
     from mobilenetv2.engines.choose import load_classifier
