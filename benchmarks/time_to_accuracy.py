@@ -3,11 +3,11 @@ run on one CPU (named in the first line), the recipes taking turns seed by seed 
 slows them alike.
 
 Each run is `mobilenetv2 train` in a child process (forked from a server that imported torch and the package once)
-with an evaluation after every epoch (not counted as training
-time: each epoch record's time_s covers its steps only). Per recipe: final top-1 (min / median / max over seeds),
-training wall time, the training time at which top-1 first reached the target (after the first epoch whose eval
-reached it), and the training compute in image-pixels (images x crop side squared, summed over the epochs' recorded
-train_size). Ratios are against the first recipe (today's demo recipe) in the same run.
+with an evaluation after every epoch (not counted as training time: each epoch record's time_s covers its steps
+only). Per recipe: final top-1 (min / median / max over seeds), training wall time, the training time at which
+top-1 first reached the target (after the first epoch whose eval reached it), and the training compute in
+image-pixels (images x crop side squared, summed over the epochs' recorded train_size). Ratios are against the first
+recipe (today's demo recipe) in the same run.
 
     python benchmarks/time_to_accuracy.py [--seeds 1,2,3] [--recipes demo-8-epochs,demo] [--target 0.91]
         [--per-class N --val-per-class N]   (a subset, for a smoke run)

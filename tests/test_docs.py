@@ -118,9 +118,9 @@ def reads_shared_folders_only(argv: list[str], shared: tuple[Path, ...]) -> bool
     return all(any(root in path.parents for root in shared) for path in named)
 
 
-def run_command(argv: list[str], where: str, materials: Path, trained: Path) -> None:
-    """`argv` as written in the current folder; `trained` keeps a copy of what each `train` on the shared folders
-    alone (`materials` and configs/) wrote, taken as it ended, for the next page that runs the same command."""
+def run_command(argv: list[str], where: str, materials: Path) -> None:
+    """`argv` as written in the current folder. A folder beside `materials` keeps a copy of what each `train` on the
+    shared folders alone (`materials` and configs/) wrote, taken as it ended, for the next page that runs it."""
     from mobilenetv2.cli import main
 
     if argv[:3] == ["python", "-m", "mobilenetv2"]:
@@ -132,6 +132,7 @@ def run_command(argv: list[str], where: str, materials: Path, trained: Path) -> 
         argv = [*argv, "--epochs", "1", "--workers", "0"]
         if "--output" in argv and reads_shared_folders_only(argv[1:], (materials, ROOT / "configs")):
             output = Path(argv[argv.index("--output") + 1])
+            trained = materials.parent / f"{materials.name}-trained"
             copy = trained / hashlib.sha256(shlex.join(argv).encode()).hexdigest()[:16]
             if copy.is_dir():
                 shutil.copytree(copy, output, symlinks=True)
@@ -147,12 +148,12 @@ def run_command(argv: list[str], where: str, materials: Path, trained: Path) -> 
         shutil.copytree(output, copy, symlinks=True)
 
 
-def run_block(block: Block, materials: Path, trained: Path) -> None:
+def run_block(block: Block, materials: Path) -> None:
     if block.language == "python":
         exec(compile(block.code, block.where, "exec"), {"__name__": "__example__"})  # noqa: S102 - our own docs
         return
     for argv in commands(block.code):
-        run_command(argv, block.where, materials, trained)
+        run_command(argv, block.where, materials)
 
 
 PAGES_WITH_EXAMPLES = sorted({block.page for block in examples()})
@@ -164,12 +165,10 @@ def test_the_examples_of_a_page_run_as_written(page, materials, tmp_path, monkey
         (tmp_path / item.name).symlink_to(item)
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     monkeypatch.chdir(tmp_path)
-    trained = materials.parent / f"{materials.name}-trained"
-    trained.mkdir(exist_ok=True)
     for block in blocks(page):
         if block.language not in EXAMPLE_LANGUAGES or block.mark:
             continue
-        run_block(block, materials, trained)
+        run_block(block, materials)
 
 
 def test_every_example_runs_here_or_says_why_not():
