@@ -107,6 +107,8 @@ class TrainConfig:
                                       "network's stride, FFCV's; MIN and MAX are kept as given)", default=32)
     interpolation: str = _help("bilinear | bicubic: resampling of the training crop and the eval resize (travels "
                                "in the checkpoint)", default="bilinear")
+    exif: str = _help("apply | ignore: photos turned upright by their EXIF orientation (as every viewer shows them), "
+                      "or pixels as stored (the seed's, for parity runs); travels in the checkpoint", default="apply")
     auto_augment: str = _help("none | ta_wide | augmix | imagenet (AutoAugment) | a timm RandAugment string such as "
                               "rand-m9-mstd0.5 (needs timm): a policy per image (docs: guides/recipes)", default="none")
     random_erase: float = _help("probability of erasing a random rectangle of each normalised training image",
@@ -195,6 +197,7 @@ class TrainConfig:
             (self.train_crop_size == 0 or self.train_crop_size >= 16, "`train_crop_size` must be >= 16 (or 0)"),
             (self.interpolation in ("bilinear", "bicubic"),
              f"`interpolation` must be bilinear or bicubic, got {self.interpolation!r}"),
+            (self.exif in ("apply", "ignore"), f"`exif` must be apply or ignore, got {self.exif!r}"),
             (self.auto_augment == "none" or self.auto_augment in TORCHVISION_POLICIES
              or bool(RAND_AUGMENT.match(self.auto_augment)),
              f"`auto_augment` must be none, ta_wide, augmix, imagenet or a RandAugment string such as "
@@ -278,8 +281,9 @@ class TrainConfig:
     @property
     def preprocess(self) -> Preprocess:
         if self.resize_size:
-            return Preprocess(image_size=self.image_size, resize_size=self.resize_size, interpolation=self.interpolation)
-        return Preprocess.for_image_size(self.image_size, interpolation=self.interpolation)
+            return Preprocess(image_size=self.image_size, resize_size=self.resize_size, interpolation=self.interpolation,
+                              exif=self.exif)
+        return Preprocess.for_image_size(self.image_size, interpolation=self.interpolation, exif=self.exif)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

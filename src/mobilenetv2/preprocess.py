@@ -1,5 +1,5 @@
 """The preprocessing contract: what an image must go through before the network sees it (size, resize, crop,
-mean, std, interpolation). It travels inside every checkpoint and export; `config` re-exports it."""
+mean, std, interpolation, EXIF orientation). It travels inside every checkpoint and export; `config` re-exports it."""
 
 from __future__ import annotations
 
@@ -23,12 +23,15 @@ class Preprocess:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
     resize_mode: str = "short"  # "short": shorter side to resize_size then centre crop; "squash": resize_size square
+    exif: str = "apply"  # "apply": photos turned upright by their EXIF orientation; "ignore": pixels as stored (the seed)
 
     def __post_init__(self):
         if self.image_size < 8 or self.resize_size < self.image_size:
             raise UserError(f"image size {self.image_size} / resize size {self.resize_size} are not usable")
         if self.resize_mode not in ("short", "squash"):
             raise UserError(f"resize mode must be 'short' or 'squash', got {self.resize_mode!r}")
+        if self.exif not in ("apply", "ignore"):
+            raise UserError(f"exif must be 'apply' or 'ignore', got {self.exif!r}")
         if self.interpolation not in ("bilinear", "bicubic", "nearest"):
             raise UserError(f"interpolation must be bilinear, bicubic or nearest, got {self.interpolation!r}")
 

@@ -273,6 +273,18 @@ def test_the_page_classifies_a_picked_image_in_a_real_browser(server, model_file
         origins = browser.execute_script(
             "return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)")
         assert origins and set(origins) == {server.url}
+        # a photo stored sideways with its EXIF orientation (as phones save portraits): classified upright
+        sideways = Path(model_file).with_name("sideways.png")
+        tag = Image.Exif()
+        tag[0x0112] = 6  # turn a quarter clockwise to view
+        with Image.open(path) as upright:
+            upright.convert("RGB").transpose(Image.Transpose.ROTATE_90).save(sideways, exif=tag.tobytes())
+        browser.execute_script("document.body.dataset.done = ''")
+        browser.find_element(By.ID, "file").send_keys(str(sideways))
+        WebDriverWait(browser, 30).until(lambda b: b.execute_script("return document.body.dataset.done") == "1")
+        rows = browser.find_elements(By.CSS_SELECTOR, ".prediction")
+        assert [row.find_element(By.CLASS_NAME, "name").text for row in rows] == shown
+        assert rows[0].find_element(By.CLASS_NAME, "probability").text == top
         # a file that is no image: the page shows the server's error instead of bars
         bad = Path(model_file).with_name("notes.txt")
         bad.write_text("not an image")

@@ -8,6 +8,8 @@ from mobilenetv2.deploy.formats import FORMATS as EXPORT_FORMATS
 from mobilenetv2.deploy.formats import default_output, require_format
 from mobilenetv2.errors import UserError
 
+EXIF_HELP = ("apply: photos turned upright by their EXIF orientation, as viewers show them; ignore: pixels as stored "
+             "(the seed's); default: the checkpoint's (apply for checkpoints that do not say)")
 RUNTIME_HELP = ("auto: on a CPU the faster of torch and ONNX Runtime, timed here (a .pt runs through an ONNX export "
                 "cached beside it), on a GPU torch; torch | onnx (ONNX Runtime) | openvino")
 
@@ -34,7 +36,7 @@ def _cmd_eval(args) -> int:
     with runtime.session(device, "off") as state:
         result, classes, classifier = predict.evaluate_checkpoint(
             args.checkpoint, folder, state, batch_size=args.batch_size, workers=args.workers, resize_mode=args.resize,
-            runtime_name=args.runtime, data_backend=args.data_backend, tta=args.tta)
+            runtime_name=args.runtime, data_backend=args.data_backend, tta=args.tta, exif=args.exif)
     if state.is_main:
         print(f"result:{{'acc': {result.top1}, 'top5': {result.top5}}} ckpt={args.checkpoint} "
               f"runtime={classifier.runtime}" + (f" tta={args.tta}" if args.tta != "none" else ""))
@@ -47,6 +49,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_predict(args) -> int:
+    import dataclasses
     import json
 
     from mobilenetv2.deploy import predict
@@ -54,6 +57,8 @@ def _cmd_predict(args) -> int:
     if args.topk < 1:
         raise UserError("`topk` must be >= 1")
     classifier = predict.load_classifier(args.checkpoint, runtime_name=args.runtime, batch_size=len(args.images))
+    if args.exif:
+        classifier.preprocess = dataclasses.replace(classifier.preprocess, exif=args.exif)
     results = predict.predict(classifier, args.images, args.topk, skip_unreadable=True)
     failed = [result for result in results if "error" in result]
     if args.json:
@@ -183,6 +188,7 @@ def add_deploy_commands(commands) -> None:
     evaluating.add_argument("--resize", choices=["short", "squash"], help="short: shorter side then centre crop "
                             "(torchvision/timm); squash: square resize as the seed (default: the checkpoint's)")
     evaluating.add_argument("--runtime", default="auto", help=RUNTIME_HELP)
+    evaluating.add_argument("--exif", choices=["apply", "ignore"], help=EXIF_HELP)
     evaluating.add_argument("--data-backend", default="pil", help="pil: decode in the loader's workers; device: "
                             "workers read bytes, the device decodes each batch (nvJPEG on a GPU), as in training")
     evaluating.add_argument("--tta", default="none", help="test-time augmentation, logits averaged over the views: "
@@ -196,6 +202,7 @@ def add_deploy_commands(commands) -> None:
     predict.add_argument("--topk", type=int, default=5)
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
     predict.add_argument("--runtime", default="auto", help=RUNTIME_HELP)
+    predict.add_argument("--exif", choices=["apply", "ignore"], help=EXIF_HELP)
     predict.set_defaults(handler=_cmd_predict)
 
     export = commands.add_parser("export", help="export to ONNX, TorchScript, MindSpore (.ckpt, MINDIR), ExecuTorch, "

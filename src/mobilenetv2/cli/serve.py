@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from mobilenetv2.cli.deploy import EXIF_HELP
 from mobilenetv2.errors import UserError
 
 SERVE_RUNTIMES = ("onnx", "onnx-int8", "torch")
 
 
 def _cmd_serve(args) -> int:
+    import dataclasses
     import signal
 
     import torch
@@ -41,6 +43,8 @@ def _cmd_serve(args) -> int:
         torch.set_num_threads(args.threads)
     engine = "onnx" if args.runtime.startswith("onnx") else "torch"
     classifier = predict.load_classifier(args.checkpoint, runtime_name=engine, batch_size=args.max_batch)
+    if args.exif:
+        classifier.preprocess = dataclasses.replace(classifier.preprocess, exif=args.exif)
     platform = "onnxruntime_onnx" if classifier.runtime == "onnx" else "pytorch_eager"
     options = ServeOptions(name=args.name, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
                            max_queue=args.max_queue, timeout_s=args.timeout_s, max_body_mb=args.max_body_mb,
@@ -81,6 +85,7 @@ def add_serve_command(commands) -> None:
     served.add_argument("--checkpoint", required=True, help="any model file we read, or an exported (int8) .onnx")
     served.add_argument("--runtime", default="onnx", help="onnx (ONNX Runtime; a .pt through its checked, cached "
                         "export) | onnx-int8 (an int8 .onnx from quantize) | torch")
+    served.add_argument("--exif", choices=["apply", "ignore"], help=EXIF_HELP)
     served.add_argument("--name", default="mobilenetv2", help="the model's name in /v2/models/NAME")
     network.add_argument("--host", default="127.0.0.1")
     network.add_argument("--port", type=int, default=8000)

@@ -4,8 +4,9 @@ Every decoder (train, eval, predict, feature extraction, every data backend) rea
 - odd but valid files are decoded, not skipped: greyscale, CMYK and progressive JPEG, 16-bit PNG (scaled to 8 bits),
   palette and RGBA PNG, GIF (first frame), WebP, BMP, TIFF, any suffix case, 1x1 images. Transparency is composited
   on a fixed white background (`BACKGROUND`), never dropped.
-- EXIF orientation is not applied: pixels are used as stored, as torchvision's ImageFolder and the seed do, the
-  same way on every path (PIL and decode_jpeg alike), so train, eval and predict agree.
+- EXIF orientation is applied (a phone's portrait photo is seen upright, as every viewer shows it), the same way on
+  every path (PIL, decode_jpeg, the device decoder; data/orientation.py), so train, eval and predict agree;
+  `Preprocess.exif = "ignore"` uses pixels as stored, as torchvision's ImageFolder and the seed do.
 - an image of more than `MAX_PIXELS` pixels is refused from its header, before any pixel is decoded (decompression
   bombs).
 An image that cannot be decoded (truncated, empty, not an image, too large, a broken link) is skipped with a warning
@@ -25,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
 
+from mobilenetv2.data.orientation import pending_orientation, upright_image
 from mobilenetv2.errors import DataError
 
 VAL_FOLDER_NAMES = ("val", "validation_preprocess", "validation", "test")
@@ -51,10 +53,19 @@ DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFEr
 def open_image(source: str | Path | BinaryIO) -> Image.Image:
     """PIL's Image.open (the header only, nothing decoded yet), refused with ImageTooLarge beyond MAX_PIXELS
     (`check_size`). PIL's own decompression-bomb warning is silenced: the refusal says it in one line, and the
-    warning was a second, unasked-for line on stderr."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    warning was a second, unasked-for line on stderr. PIL's complaint of a corrupt EXIF block (it reads the block
+    as it opens a JPEG) is kept on the image as `exif_problem`, for the orientation's reader to say once, naming the
+    file."""
+    with warnings.catch_warnings(record=True) as complaints:
+        warnings.simplefilter("always")
         image = Image.open(source)
+    for complaint in complaints:
+        if issubclass(complaint.category, Image.DecompressionBombWarning):
+            continue
+        if "EXIF" in str(complaint.message):  # said once, naming the file, when the orientation is read
+            image.exif_problem = str(complaint.message).strip()  # type: ignore[attr-defined]
+        else:
+            warnings.warn_explicit(complaint.message, complaint.category, complaint.filename, complaint.lineno)
     try:
         return check_size(image)
     except ImageTooLarge:
@@ -85,12 +96,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_rgb(source: str | Path | BinaryIO) -> Image.Image:
-    """The image in `source` (a path or a binary file; the first frame of an animation), fully decoded, as RGB.
-    Raises one of DECODE_ERRORS for bytes that are no image, or an image larger than MAX_PIXELS."""
+def decode_rgb(source: str | Path | BinaryIO, exif: bool = True) -> Image.Image:
+    """The image in `source` (a path or a binary file; the first frame of an animation), fully decoded, as RGB,
+    turned upright by its EXIF orientation (`exif=False`: as stored). Raises one of DECODE_ERRORS for bytes that are
+    no image, or an image larger than MAX_PIXELS."""
     with open_image(source) as image:
+        orientation = pending_orientation(image, exif, source_name(source))
         image.load()
-        return to_rgb(image)
+        return upright_image(to_rgb(image), orientation)
+
+
+def source_name(source: object) -> str:
+    """How a warning names an image: its path, or the name of the file object it was read from."""
+    return str(source) if isinstance(source, (str, Path)) else str(getattr(source, "name", "image bytes"))
 
 
 def pad_class_names(names: list[str], num_classes: int) -> list[str]:
@@ -112,14 +130,18 @@ def model_class_order(classes: list[str], model_names: list[str] | None, num_cla
 
 
 class SafeImageFolder(datasets.ImageFolder):
-    """ImageFolder that yields None for files it cannot decode (dropped by `collate_skipping`)."""
+    """ImageFolder that yields None for files it cannot decode (dropped by `collate_skipping`). A transform that
+    decodes itself (an ImagePipeline) follows its own contract's `exif`; otherwise `exif` says whether images are
+    turned upright."""
+
+    exif = True
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         pipeline = self.transform
         decodes_itself = hasattr(pipeline, "decode")  # an ImagePipeline decodes no larger than it needs
         try:
-            image = pipeline.decode(path) if decodes_itself else decode_rgb(path)
+            image = pipeline.decode(path) if decodes_itself else decode_rgb(path, self.exif)
         except DECODE_ERRORS as exc:
             warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=1)
             return None
@@ -190,9 +212,11 @@ def find_splits(root: str | Path) -> DatasetSplits:
 
 
 def image_folder(folder: Path, transform, classes: list[str] | None = None,
-                 kind: type[SafeImageFolder] = SafeImageFolder) -> SafeImageFolder:
-    """An ImageFolder (of `kind`) whose label indices follow `classes` (so val uses train's numbering)."""
+                 kind: type[SafeImageFolder] = SafeImageFolder, exif: bool = True) -> SafeImageFolder:
+    """An ImageFolder (of `kind`) whose label indices follow `classes` (so val uses train's numbering); `exif`: see
+    SafeImageFolder."""
     dataset = kind(str(folder), transform=transform, allow_empty=True, is_valid_file=is_image_file)
+    dataset.exif = exif
     if classes is not None and dataset.classes != classes:
         index = {name: i for i, name in enumerate(classes)}
         dataset.samples = [(path, index[dataset.classes[label]]) for path, label in dataset.samples]

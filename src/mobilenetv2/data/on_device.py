@@ -1,7 +1,9 @@
 """The batched data backend: DataLoader workers only read file bytes; the training device decodes the whole batch
 (`torchvision.io.decode_jpeg`: nvJPEG on CUDA, libjpeg-turbo on CPU, so CI runs the same code) and applies the
 seed's transforms there, each image with its own draw. Files that are not JPEG, or that the batch decoder refuses,
-are decoded one by one with PIL; files nothing can decode are skipped and counted, as on the PIL path.
+are decoded one by one with PIL; files nothing can decode are skipped and counted, as on the PIL path. Each image
+is turned upright by its EXIF orientation (read from the header on the host, applied to the decoded pixels on the
+device) unless the contract says `exif: ignore`, as on the PIL path.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from mobilenetv2.config import Preprocess
 from mobilenetv2.data.batched import color_jitter, normalize
 from mobilenetv2.data.folders import DECODE_ERRORS, SafeImageFolder, decode_rgb, open_image
+from mobilenetv2.data.orientation import read_orientation, upright_tensor
 from mobilenetv2.data.transforms import resize_target
 
 MAX_FILE_BYTES = 64 << 20  # larger files are refused before they are read
@@ -50,21 +53,32 @@ def collate_encoded(batch):
     return [data for data, _, _ in good], labels, len(batch) - len(good), [path for _, _, path in good]
 
 
-def _pil_decode(data: torch.Tensor) -> torch.Tensor:
-    image = decode_rgb(io.BytesIO(data.numpy().tobytes()))
+def _pil_decode(data: torch.Tensor, exif: bool) -> torch.Tensor:
+    image = decode_rgb(io.BytesIO(data.numpy().tobytes()), exif)
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
-def decode_batch(encoded: list[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], dict[int, str]]:
-    """Decoded RGB images (uint8, 3 x H x W, on `device`) and, for each item that could not be decoded, its position
-    and the reason."""
+def _orientation(data: torch.Tensor, name: str) -> int:
+    """The EXIF orientation in an encoded image's header (1 where it has none or it cannot be read)."""
+    try:
+        with open_image(io.BytesIO(data.numpy().tobytes())) as image:
+            return read_orientation(image, name)
+    except DECODE_ERRORS:
+        return 1
+
+
+def decode_batch(encoded: list[torch.Tensor], device: torch.device, exif: bool = True,
+                 names: list[str] | None = None) -> tuple[list[torch.Tensor], dict[int, str]]:
+    """Decoded RGB images (uint8, 3 x H x W, on `device`), upright unless `exif` is False, and, for each item that
+    could not be decoded, its position and the reason. `names` name the items in warnings."""
     jpegs = [i for i, data in enumerate(encoded) if bytes(data[:2].tolist()) == JPEG_MAGIC]
     images: list[torch.Tensor | None] = [None] * len(encoded)
     if jpegs:
         try:
             decoded = decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
             for i, image in zip(jpegs, decoded):
-                images[i] = image
+                images[i] = upright_tensor(image, _orientation(encoded[i], names[i] if names else "image")
+                                           if exif else 1)
         except RuntimeError:  # one bad file fails the whole call: decode those one by one below
             pass
     failed = {}
@@ -72,7 +86,7 @@ def decode_batch(encoded: list[torch.Tensor], device: torch.device) -> tuple[lis
         if images[i] is not None:
             continue
         try:
-            images[i] = _pil_decode(data).to(device, non_blocking=True)
+            images[i] = _pil_decode(data, exif).to(device, non_blocking=True)
         except DECODE_ERRORS as exc:
             failed[i] = str(exc) or exc.__class__.__name__
     return [image for image in images if image is not None], failed
@@ -127,8 +141,9 @@ class DeviceEvalTransform:
 def on_device(batches, transform, device: torch.device):
     """(encoded list, labels, skipped, paths) batches -> (images on `device`, labels, skipped) through `transform`;
     files the decoders refuse are skipped with a warning naming them, and counted."""
+    exif = transform.preprocess.exif == "apply"
     for encoded, labels, skipped, paths in batches:
-        images, failed = decode_batch(encoded, device)
+        images, failed = decode_batch(encoded, device, exif, paths)
         if failed:
             for i, reason in failed.items():
                 warnings.warn(f"skipping unreadable image {paths[i]}: {reason}", stacklevel=1)

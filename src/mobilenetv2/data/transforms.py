@@ -7,6 +7,11 @@ covers its output size at that scale, otherwise a full decode (`torchvision.io.d
 faster than PIL's; PIL for everything else and for what decode_jpeg refuses). The crop geometry is the seed's, drawn
 from the full image's size; only the resampling source is smaller, never smaller than the output.
 
+Given a file, both steps see the photo upright (its EXIF orientation applied, unless the contract says
+`exif: ignore`): the crop is drawn on the upright size, taken from the same pixels of the stored image and the
+small output turned upright, so a sideways-stored photo costs no more than an upright one. Given a PIL image, its
+pixels are taken as they are (decode_rgb has already turned it).
+
 The training pipeline works in uint8 from the crop on: the crop is resampled with torch's uint8 antialiased kernel,
 flip and ColorJitter run on 8-bit pixels (ColorJitter with torchvision's draws and PIL's arithmetic), and the
 float conversion and normalisation can be left to the training device (`normalized=False`, then
@@ -29,7 +34,8 @@ from torchvision.transforms import v2 as T
 
 from mobilenetv2.config import Preprocess
 from mobilenetv2.data.batched import normalize_bytes
-from mobilenetv2.data.folders import open_image, to_rgb
+from mobilenetv2.data.folders import open_image, source_name, to_rgb
+from mobilenetv2.data.orientation import pending_orientation, stored_box, upright_image, upright_size, upright_tensor
 
 PIL_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
@@ -56,12 +62,15 @@ class SeedRandomResizedCrop:
     A full-size decode is resampled by torch's uint8 antialiased kernel (several times faster than PIL's); a
     DCT-reduced one by PIL's, which takes the crop box at sub-pixel precision in the reduced image."""
 
-    def __init__(self, size: int, scale: tuple[float, float], interpolation: str):
-        self.size, self.scale = size, scale
+    def __init__(self, size: int, scale: tuple[float, float], interpolation: str, exif: bool = True):
+        self.size, self.scale, self.exif = size, scale, exif
         self.mode, self.resample = interpolation, PIL_INTERPOLATION[interpolation]
 
-    def _draw(self, image: Image.Image) -> tuple[int, int, int, int]:
-        return classic.RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
+    def _draw(self, image: Image.Image, orientation: int = 1) -> tuple[int, int, int, int]:
+        """torchvision's draw on the image's (upright) size."""
+        width, height = upright_size(image.size, orientation)
+        shape_only = torch.empty(1, 1, 1).expand(1, height, width)  # get_params reads the size alone
+        return classic.RandomResizedCrop.get_params(shape_only, self.scale, (3 / 4, 4 / 3))
 
     def _resample(self, pixels: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
         """The crop of full-size uint8 (3, H, W) pixels, resized to the output."""
@@ -82,12 +91,14 @@ class SeedRandomResizedCrop:
 
     def from_file(self, path: str | os.PathLike | io.BytesIO) -> torch.Tensor:
         with open_image(path) as image:  # only the header is read so far
-            top, left, height, width = self._draw(image)
+            orientation = pending_orientation(image, self.exif, source_name(path))
+            # drawn upright, cut from the stored pixels, the small crop turned upright
+            top, left, height, width = stored_box(self._draw(image, orientation), image.size, orientation)
             if image.format == "JPEG" and self.size / min(height, width) > 0.5:  # no DCT scaling possible
                 pixels = _decode_jpeg(path)
                 if pixels is not None and pixels.shape[-2:] == (image.height, image.width):
-                    return self._resample(pixels, top, left, height, width)
-            return self._from_image(image, top, left, height, width)
+                    return upright_tensor(self._resample(pixels, top, left, height, width), orientation)
+            return upright_tensor(self._from_image(image, top, left, height, width), orientation)
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:
@@ -184,18 +195,18 @@ def resize_target(height: int, width: int, size: int, mode: str) -> tuple[int, i
 class SeedResize:
     """Shorter side to `size` ("short"), or a `size` x `size` square ("squash", the seed's), from a reduced decode."""
 
-    def __init__(self, size: int, mode: str, interpolation: str):
-        self.size, self.mode, self.resample = size, mode, PIL_INTERPOLATION[interpolation]
+    def __init__(self, size: int, mode: str, interpolation: str, exif: bool = True):
+        self.size, self.mode, self.resample, self.exif = size, mode, PIL_INTERPOLATION[interpolation], exif
 
-    def __call__(self, image: Image.Image) -> Image.Image:
-        width, height = image.size
+    def __call__(self, image: Image.Image, orientation: int = 1) -> Image.Image:
+        width, height = upright_size(image.size, orientation)
         target_height, target_width = resize_target(height, width, self.size, self.mode)
-        _draft(image, max(target_width / width, target_height / height))
-        return to_rgb(image).resize((target_width, target_height), self.resample)
+        _draft(image, max(target_width / width, target_height / height))  # the same scale on both axes
+        return upright_image(to_rgb(image), orientation).resize((target_width, target_height), self.resample)
 
     def from_file(self, path: str | os.PathLike) -> Image.Image:
         with open_image(path) as image:  # not decoded yet: the resize may ask for a reduced decode
-            return self(image)
+            return self(image, pending_orientation(image, self.exif, source_name(path)))
 
 
 class ImagePipeline:
@@ -222,11 +233,13 @@ def train_transform(preprocess: Preprocess, min_scale: float = 0.08, color_jitte
     """The seed's: RandomResizedCrop(scale min_scale-1, ratio 3/4-4/3) to `crop_size` (0: the contract's image
     size), horizontal flip, ColorJitter, then `policy` when given; normalised floats, or uint8 with
     `normalized=False` (then `batched.normalize_bytes` on the batch, on the device)."""
-    crop = SeedRandomResizedCrop(crop_size or preprocess.image_size, (min_scale, 1.0), preprocess.interpolation)
+    crop = SeedRandomResizedCrop(crop_size or preprocess.image_size, (min_scale, 1.0), preprocess.interpolation,
+                                 preprocess.exif == "apply")
     return ImagePipeline(crop, FlipJitter(color_jitter, preprocess if normalized else None, policy))
 
 
 def eval_transform(preprocess: Preprocess) -> ImagePipeline:
     """Resize (shorter side, or squash to a square as the seed does), centre crop, normalise."""
-    resize = SeedResize(preprocess.resize_size, preprocess.resize_mode, preprocess.interpolation)
+    resize = SeedResize(preprocess.resize_size, preprocess.resize_mode, preprocess.interpolation,
+                        preprocess.exif == "apply")
     return ImagePipeline(resize, T.Compose([T.CenterCrop(preprocess.image_size)] + _normalize(preprocess)))

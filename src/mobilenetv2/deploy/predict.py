@@ -25,13 +25,14 @@ __all__ = ["Classifier", "as_classifier", "imagenet_class_names", "load_classifi
            "compare_models", "eval_folder", "read_image"]
 
 
-def read_image(path: str | os.PathLike):
-    """An RGB PIL image; a missing or undecodable file is a DataError naming it."""
+def read_image(path: str | os.PathLike, exif: bool = True):
+    """An RGB PIL image, upright by its EXIF orientation unless `exif` is False; a missing or undecodable file is a
+    DataError naming it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image not found: {path}")
     try:
-        return decode_rgb(path)
+        return decode_rgb(path, exif)
     except DECODE_ERRORS as exc:
         raise DataError(f"{path}: not a readable image ({exc.__class__.__name__}: {str(exc)[:120]})") from None
 
@@ -47,7 +48,7 @@ def predict(classifier: Classifier | MobileNetV2, images: list[str | os.PathLike
     inputs, results = [], []
     for path in images:
         try:
-            inputs.append(transform(read_image(path)))
+            inputs.append(transform(read_image(path, classifier.preprocess.exif == "apply")))
             results.append({"image": str(path)})
         except DataError as exc:
             if not skip_unreadable:
@@ -101,11 +102,12 @@ DATA_BACKENDS = ("pil", "device")
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, folder: str | os.PathLike | ShardEval, runtime, *, batch_size: int = 100,
                         workers: int = 2, resize_mode: str | None = None, runtime_name: str = "auto",
-                        data_backend: str = "pil", tta: str = "none") -> tuple[EvalResult, list[str], Classifier]:
+                        data_backend: str = "pil", tta: str = "none", exif: str | None = None) -> tuple[EvalResult, list[str], Classifier]:
     """Top-1/top-5/confusion of a checkpoint (or .onnx) on a folder of class folders; this rank's shard under
     torchrun, counts summed over ranks. `data_backend` pil decodes in the loader's workers; device decodes each batch
     on the runtime's device (nvJPEG on a GPU), as training's. `tta` averages the logits of views of each image
-    (evaluation.with_tta; flip-crops cuts its crops from the whole resized square). Returns the result, the class
+    (evaluation.with_tta; flip-crops cuts its crops from the whole resized square). `resize_mode` and `exif` replace
+    the checkpoint's own. Returns the result, the class
     names its rows follow and the classifier (its `runtime` names the engine that ran)."""
     from mobilenetv2.data import on_device
 
@@ -117,6 +119,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, folder: str | os.PathLike
     preprocess = classifier.preprocess
     if resize_mode:
         preprocess = dataclasses.replace(preprocess, resize_mode=resize_mode)
+    if exif:  # EXIF orientation applied or ignored, whatever the checkpoint's contract says
+        preprocess = dataclasses.replace(preprocess, exif=exif)
     forward = with_tta(classifier.forward, tta, preprocess.image_size)
     if tta == "flip-crops":  # the loader hands over the resized square; the crops are cut from it
         preprocess = dataclasses.replace(preprocess, image_size=preprocess.resize_size)
