@@ -107,8 +107,8 @@ class TrainConfig:
                                       "network's stride, FFCV's; MIN and MAX are kept as given)", default=32)
     interpolation: str = _help("bilinear | bicubic: resampling of the training crop and the eval resize (travels "
                                "in the checkpoint)", default="bilinear")
-    exif: str = _help("apply | ignore: photos turned upright by their EXIF orientation (as every viewer shows them), "
-                      "or pixels as stored (the seed's, for parity runs); travels in the checkpoint", default="apply")
+    exif: str = _help("apply | ignore: photos turned upright by their EXIF orientation (as viewers show them), or "
+                      "as stored (the seed's); travels in the checkpoint", default="apply")
     auto_augment: str = _help("none | ta_wide | augmix | imagenet (AutoAugment) | a timm RandAugment string such as "
                               "rand-m9-mstd0.5 (needs timm): a policy per image (docs: guides/recipes)", default="none")
     random_erase: float = _help("probability of erasing a random rectangle of each normalised training image",
@@ -280,10 +280,8 @@ class TrainConfig:
 
     @property
     def preprocess(self) -> Preprocess:
-        if self.resize_size:
-            return Preprocess(image_size=self.image_size, resize_size=self.resize_size, interpolation=self.interpolation,
-                              exif=self.exif)
-        return Preprocess.for_image_size(self.image_size, interpolation=self.interpolation, exif=self.exif)
+        resize = self.resize_size or Preprocess.for_image_size(self.image_size).resize_size
+        return Preprocess(image_size=self.image_size, resize_size=resize, interpolation=self.interpolation, exif=self.exif)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -51,9 +51,9 @@ def write_odd(folder, photo: np.ndarray) -> dict[str, np.ndarray]:
     palette.save(folder / "palette_alpha.png", transparency=0)
     expected["palette_alpha.png"] = None
     exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 CW to display": not applied, pixels as stored
+    exif[0x0112] = 6  # "rotate 90 CW to display": applied, as viewers show it (data/test_exif.py: all eight)
     image.save(folder / "exif_rotated.jpg", quality=95, exif=exif)
-    expected["exif_rotated.jpg"] = photo
+    expected["exif_rotated.jpg"] = np.asarray(image.transpose(Image.Transpose.ROTATE_270))
     image.save(folder / "photo.webp", lossless=True)
     expected["photo.webp"] = photo
     frames = [Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (40, 30), (30, 30, 200))]

@@ -159,3 +159,36 @@ def test_the_auto_exporter_takes_the_legacy_one_and_the_current_one_when_torch_h
         torch_onnx_export(model, example, tmp_path / "m.onnx", ["logits"], True, "legacy")
     with pytest.raises(UserError, match="onnx_exporter"):
         torch_onnx_export(model, example, tmp_path / "m.onnx", ["logits"], True, "tracing")
+
+
+def test_every_onnx_file_we_write_passes_onnx_checker_and_a_malformed_graph_is_refused(tmp_path, capsys, monkeypatch):
+    import onnx
+
+    from mobilenetv2 import MobileNetV2
+    from mobilenetv2.checkpoint import save_model
+    from mobilenetv2.engines import onnx_files
+    from mobilenetv2.preprocess import Preprocess
+
+    model = MobileNetV2(num_classes=3, width_mult=0.25, preprocess=Preprocess(image_size=32, resize_size=36))
+    save_model(model, tmp_path / "m.pt")
+    checked, real_check = [], onnx.checker.check_model
+    monkeypatch.setattr(onnx.checker, "check_model", lambda proto, *a, **k: (checked.append(proto.graph.name),
+                                                                              real_check(proto, *a, **k))[1])
+    assert main(["export", "--checkpoint", str(tmp_path / "m.pt"), "--format", "onnx", *FAST]) == 0
+    onnx_files.export_for_engines(model.eval(), tmp_path / "engine.onnx", torch.zeros(2, 3, 32, 32), {})
+    assert len(checked) == 2
+    # a graph whose node reads a tensor nothing defines: refused before the file is put in place
+    real_export = onnx_files.torch_onnx_export
+
+    def broken(*args):
+        used = real_export(*args)
+        proto = onnx.load(str(args[2]))
+        proto.graph.node[0].input[0] = "nowhere"
+        args[2].write_bytes(proto.SerializeToString())
+        return used
+
+    monkeypatch.setattr("mobilenetv2.deploy.export.torch_onnx_export", broken)
+    output = tmp_path / "broken.onnx"
+    assert main(["export", "--checkpoint", str(tmp_path / "m.pt"), "--format", "onnx", "--output", str(output),
+                 *FAST]) == 1
+    assert "onnx.checker refuses the ONNX graph" in capsys.readouterr().err and not output.exists()

@@ -61,7 +61,7 @@ def test_the_repository_entry_parses_with_tritons_schema_and_runs_any_batch(chec
 def test_a_config_that_the_schema_reads_otherwise_fails_the_check(checkpoint, tmp_path, monkeypatch, capsys):
     path, _ = checkpoint
     original = triton.config_text
-    monkeypatch.setattr(triton, "config_text", lambda *a: original(*a).replace("dims: [ 4 ]", "dims: [ 5 ]"))
+    monkeypatch.setattr(triton, "config_text", lambda *a: original(*a).replace("dims: 4\n", "dims: 5\n"))
     assert main(["export", "--checkpoint", str(path), "--format", "triton", "--output", str(tmp_path / "m"),
                  *FAST]) == 1
     assert "differs in output" in capsys.readouterr().err and not (tmp_path / "m").exists()

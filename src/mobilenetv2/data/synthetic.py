@@ -25,7 +25,8 @@ def _photos() -> dict[str, np.ndarray]:
     try:
         from skimage import data
     except ImportError:
-        raise DataError("the synthetic data set is made from scikit-image's photos: pip install scikit-image") from None
+        raise DataError("the synthetic data set is made from scikit-image's photos: "
+                        "pip install 'mobilenetv2[synthetic]'") from None
     photos = {}
     for name in SOURCE_PHOTOS:
         photo = getattr(data, name)()

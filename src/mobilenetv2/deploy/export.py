@@ -22,7 +22,7 @@ from mobilenetv2.deploy.formats import FORMATS, require_format
 from mobilenetv2.deploy import triton
 from mobilenetv2.deploy.checks import INT8_TOLERANCE, check_against_eager, int8_check
 from mobilenetv2.engines.onnx_files import (ONNX_OPSET, TOLERANCE, ExportCheckError, check_images, compare,
-                                            torch_onnx_export)
+                                            torch_onnx_export, write_onnx)
 from mobilenetv2.errors import UserError
 from mobilenetv2.files import temp_path_beside, write_error
 from mobilenetv2.metadata import FORMAT_NAME
@@ -65,7 +65,7 @@ def export_onnx(model: MobileNetV2, temp: Path, *, batch_size: int = 1, dynamic_
     entry = proto.metadata_props.add()
     entry.key, entry.value = FORMAT_NAME, json.dumps(model.metadata())
     proto.doc_string = "MobileNetV2 (mobilenetv2): input N x 3 x H x W float32, normalised as in metadata"
-    temp.write_bytes(proto.SerializeToString())
+    write_onnx(proto, temp)
     session = onnxruntime.InferenceSession(str(temp), providers=["CPUExecutionProvider"])
     return check_against_eager(model, lambda images: session.run(None, {"input": images.numpy()}),
                                 _check_batches(batch_size, dynamic_batch), with_softmax,

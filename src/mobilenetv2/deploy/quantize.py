@@ -27,6 +27,7 @@ import torch
 
 from mobilenetv2.data.folders import eval_loader, find_splits, image_folder
 from mobilenetv2.data.transforms import eval_transform
+from mobilenetv2.engines.onnx_files import write_onnx
 from mobilenetv2.errors import DataError, UserError
 from mobilenetv2.files import write_error
 from mobilenetv2.metadata import FORMAT_NAME
@@ -219,17 +220,16 @@ def write_int8(fp32: Path, output: Path, batches: Iterable[np.ndarray], *, fp32_
 
 def _drop_unused_constants(path: Path) -> None:
     """Remove the Constant nodes nothing reads: quantization folds each Clip (ReLU6) into its QDQ range and leaves
-    the clip's bounds behind, and every engine that opened the file warned about each of them."""
+    the clip's bounds behind, and every engine that opened the file warned about each of them. The file is written
+    back through onnx.checker either way."""
     import onnx
 
     proto = onnx.load(str(path))
     graph = proto.graph
     read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
-    unused = [node for node in graph.node if node.op_type == "Constant" and not read.intersection(node.output)]
-    if unused:
-        for node in unused:
-            graph.node.remove(node)
-        onnx.save(proto, str(path))
+    for node in [node for node in graph.node if node.op_type == "Constant" and not read.intersection(node.output)]:
+        graph.node.remove(node)
+    write_onnx(proto, path)
 
 
 def _add_metadata(path: Path, record: dict) -> None:
@@ -241,7 +241,7 @@ def _add_metadata(path: Path, record: dict) -> None:
     proto.metadata_props.extend(kept)
     entry = proto.metadata_props.add()
     entry.key, entry.value = FORMAT_NAME, json.dumps(record)
-    path.write_bytes(proto.SerializeToString())
+    write_onnx(proto, path)
 
 
 def quantization_record(path: str | os.PathLike) -> dict | None:

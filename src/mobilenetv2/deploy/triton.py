@@ -1,7 +1,8 @@
 """A Triton Inference Server model repository entry: `NAME/config.pbtxt` (the ONNX Runtime backend, dynamic
 batching, the class names as Triton's label file) and `NAME/1/model.onnx` (our checked ONNX export with a dynamic
-batch). The config is parsed back with Triton's own protobuf schema (tritonclient's `model_config_pb2`) and its
-fields compared with the model's before the folder is put in place."""
+batch). The config is built as Triton's own `ModelConfig` message (tritonclient's `model_config_pb2`) and written
+by protobuf's text format; it is parsed back with the same schema and its fields compared with the model's before
+the folder is put in place."""
 
 from __future__ import annotations
 
@@ -26,29 +27,24 @@ def model_config_schema():
     return module
 
 
+def config_message(name: str, model: MobileNetV2, max_batch: int, labels: bool):
+    """Triton's ModelConfig for the entry: the ONNX Runtime backend, dynamic batching, CPU instances."""
+    schema = model_config_schema()
+    config = schema.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=max_batch)
+    size, fp32 = model.preprocess.image_size, schema.DataType.Value("TYPE_FP32")
+    config.input.add(name="input", data_type=fp32, dims=[3, size, size])
+    config.output.add(name="logits", data_type=fp32, dims=[model.num_classes],
+                      label_filename="labels.txt" if labels else "")
+    config.dynamic_batching.SetInParent()  # present and empty: Triton's defaults
+    config.instance_group.add(kind=schema.ModelInstanceGroup.Kind.Value("KIND_CPU"))
+    return config
+
+
 def config_text(name: str, model: MobileNetV2, max_batch: int, labels: bool) -> str:
-    size = model.preprocess.image_size
-    label = '\n    label_filename: "labels.txt"' if labels else ""
-    return f'''name: "{name}"
-platform: "onnxruntime_onnx"
-max_batch_size: {max_batch}
-input [
-  {{
-    name: "input"
-    data_type: TYPE_FP32
-    dims: [ 3, {size}, {size} ]
-  }}
-]
-output [
-  {{
-    name: "logits"
-    data_type: TYPE_FP32
-    dims: [ {model.num_classes} ]{label}
-  }}
-]
-dynamic_batching {{ }}
-instance_group [ {{ kind: KIND_CPU }} ]
-'''
+    """config.pbtxt: `config_message` written by protobuf's text format (quoting and escaping are protobuf's)."""
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(config_message(name, model, max_batch, labels))
 
 
 def check_config(text: str, name: str, model: MobileNetV2, max_batch: int) -> list[str]:

@@ -41,21 +41,29 @@ class CachedExportError(CheckpointError):
     """The ONNX export an engine would run disagrees with the eager model beyond the tolerance."""
 
 
-def check_images(model: MobileNetV2, batch: int) -> torch.Tensor:
-    """A batch of real photos (scikit-image, if installed) preprocessed by the model's own contract."""
+CHECK_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # resources/photos: real photos shipped with the package
+
+
+def check_photos() -> list:
+    """The real photos every export check runs on (RGB PIL images; resources/photos/SOURCES.txt says whose)."""
+    from importlib import resources
+
     from PIL import Image
 
+    folder = resources.files("mobilenetv2").joinpath("resources/photos")
+    photos = []
+    for name in CHECK_PHOTOS:
+        with folder.joinpath(f"{name}.jpg").open("rb") as file, Image.open(file) as image:
+            photos.append(image.convert("RGB"))
+    return photos
+
+
+def check_images(model: MobileNetV2, batch: int) -> torch.Tensor:
+    """A batch of real photos (`check_photos`, in turn) preprocessed by the model's own contract."""
     from mobilenetv2.data.transforms import eval_transform
 
-    try:
-        from skimage import data as photos
-
-        arrays = [photos.astronaut(), photos.chelsea(), photos.coffee(), photos.rocket()]
-    except ImportError:  # a deterministic textured image when scikit-image is absent
-        grid = np.indices((300, 400)).sum(0)
-        arrays = [np.stack([(grid * k) % 255 for k in (3, 5, 7)], -1).astype(np.uint8)]
-    transform = eval_transform(model.preprocess)
-    return torch.stack([transform(Image.fromarray(arrays[i % len(arrays)])) for i in range(batch)])
+    photos, transform = check_photos(), eval_transform(model.preprocess)
+    return torch.stack([transform(photos[i % len(photos)]) for i in range(batch)])
 
 
 def float32_error(model: nn.Module, images: torch.Tensor) -> float:
@@ -229,6 +237,18 @@ def torch_onnx_export(network: nn.Module, example: torch.Tensor, path: Path, out
                 raise
 
 
+def write_onnx(proto, path: Path) -> None:
+    """`proto` (an onnx.ModelProto) written to `path` once onnx.checker accepts it: a malformed graph is refused
+    here, with the checker's reason, not later by whichever engine first loads it."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise ExportCheckError(f"onnx.checker refuses the ONNX graph: {first_line(exc)[:300]}") from None
+    path.write_bytes(proto.SerializeToString())
+
+
 def export_for_engines(model: nn.Module, target: Path, sample: torch.Tensor, metadata: dict) -> None:
     """`model` (images -> one output) as ONNX with a dynamic batch (the fast exporter, see `torch_onnx_export`),
     written atomically to `target` after it ran in ONNX Runtime on `sample` and matched eager."""
@@ -242,7 +262,7 @@ def export_for_engines(model: nn.Module, target: Path, sample: torch.Tensor, met
         proto = onnx.load(str(temp))
         entry = proto.metadata_props.add()
         entry.key, entry.value = FORMAT_NAME, json.dumps(metadata)
-        temp.write_bytes(proto.SerializeToString())
+        write_onnx(proto, temp)
         run, _batch = onnxruntime_run(temp)
         with torch.no_grad():
             expected = model(sample)
