@@ -8,7 +8,7 @@ import torch
 
 from mobilenetv2 import save_model
 from mobilenetv2.cli import main
-from mobilenetv2.engines.onnx_files import TOLERANCE, check_images
+from mobilenetv2.engines.onnx_files import TOLERANCE, check_images, openvino_cpu_precision, openvino_has_bf16
 
 from conftest import calibrated_network, one_line_exit_2, swapped_colours
 
@@ -22,7 +22,9 @@ def test_the_ir_runs_in_openvino_as_eager_does(tmp_path, capsys, width, precisio
     output = tmp_path / "model.xml"
     assert main(["export", "--checkpoint", str(tmp_path / "model.pt"), "--format", "openvino", "--output", str(output),
                  "--precision", precision]) == 0
-    assert f"OpenVINO ({precision} weights) vs eager, batch 3" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"OpenVINO ({precision} weights, f32 compute) vs eager, batch 3" in out
+    assert f"OpenVINO's CPU default on this CPU is {openvino_cpu_precision()} compute" in out
     core = openvino.Core()  # the file itself, in OpenVINO, without our runner
     network = core.read_model(str(output))
     compiled = core.compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
@@ -79,3 +81,62 @@ def test_a_wrong_network_or_a_contract_without_mean_fails_and_leaves_nothing(tmp
     assert main(export) == 1
     assert "metadata does not read back as written" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+BF16 = pytest.mark.skipif(not openvino_has_bf16(), reason="this CPU has no bf16 units: OpenVINO computes f32 here")
+
+
+@BF16
+def test_the_export_checks_openvinos_default_bf16_and_refuses_it_beyond_the_bf16_tolerance(tmp_path, capsys,
+                                                                                          monkeypatch):
+    from mobilenetv2.deploy import openvino_ir
+
+    assert openvino_cpu_precision() == "bf16"  # what OpenVINO Model Server and benchmark_app run on this CPU
+    model = calibrated_network(1.0, size=96)
+    save_model(model, tmp_path / "model.pt")
+    export = ["export", "--checkpoint", str(tmp_path / "model.pt"), "--format", "openvino"]
+    assert main(export) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if "CPU default" in x][0]
+    difference = float(line.split("max abs difference ")[1].split()[0])
+    assert "bf16 compute" in line and "top-1" in line and "INFERENCE_PRECISION_HINT=f32" in line
+    core = openvino.Core()  # the same measure, taken with OpenVINO's defaults directly
+    compiled = core.compile_model(core.read_model(str(tmp_path / "model.xml")), "CPU")
+    images = check_images(model, 4)
+    with torch.no_grad():
+        expected = model(images).numpy()
+    measured = float(np.abs(compiled(images.numpy())[compiled.output("logits")] - expected).max())
+    assert difference == pytest.approx(measured, rel=1e-2) and difference > 10 * TOLERANCE * max(
+        1.0, float(np.abs(expected).max()))  # bf16 is really what ran: far from f32's agreement
+    monkeypatch.setattr(openvino_ir, "BF16_TOLERANCE", 1e-6)
+    monkeypatch.setattr(openvino_ir, "bf16_compute_error", lambda *a: 0.0)
+    assert main(export + ["--output", str(tmp_path / "tight.xml")]) == 1
+    assert "OpenVINO's default bf16 compute differs" in capsys.readouterr().err
+    assert not (tmp_path / "tight.xml").exists()
+
+
+@BF16
+def test_eval_predict_and_bench_run_openvino_at_the_precision_asked_and_say_which(pretrained_five, fashion, tmp_path,
+                                                                                capsys):
+    from conftest import FIVE_CLASSES, subset
+
+    data = subset(fashion, tmp_path / "data", FIVE_CLASSES)
+    accuracy = {}
+    for precision in ("auto", "bf16"):
+        assert main(["eval", "--checkpoint", str(pretrained_five), "--data", str(data), "--runtime", "openvino",
+                     "--precision", precision, "--workers", "0"]) == 0
+        line = capsys.readouterr().out.splitlines()[0]
+        assert f"runtime=openvino precision={'f32' if precision == 'auto' else 'bf16'}" in line
+        accuracy[precision] = float(line.split("'acc': ")[1].split(",")[0])
+    assert abs(accuracy["bf16"] - accuracy["auto"]) <= 0.02  # 100 images: at most two answers change
+    image = str(next((data / "val" / "Bag").iterdir()))
+    assert main(["predict", "--checkpoint", str(pretrained_five), "--precision", "bf16", image]) == 0
+    assert "runtime openvino, bf16 compute" in capsys.readouterr().err
+    one_line_exit_2(capsys, ["predict", "--checkpoint", str(pretrained_five), "--precision", "bf16", "--runtime",
+                             "onnx", image])
+    assert main(["bench", "--checkpoint", str(pretrained_five), "--formats", "onnx,openvino,openvino-bf16",
+                 "--batch-sizes", "4", "--seconds", "0.2", "--json"]) == 0
+    rows = {row["runtime"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"onnx", "openvino", "openvino-bf16"}
+    assert rows["openvino"]["top1_agreement"] == "16/16"
+    agreeing, views = map(int, rows["openvino-bf16"]["top1_agreement"].split("/"))
+    assert views == 16 and agreeing >= 14

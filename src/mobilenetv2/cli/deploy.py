@@ -14,6 +14,16 @@ RUNTIME_HELP = ("auto: on a CPU the faster of torch and ONNX Runtime, timed here
                 "cached beside it), on a GPU torch; torch | onnx (ONNX Runtime) | openvino")
 
 
+PRECISION_HELP = ("auto | f32 | bf16: what float layers compute in. auto and f32: f32 on every engine (the "
+                  "contract); bf16: OpenVINO's bf16 (CPUs with bf16 units; faster, logits within about 1 %% of their "
+                  "scale: `bench` shows its speed and top-1 agreement)")
+
+
+def precision_note(classifier) -> str:
+    """` precision=X` after the runtime, for OpenVINO (whose own default differs between CPUs)."""
+    return f" precision={classifier.precision}" if classifier.runtime == "openvino" else ""
+
+
 def _cmd_eval(args) -> int:
     import json
     from pathlib import Path
@@ -32,17 +42,21 @@ def _cmd_eval(args) -> int:
         print(predict.compare_models(*args.compare, folder, batch_size=args.batch_size, workers=args.workers,
                                      runtime_name=args.runtime))
         return 0
-    device = "cpu" if args.device == "auto" and args.runtime in ("onnx", "openvino") else args.device
+    on_cpu = args.runtime in ("onnx", "openvino") or args.precision == "bf16"  # engines of the CPU
+    device = "cpu" if args.device == "auto" and on_cpu else args.device
     with runtime.session(device, "off") as state:
         result, classes, classifier = predict.evaluate_checkpoint(
             args.checkpoint, folder, state, batch_size=args.batch_size, workers=args.workers, resize_mode=args.resize,
-            runtime_name=args.runtime, data_backend=args.data_backend, tta=args.tta, exif=args.exif)
+            runtime_name=args.runtime, data_backend=args.data_backend, tta=args.tta, exif=args.exif,
+            precision=args.precision)
     if state.is_main:
         print(f"result:{{'acc': {result.top1}, 'top5': {result.top5}}} ckpt={args.checkpoint} "
-              f"runtime={classifier.runtime}" + (f" tta={args.tta}" if args.tta != "none" else ""))
+              f"runtime={classifier.runtime}{precision_note(classifier)}"
+              + (f" tta={args.tta}" if args.tta != "none" else ""))
         print(f"evaluated {result.count} images" + (f", skipped {result.skipped} unreadable" if result.skipped else ""))
         if args.json:
             report = {"checkpoint": str(args.checkpoint), "data": str(folder), "runtime": classifier.runtime,
+                      "precision": classifier.precision,
                       "data_backend": args.data_backend, "tta": args.tta, **result.to_dict(classes)}
             Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
@@ -56,7 +70,10 @@ def _cmd_predict(args) -> int:
 
     if args.topk < 1:
         raise UserError("`topk` must be >= 1")
-    classifier = predict.load_classifier(args.checkpoint, runtime_name=args.runtime, batch_size=len(args.images))
+    classifier = predict.load_classifier(args.checkpoint, runtime_name=args.runtime, batch_size=len(args.images),
+                                         precision=args.precision)
+    if classifier.runtime == "openvino":  # which precision OpenVINO computes in, said where it cannot be mistaken
+        print(f"mobilenetv2 predict: runtime openvino, {classifier.precision} compute", file=sys.stderr)
     if args.exif:
         classifier.preprocess = dataclasses.replace(classifier.preprocess, exif=args.exif)
     results = predict.predict(classifier, args.images, args.topk, skip_unreadable=True)
@@ -189,6 +206,7 @@ def add_deploy_commands(commands) -> None:
                             "(torchvision/timm); squash: square resize as the seed (default: the checkpoint's)")
     evaluating.add_argument("--runtime", default="auto", help=RUNTIME_HELP)
     evaluating.add_argument("--exif", choices=["apply", "ignore"], help=EXIF_HELP)
+    evaluating.add_argument("--precision", default="auto", help=PRECISION_HELP)
     evaluating.add_argument("--data-backend", default="pil", help="pil: decode in the loader's workers; device: "
                             "workers read bytes, the device decodes each batch (nvJPEG on a GPU), as in training")
     evaluating.add_argument("--tta", default="none", help="test-time augmentation, logits averaged over the views: "
@@ -203,6 +221,7 @@ def add_deploy_commands(commands) -> None:
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
     predict.add_argument("--runtime", default="auto", help=RUNTIME_HELP)
     predict.add_argument("--exif", choices=["apply", "ignore"], help=EXIF_HELP)
+    predict.add_argument("--precision", default="auto", help=PRECISION_HELP)
     predict.set_defaults(handler=_cmd_predict)
 
     export = commands.add_parser("export", help="export to ONNX, TorchScript, MindSpore (.ckpt, MINDIR), ExecuTorch, "
@@ -256,8 +275,9 @@ def add_deploy_commands(commands) -> None:
 
     bench_ = commands.add_parser("bench", help="latency and throughput per runtime on this machine, one table")
     bench_.add_argument("--checkpoint", required=True)
-    bench_.add_argument("--formats", help="torch, onnx, onnx-int8, openvino, openvino-int8, executorch, litert, "
-                        "litert-int8 (default: every CPU engine installed here but the phones' executorch and litert)")
+    bench_.add_argument("--formats", help="torch, onnx, onnx-int8, openvino, openvino-bf16, openvino-int8, "
+                        "executorch, litert, litert-int8 (default: every CPU engine installed here, openvino-bf16 "
+                        "where the CPU has bf16 units, but the phones' executorch and litert)")
     bench_.add_argument("--batch-sizes", default="1,32")
     bench_.add_argument("--int8", help="an int8 .onnx from `quantize` (default: quantized here, photos calibrate)")
     bench_.add_argument("--pte", help="the executorch row's program, from `export --format executorch` of this "

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from mobilenetv2.cli.deploy import EXIF_HELP
+from mobilenetv2.cli.deploy import EXIF_HELP, PRECISION_HELP
 from mobilenetv2.errors import UserError
 
-SERVE_RUNTIMES = ("onnx", "onnx-int8", "torch")
+SERVE_RUNTIMES = ("onnx", "onnx-int8", "openvino", "torch")
+PLATFORMS = {"onnx": "onnxruntime_onnx", "openvino": "openvino", "torch": "pytorch_eager"}  # Triton's names
 
 
 def _cmd_serve(args) -> int:
@@ -41,18 +42,19 @@ def _cmd_serve(args) -> int:
         raise UserError("`runtime` onnx-int8 serves an int8 .onnx: make one with `mobilenetv2 quantize`")
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = "onnx" if args.runtime.startswith("onnx") else "torch"
-    classifier = predict.load_classifier(args.checkpoint, runtime_name=engine, batch_size=args.max_batch)
+    engine = "onnx" if args.runtime.startswith("onnx") else args.runtime
+    classifier = predict.load_classifier(args.checkpoint, runtime_name=engine, batch_size=args.max_batch,
+                                         precision=args.precision)
     if args.exif:
         classifier.preprocess = dataclasses.replace(classifier.preprocess, exif=args.exif)
-    platform = "onnxruntime_onnx" if classifier.runtime == "onnx" else "pytorch_eager"
+    platform = PLATFORMS[classifier.runtime]
     options = ServeOptions(name=args.name, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
                            max_queue=args.max_queue, timeout_s=args.timeout_s, max_body_mb=args.max_body_mb,
                            grpc_port=args.grpc_port, grpc_host=args.host, max_connections=args.max_connections)
     app = create_app(classifier, options, platform)
     grpc = f" and grpc://{args.host}:{args.grpc_port}" if args.grpc_port is not None else ""
-    print(f"serving {args.checkpoint} as {args.name!r} ({classifier.runtime}) on http://{args.host}:{args.port}{grpc}",
-          flush=True)
+    print(f"serving {args.checkpoint} as {args.name!r} ({classifier.runtime}, {classifier.precision} compute) on "
+          f"http://{args.host}:{args.port}{grpc}", flush=True)
     # SIGTERM: uvicorn stops accepting, lets requests in flight finish, then the app drains its batcher. uvicorn
     # re-raises the signal to the handler it found; this one makes that drained stop an exit 0, not a kill
     previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
@@ -84,7 +86,8 @@ def add_serve_command(commands) -> None:
     batching = serve.add_argument_group("batching and limits")
     served.add_argument("--checkpoint", required=True, help="any model file we read, or an exported (int8) .onnx")
     served.add_argument("--runtime", default="onnx", help="onnx (ONNX Runtime; a .pt through its checked, cached "
-                        "export) | onnx-int8 (an int8 .onnx from quantize) | torch")
+                        "export) | onnx-int8 (an int8 .onnx from quantize) | openvino (a .pt, .onnx or .xml) | torch")
+    served.add_argument("--precision", default="auto", help=PRECISION_HELP)
     served.add_argument("--exif", choices=["apply", "ignore"], help=EXIF_HELP)
     served.add_argument("--name", default="mobilenetv2", help="the model's name in /v2/models/NAME")
     network.add_argument("--host", default="127.0.0.1")

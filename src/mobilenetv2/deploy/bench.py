@@ -1,8 +1,9 @@
 """`mobilenetv2 bench`: latency and throughput of one model in every runtime we ship to, on this machine, in one run.
 
 Each runtime is built from the same checkpoint (fp32 eager PyTorch in channels-last, fp32 ONNX Runtime, int8 ONNX
-Runtime, OpenVINO on the same fp32 and int8 ONNX files, ExecuTorch with XNNPACK, LiteRT fp32 and int8) and measured in interleaved rounds,
-every runtime with the same thread count. The int8 file is the one given, or one quantized here with real photos as
+Runtime, OpenVINO on the same fp32 and int8 ONNX files (and in bf16 on CPUs with bf16 units), ExecuTorch with
+XNNPACK, LiteRT fp32 and int8) and measured in interleaved rounds, every runtime with the same thread count. Beside
+its speed, each row's top-1 agreement with eager PyTorch on sixteen views of real photos says what it costs. The int8 file is the one given, or one quantized here with real photos as
 calibration (speed does not depend on calibration; for accuracy use `mobilenetv2 quantize`, which measures it). The
 `.pte` is the one given (checked to be this checkpoint's network), or exported here (a minute or two on a small CPU).
 """
@@ -25,15 +26,18 @@ from mobilenetv2.deploy.timing import cpu_description, interleaved, onnx_runner,
 from mobilenetv2.errors import UserError
 from mobilenetv2.model import MobileNetV2
 
-RUNTIMES = ("torch", "onnx", "onnx-int8", "openvino", "openvino-int8", "executorch", "litert", "litert-int8")
+RUNTIMES = ("torch", "onnx", "onnx-int8", "openvino", "openvino-bf16", "openvino-int8", "executorch", "litert",
+            "litert-int8")
 
 
 def default_runtimes() -> str:
     """What `bench` times when not told: every CPU engine installed here, ExecuTorch and LiteRT aside (phones'
     engines, asked for by name)."""
-    from mobilenetv2.engines.onnx_files import installed
+    from mobilenetv2.engines.onnx_files import installed, openvino_has_bf16
 
-    return ",".join(["torch", "onnx", "onnx-int8"] + (["openvino", "openvino-int8"] if installed("openvino") else []))
+    openvino = (["openvino"] + (["openvino-bf16"] if openvino_has_bf16() else []) + ["openvino-int8"]
+                if installed("openvino") else [])
+    return ",".join(["torch", "onnx", "onnx-int8"] + openvino)
 
 
 @dataclass
@@ -45,6 +49,7 @@ class BenchRow:
     p90_ms: float
     images_per_s: float
     cpu: str  # timing.cpu_description(): int8 speed depends on the CPU's int8 instructions
+    top1_agreement: str = ""  # "agreeing/views": top-1 as eager PyTorch's on `agreement_images`
 
 
 def summary(latencies: list[float], batch_size: int) -> tuple[float, float, float]:
@@ -67,13 +72,15 @@ def runners(model: MobileNetV2, runtimes: list[str], folder: Path, threads: int,
                 return network(images.contiguous(memory_format=torch.channels_last))
 
         found["torch"] = eager
-    if {"onnx", "onnx-int8", "openvino", "openvino-int8"} & set(runtimes):
+    if {"onnx", "onnx-int8", "openvino", "openvino-bf16", "openvino-int8"} & set(runtimes):
         fp32 = folder / "fp32.onnx"
         export_onnx(model, fp32, batch_size=1, dynamic_batch=True, onnx_exporter="auto")
         if "onnx" in runtimes:
             found["onnx"] = onnx_runner(fp32, threads)
         if "openvino" in runtimes:
             found["openvino"] = openvino_runner(fp32, threads)
+        if "openvino-bf16" in runtimes:
+            found["openvino-bf16"] = openvino_runner(fp32, threads, "bf16")
         if {"onnx-int8", "openvino-int8"} & set(runtimes):
             if int8 is None:  # speed does not depend on the calibration: real photos will do
                 from mobilenetv2.deploy.export import check_images
@@ -153,6 +160,36 @@ def _checked_pte(model: MobileNetV2, path: Path) -> Callable:
     return run
 
 
+def agreement_images(model: MobileNetV2) -> torch.Tensor:
+    """Sixteen views of the four check photos (whole, mirrored, two corner crops), by the model's contract."""
+    from PIL import Image
+
+    from mobilenetv2.data.transforms import eval_transform
+    from mobilenetv2.engines.onnx_files import check_photos
+
+    transform, views = eval_transform(model.preprocess), []
+    for photo in check_photos():
+        width, height = photo.size
+        views += [photo, photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+                  photo.crop((0, 0, width * 3 // 4, height * 3 // 4)),
+                  photo.crop((width // 4, height // 4, width, height))]
+    return torch.stack([transform(view) for view in views])
+
+
+def agreement(model: MobileNetV2, found: dict[str, Callable]) -> dict[str, str]:
+    """runtime -> "agreeing/views": how many of `agreement_images` each runtime gives eager PyTorch's top-1."""
+    images = agreement_images(model)
+    with torch.no_grad():
+        expected = model(images).argmax(1).numpy()
+    result = {}
+    for name, run in found.items():
+        one_by_one = name == "executorch"  # a phone's program for batch 1
+        outputs = [run(images[i:i + 1]) for i in range(len(images))] if one_by_one else [run(images)]
+        top1 = np.concatenate([np.asarray(torch.as_tensor(np.asarray(o))) for o in outputs]).argmax(1)
+        result[name] = f"{int((top1 == expected).sum())}/{len(images)}"
+    return result
+
+
 def bench(model: MobileNetV2, runtimes: list[str], batch_sizes: list[int], *, seconds: float = 3.0,
           int8: Path | None = None, pte: Path | None = None, tflite: Path | None = None) -> list[BenchRow]:
     unknown = [name for name in runtimes if name not in RUNTIMES]
@@ -171,13 +208,15 @@ def bench(model: MobileNetV2, runtimes: list[str], batch_sizes: list[int], *, se
     rows, cpu = [], cpu_description()
     with tempfile.TemporaryDirectory() as tmp:
         found = runners(model, runtimes, Path(tmp), threads, int8, pte, tflite)
+        agreeing = agreement(model, found)
         for batch in batch_sizes:
             images = torch.randn(batch, 3, size, size)
             # the .pte is exported for batch 1 (what a phone runs)
             calls = {name: (lambda run=found[name], images=images: run(images)) for name in runtimes
                      if name != "executorch" or batch == 1}
             latencies = interleaved(calls, seconds)  # in turn, same input, same threads
-            rows += [BenchRow(name, batch, threads, *summary(latencies[name], batch), cpu) for name in calls]
+            rows += [BenchRow(name, batch, threads, *summary(latencies[name], batch), cpu, agreeing[name])
+                     for name in calls]
     return rows
 
 
@@ -191,12 +230,13 @@ def parse_list(text: str, kind: type, name: str) -> list:
 
 def table(rows: list[BenchRow]) -> str:
     lines = [f"CPU: {rows[0].cpu}" if rows else "", "",
-             "| runtime | batch | threads | p50 ms | p90 ms | images/s | vs onnx fp32 |", "|---|---|---|---|---|---|---|"]
+             "| runtime | batch | threads | p50 ms | p90 ms | images/s | vs onnx fp32 | top-1 as torch |",
+             "|---|---|---|---|---|---|---|---|"]
     base = {row.batch_size: row.images_per_s for row in rows if row.runtime == "onnx"}
     for row in rows:
         ratio = f"{row.images_per_s / base[row.batch_size]:.2f}x" if row.batch_size in base else ""
         lines.append(f"| {row.runtime} | {row.batch_size} | {row.threads} | {row.p50_ms:.2f} | {row.p90_ms:.2f} | "
-                     f"{row.images_per_s:.1f} | {ratio} |")
+                     f"{row.images_per_s:.1f} | {ratio} | {row.top1_agreement} |")
     return "\n".join(lines)
 
 

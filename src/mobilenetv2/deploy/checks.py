@@ -16,6 +16,19 @@ INT8_TOLERANCE = 0.15  # int8 files: max |difference| from eager, relative to ma
 # fp16 weights (OpenVINO --precision fp16, Core ML): max |difference| / max(1, logit scale), or NOISE_MULTIPLE x
 # what rounding the network's own weights to fp16 moves eager's answer by, where that is larger
 FP16_TOLERANCE = 5e-3
+# bf16 compute (OpenVINO's CPU default on CPUs with bf16 units): max |difference| / max(1, logit scale), or
+# NOISE_MULTIPLE x what bf16 autocast moves eager's answer by (`bf16_compute_error`), where that is larger. bf16 keeps
+# 8 bits of mantissa: a deep network's logits move by about 0.4 % of their scale (0.04 at scale 10)
+BF16_TOLERANCE = 1e-2
+
+
+def bf16_compute_error(model: nn.Module, images: torch.Tensor) -> float:
+    """max |eager under bf16 autocast - eager| on `images`: the error bf16 arithmetic brings by itself."""
+    with torch.no_grad():
+        exact = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = model(images)
+    return float((rounded.float() - exact).abs().max())
 
 
 def fp16_weights_error(model: nn.Module, images: torch.Tensor, output=lambda logits: logits) -> float:

@@ -102,12 +102,13 @@ DATA_BACKENDS = ("pil", "device")
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, folder: str | os.PathLike | ShardEval, runtime, *, batch_size: int = 100,
                         workers: int = 2, resize_mode: str | None = None, runtime_name: str = "auto",
-                        data_backend: str = "pil", tta: str = "none", exif: str | None = None) -> tuple[EvalResult, list[str], Classifier]:
+                        data_backend: str = "pil", tta: str = "none", exif: str | None = None,
+                        precision: str = "auto") -> tuple[EvalResult, list[str], Classifier]:
     """Top-1/top-5/confusion of a checkpoint (or .onnx) on a folder of class folders; this rank's shard under
     torchrun, counts summed over ranks. `data_backend` pil decodes in the loader's workers; device decodes each batch
     on the runtime's device (nvJPEG on a GPU), as training's. `tta` averages the logits of views of each image
     (evaluation.with_tta; flip-crops cuts its crops from the whole resized square). `resize_mode` and `exif` replace
-    the checkpoint's own. Returns the result, the class
+    the checkpoint's own; `precision` bf16 runs OpenVINO's bf16 (engines.choose.load_classifier). Returns the result, the class
     names its rows follow and the classifier (its `runtime` names the engine that ran)."""
     from mobilenetv2.data import on_device
 
@@ -115,7 +116,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, folder: str | os.PathLike
         raise UserError(f"`data_backend` must be one of {', '.join(DATA_BACKENDS)}, got {data_backend!r}")
     if tta not in TTA_MODES:
         raise UserError(f"`tta` must be one of {', '.join(TTA_MODES)}, got {tta!r}")
-    classifier = load_classifier(checkpoint, runtime.device, runtime_name, batch_size, runtime)
+    classifier = load_classifier(checkpoint, runtime.device, runtime_name, batch_size, runtime, precision)
     preprocess = classifier.preprocess
     if resize_mode:
         preprocess = dataclasses.replace(preprocess, resize_mode=resize_mode)

@@ -17,7 +17,8 @@ def onnx_runner(path: Path, threads: int):
     return lambda images: run(images.numpy())
 
 
-def openvino_runner(path: Path, threads: int):
-    """The same with OpenVINO: float layers in f32, int8 layers of a quantized file in int8."""
-    run, _batch = openvino_run(path, threads)
+def openvino_runner(path: Path, threads: int, precision: str = "f32"):
+    """The same with OpenVINO: float layers in `precision` (f32, or bf16 on CPUs with bf16 units), int8 layers of a
+    quantized file in int8."""
+    run, _batch = openvino_run(path, threads, precision)
     return lambda images: run(images.numpy())

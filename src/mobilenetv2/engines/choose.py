@@ -53,6 +53,7 @@ class Classifier:
     preprocess: Preprocess
     class_names: list[str] | None
     runtime: str = "torch"
+    precision: str = "f32"  # what the engine computes float layers in (OpenVINO: f32, or bf16 when asked)
 
 
 def imagenet_class_names() -> list[str]:
@@ -72,15 +73,18 @@ def as_classifier(model: MobileNetV2) -> Classifier:
                       _names_or_imagenet(model.class_names, model.num_classes))
 
 
-def onnx_classifier(path: str | os.PathLike, engine: str = "onnx") -> Classifier:
+def onnx_classifier(path: str | os.PathLike, engine: str = "onnx", precision: str = "f32") -> Classifier:
     """An exported .onnx (ours: it carries the metadata record) run by ONNX Runtime or OpenVINO on the CPU, or an
-    OpenVINO IR (.xml) run by OpenVINO."""
+    OpenVINO IR (.xml) run by OpenVINO (its float layers in `precision`, f32 or bf16)."""
     path = Path(path)
     if not installed(engine):
         raise CheckpointError(f"reading {path.suffix} files with {engine} needs it installed: {EXTRAS[engine]}")
     meta, _record = read_engine_metadata(path)
     try:
-        run, batch_dim = ENGINE_RUNNERS[engine](path)
+        runner = ENGINE_RUNNERS[engine]
+        run, batch_dim = runner(path, precision=precision) if precision != "f32" else runner(path)
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the engines' own load errors (Fail, InvalidGraph, RuntimeError, ...)
         raise CheckpointError(f"{path}: {engine} cannot load it ({first_line(exc, 160)})") from None
     static_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
@@ -104,7 +108,7 @@ def onnx_classifier(path: str | os.PathLike, engine: str = "onnx") -> Classifier
 
     num_classes = meta.architecture["num_classes"]
     return Classifier(forward, num_classes, meta.preprocess, _names_or_imagenet(meta.class_names, num_classes),
-                      engine)
+                      engine, getattr(run, "precision", "f32"))
 
 
 def as_engine_input(images: torch.Tensor) -> np.ndarray:
@@ -219,12 +223,31 @@ def _cpu_engines(runtime_name: str) -> list[str]:
     return [runtime_name]
 
 
+PRECISIONS = ("auto", "f32", "bf16")
+
+
+def _runtime_for(runtime_name: str, precision: str) -> str:
+    """The runtime that computes in `precision`: auto and f32 leave the choice as it is (every engine computes f32);
+    bf16 is OpenVINO's (its CPU plugin on bf16 units), under `runtime` openvino or auto."""
+    if precision not in PRECISIONS:
+        raise UserError(f"`precision` must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "bf16":
+        return runtime_name
+    if runtime_name not in ("auto", "openvino"):
+        raise UserError(f"`precision` bf16 runs in OpenVINO, not {runtime_name}: use --runtime openvino (or auto)")
+    require_runtime("openvino")
+    return "openvino"
+
+
 def load_classifier(path: str | os.PathLike, device: torch.device | None = None, runtime_name: str = "auto",
-                    batch_size: int = 32, runtime=None) -> Classifier:
-    """The model in `path` ready to classify normalised batches, run by `runtime_name` (see the module's text).
-    `runtime` (a `mobilenetv2.runtime.Runtime`, optional) makes every rank of a torchrun job choose alike."""
+                    batch_size: int = 32, runtime=None, precision: str = "auto") -> Classifier:
+    """The model in `path` ready to classify normalised batches, run by `runtime_name` (see the module's text) in
+    `precision` (auto and f32: f32 everywhere; bf16: OpenVINO's bf16, where the CPU has it). `runtime` (a
+    `mobilenetv2.runtime.Runtime`, optional) makes every rank of a torchrun job choose alike."""
     from mobilenetv2.checkpoint import load_model
 
+    runtime_name = _runtime_for(runtime_name, precision)
+    precision = "bf16" if precision == "bf16" else "f32"
     require_runtime(runtime_name)
     on_gpu = device is not None and device.type != "cpu"
     if on_gpu and runtime_name not in ("auto", "torch"):
@@ -235,7 +258,7 @@ def load_classifier(path: str | os.PathLike, device: torch.device | None = None,
         if runtime_name not in ("auto", "openvino"):
             raise UserError(f"{path} is an OpenVINO IR: run it with --runtime openvino (or auto)")
         read_openvino_metadata(path)
-        return onnx_classifier(path, "openvino")
+        return onnx_classifier(path, "openvino", precision)
     if str(path).endswith(".onnx"):
         path = Path(path)
         if runtime_name == "torch":
@@ -246,7 +269,7 @@ def load_classifier(path: str | os.PathLike, device: torch.device | None = None,
             # int8 arithmetic differs between engines: auto keeps the one `quantize` measured the file with
             engines = ["onnx"]
         size = meta.preprocess.image_size
-        builders = {engine: (lambda engine=engine: onnx_classifier(path, engine)) for engine in engines}
+        builders = {engine: (lambda engine=engine: onnx_classifier(path, engine, precision)) for engine in engines}
         return _fastest(builders, lambda c: c.forward, size, batch, None, runtime)
     model = load_model(path)
     if on_gpu or _cpu_engines(runtime_name) == ["torch"]:
@@ -262,7 +285,8 @@ def load_classifier(path: str | os.PathLike, device: torch.device | None = None,
         print(f"mobilenetv2: warning: runtime auto runs {path} in torch: {exc}", file=sys.stderr, flush=True)
         return as_classifier(model.to(device) if device is not None else model)
     builders = {engine: (lambda: as_classifier(model)) if engine == "torch" else
-                (lambda engine=engine: onnx_classifier(export, engine)) for engine in _cpu_engines(runtime_name)}
+                (lambda engine=engine: onnx_classifier(export, engine, precision))
+                for engine in _cpu_engines(runtime_name)}
     return _fastest(builders, lambda c: c.forward, model.preprocess.image_size, batch,
                     export.with_suffix(".timing.json"), runtime)
 
