@@ -74,6 +74,49 @@ def pytest_unconfigure(config):
 
 
 _TMPDIR = pytest.StashKey[str]()
+_TREE = pytest.StashKey[set]()
+_WRITTEN = pytest.StashKey[list]()
+
+
+def files_in_tree() -> set[str] | None:
+    """Every file under src/ and tests/ that git does not track, ignored ones included (bytecode aside), or None
+    outside a git checkout."""
+    import subprocess
+
+    try:
+        listed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--ignored", "--", "src",
+                                 "tests"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if listed.returncode != 0:
+        return None
+    return {line[3:] for line in listed.stdout.splitlines()
+            if line[:2] in ("??", "!!") and "__pycache__/" not in line and not line.endswith(".egg-info/")}
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        session.config.stash[_TREE] = files_in_tree()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite is hermetic: a test that leaves a file under src/ or tests/ (a fixture's export beside it, a cache)
+    fails the run, naming the files."""
+    before = session.config.stash.get(_TREE, None)
+    if before is None or os.environ.get("PYTEST_XDIST_WORKER") is not None:
+        return
+    new = sorted((files_in_tree() or set()) - before)
+    if new:
+        session.config.stash[_WRITTEN] = new
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    written = config.stash.get(_WRITTEN, None)
+    if written:
+        terminalreporter.section("written into the source tree", red=True)
+        terminalreporter.write_line(f"FAILED: the suite left {len(written)} file(s) under src/ or tests/: "
+                                    + ", ".join(written[:10]), red=True)
 
 
 # The heaviest files first (seconds of test time per file on the AVX2 VM, 2026-12-07: 131, 100, 87, 62, 47, ...):

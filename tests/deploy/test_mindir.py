@@ -97,16 +97,24 @@ def test_swapped_colours_in_the_copied_weights_fail_and_leave_nothing(tmp_path, 
 
 
 def test_no_mindspore_anywhere_is_one_line_saying_how_to_get_it(tmp_path, capsys, monkeypatch):
+    """Whether or not the interpreter running the suite has MindSpore: its own is hidden, and the python given is
+    one that surely has none (this one without its site-packages). The checkpoint is a copy in tmp_path, so that
+    whatever an export wrote would land there, never in the source tree."""
+    import shutil
+
     monkeypatch.delenv("MOBILENETV2_MINDSPORE_PYTHON", raising=False)
     from mobilenetv2.deploy import mindir
 
     monkeypatch.setattr(mindir, "mindspore_here", lambda: False)
-    err = one_line_exit_2(capsys, ["export", "--checkpoint", str(MS_CHECKPOINT), "--format", "mindir"])
+    checkpoint = Path(shutil.copy(MS_CHECKPOINT, tmp_path / "seed.ckpt"))
+    export = ["export", "--checkpoint", str(checkpoint), "--format", "mindir"]
+    err = one_line_exit_2(capsys, export)
     assert "needs MindSpore" in err and "--mindspore-python" in err
-    err = one_line_exit_2(capsys, ["export", "--checkpoint", str(MS_CHECKPOINT), "--format", "mindir",
-                                   "--mindspore-python", sys.executable])  # a python without MindSpore
+    bare = tmp_path / "bare-python"
+    bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')  # no site-packages: no MindSpore
+    bare.chmod(0o755)
+    err = one_line_exit_2(capsys, export + ["--mindspore-python", str(bare)])
     assert "has no MindSpore" in err
-    err = one_line_exit_2(capsys, ["export", "--checkpoint", str(MS_CHECKPOINT), "--format", "mindir",
-                                   "--mindspore-python", str(tmp_path / "nothing")])
+    err = one_line_exit_2(capsys, export + ["--mindspore-python", str(tmp_path / "nothing")])
     assert "not an executable file" in err
-    assert not list(Path(MS_CHECKPOINT).parent.glob("*.mindir"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare-python", "seed.ckpt"]

@@ -125,7 +125,7 @@ def test_eval_predict_and_bench_run_openvino_at_the_precision_asked_and_say_whic
         assert main(["eval", "--checkpoint", str(pretrained_five), "--data", str(data), "--runtime", "openvino",
                      "--precision", precision, "--workers", "0"]) == 0
         line = capsys.readouterr().out.splitlines()[0]
-        assert f"runtime=openvino precision={'f32' if precision == 'auto' else 'bf16'}" in line
+        assert f"precision={'f32' if precision == 'auto' else 'bf16'} runtime=openvino" in line
         accuracy[precision] = float(line.split("'acc': ")[1].split(",")[0])
     assert abs(accuracy["bf16"] - accuracy["auto"]) <= 0.02  # 100 images: at most two answers change
     image = str(next((data / "val" / "Bag").iterdir()))

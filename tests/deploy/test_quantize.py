@@ -208,9 +208,10 @@ def test_weights_go_out_to_torchvision_and_timm(converted, tmp_path, capsys, fmt
 def test_bench_prints_a_row_per_runtime_and_batch(pretrained_five, five_48, int8_five, capsys):
     """Every runtime at each batch; the int8 rows time the file `quantize` wrote (quantizing here is what the
     quantize tests check)."""
-    from mobilenetv2.engines.onnx_files import installed
+    from mobilenetv2.engines.onnx_files import installed, openvino_has_bf16
 
-    formats = ["torch", "onnx", "onnx-int8"] + (["openvino", "openvino-int8"] if installed("openvino") else [])
+    openvino = ["openvino"] + (["openvino-bf16"] if openvino_has_bf16() else []) + ["openvino-int8"]
+    formats = ["torch", "onnx", "onnx-int8"] + (openvino if installed("openvino") else [])
     assert main(["bench", "--checkpoint", str(five_48), "--int8", str(int8_five), "--formats", ",".join(formats),
                  "--batch-sizes", "1,4", "--seconds", "0.2", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -185,9 +185,16 @@ def agreement(model: MobileNetV2, found: dict[str, Callable]) -> dict[str, str]:
     for name, run in found.items():
         one_by_one = name == "executorch"  # a phone's program for batch 1
         outputs = [run(images[i:i + 1]) for i in range(len(images))] if one_by_one else [run(images)]
-        top1 = np.concatenate([np.asarray(torch.as_tensor(np.asarray(o))) for o in outputs]).argmax(1)
+        top1 = np.concatenate([_logits(output) for output in outputs]).argmax(1)
         result[name] = f"{int((top1 == expected).sum())}/{len(images)}"
     return result
+
+
+def _logits(output) -> np.ndarray:
+    """A runner's answer (a tensor, an array, or a list of outputs with the logits first) as a float array."""
+    if isinstance(output, (list, tuple)):
+        output = output[0]
+    return output.detach().float().numpy() if isinstance(output, torch.Tensor) else np.asarray(output, np.float32)
 
 
 def bench(model: MobileNetV2, runtimes: list[str], batch_sizes: list[int], *, seconds: float = 3.0,
