@@ -8,7 +8,8 @@ import torch
 
 from mobilenetv2 import save_model
 from mobilenetv2.cli import main
-from mobilenetv2.engines.onnx_files import TOLERANCE, check_images, openvino_cpu_precision, openvino_has_bf16
+from mobilenetv2.engines.onnx_files import (TOLERANCE, check_images, openvino_core, openvino_cpu_precision,
+                                           openvino_has_bf16)
 
 from conftest import calibrated_network, one_line_exit_2, swapped_colours
 
@@ -25,7 +26,7 @@ def test_the_ir_runs_in_openvino_as_eager_does(tmp_path, capsys, width, precisio
     out = capsys.readouterr().out
     assert f"OpenVINO ({precision} weights, f32 compute) vs eager, batch 3" in out
     assert f"OpenVINO's CPU default on this CPU is {openvino_cpu_precision()} compute" in out
-    core = openvino.Core()  # the file itself, in OpenVINO, without our runner
+    core = openvino_core()  # the file itself, in OpenVINO, without our runner (one Core a process: see there)
     network = core.read_model(str(output))
     compiled = core.compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     images = check_images(model, 4)
@@ -99,7 +100,7 @@ def test_the_export_checks_openvinos_default_bf16_and_refuses_it_beyond_the_bf16
     line = [x for x in capsys.readouterr().out.splitlines() if "CPU default" in x][0]
     difference = float(line.split("max abs difference ")[1].split()[0])
     assert "bf16 compute" in line and "top-1" in line and "INFERENCE_PRECISION_HINT=f32" in line
-    core = openvino.Core()  # the same measure, taken with OpenVINO's defaults directly
+    core = openvino_core()  # the same measure, taken with OpenVINO's defaults directly
     compiled = core.compile_model(core.read_model(str(tmp_path / "model.xml")), "CPU")
     images = check_images(model, 4)
     with torch.no_grad():

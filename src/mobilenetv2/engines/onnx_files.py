@@ -5,6 +5,7 @@ eager PyTorch on real photos), and the photos and comparison every export check 
 from __future__ import annotations
 
 import contextlib
+import functools
 import copy
 import io
 import json
@@ -119,13 +120,21 @@ def onnxruntime_run(path: Path, threads: int | None = None) -> tuple[Callable[[n
 OPENVINO_PRECISIONS = ("f32", "bf16", "default")
 
 
+@functools.cache
+def openvino_core():
+    """The process's one OpenVINO Core, shared by every model it reads and compiles. A Core per model (as this
+    module made before) left the process to die of a segmentation fault later, at an unrelated moment (a fork, a
+    collection): xdist workers that had run OpenVINO a few times died with signal 11 in the suite."""
+    import openvino
+
+    return openvino.Core()
+
+
 def openvino_cpu_precision() -> str:
     """The precision OpenVINO's CPU plugin runs float layers in when not told: bf16 on CPUs with bf16 units (Zen 4,
     Sapphire Rapids and later), f32 elsewhere. What OpenVINO Model Server, benchmark_app and a plain
     `core.compile_model(xml)` run."""
-    import openvino
-
-    return _precision_name(openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
+    return _precision_name(openvino_core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
 
 
 def _precision_name(element_type) -> str:
@@ -134,9 +143,7 @@ def _precision_name(element_type) -> str:
 
 
 def openvino_has_bf16() -> bool:
-    import openvino
-
-    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def openvino_run(path: Path, threads: int | None = None,
@@ -145,13 +152,11 @@ def openvino_run(path: Path, threads: int | None = None,
     (asked; refused on a CPU without bf16 units) or "default" (whatever the CPU plugin picks here, see
     `openvino_cpu_precision`). The int8 layers of a quantized file stay int8 either way. `run.precision` says what
     the compiled model runs."""
-    import openvino
-
     if precision not in OPENVINO_PRECISIONS:
         raise UserError(f"OpenVINO `precision` must be one of {', '.join(OPENVINO_PRECISIONS)}, got {precision!r}")
     if precision == "bf16" and not openvino_has_bf16():
         raise UserError("this CPU has no bf16 units (OpenVINO would run f32): use --precision f32")
-    core = openvino.Core()
+    core = openvino_core()
     network = core.read_model(str(path))
     config = {"INFERENCE_NUM_THREADS": threads or _threads()}
     if precision != "default":
@@ -210,8 +215,6 @@ def read_openvino_metadata(path: Path):
     openvino`: the record rides in the IR's runtime info."""
     if not installed("openvino"):
         raise CheckpointError(f"reading OpenVINO IR needs OpenVINO: {EXTRAS['openvino']}")
-    import openvino
-
     weights = path.with_suffix(".bin")
     for part in (path, weights):
         if not part.is_file():
@@ -220,7 +223,7 @@ def read_openvino_metadata(path: Path):
         if part.stat().st_size > MAX_IR_BYTES:
             raise CheckpointError(f"{part}: {part.stat().st_size} bytes is more than the {MAX_IR_BYTES} we read")
     try:
-        network = openvino.Core().read_model(str(path))
+        network = openvino_core().read_model(str(path))
         text = network.get_rt_info([FORMAT_NAME]).astype(str) if network.has_rt_info([FORMAT_NAME]) else None
     except Exception as exc:  # noqa: BLE001 - OpenVINO's own parse errors
         raise CheckpointError(f"{path}: not a readable OpenVINO IR ({first_line(exc, 120)})") from None
