@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from conftest import calibrated_network, cli_run, real_photos
-from mobilenetv2.checkpoint import save_model
+from conftest import cli_run, real_photos
 from mobilenetv2.data import on_device
 from mobilenetv2.data.folders import decode_rgb, image_folder
 from mobilenetv2.data.orientation import TRANSPOSE, stored_box, upright_tensor

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import records, train
+from conftest import real_photos, records, train
 from mobilenetv2.cli import main
 from mobilenetv2.config import Preprocess
 from mobilenetv2.data import folders, on_device
@@ -211,3 +211,38 @@ def test_predict_answers_the_good_files_and_names_each_bad_one(wild, tmp_path, c
     assert len(err_lines) == 3 and all(path in line for path, line in zip(bad, err_lines)), err_lines
     assert "more than the" in err_lines[1]
     assert main(["predict", "--checkpoint", str(checkpoint), *good]) == 0
+
+
+def _thin(path, size):
+    Image.new("RGB", size, (90, 140, 200)).save(path)
+    return path
+
+
+def test_an_image_whose_resize_would_be_too_long_is_refused_before_it_is_resized_on_every_path(tmp_path, capsys):
+    """100000 x 1 pixels pass the pixel limit, but the short-side resize would scale the 1-pixel side to the resize
+    size and the long side to millions of pixels: predict names it (exit 2), eval skips and counts it on both data
+    backends, and the transforms refuse it from its size, before any resampling."""
+    from mobilenetv2 import MobileNetV2, save_model
+
+    checkpoint = tmp_path / "model.pt"
+    save_model(MobileNetV2(num_classes=2, width_mult=0.25, class_names=["a", "b"],
+                           preprocess=Preprocess(image_size=32, resize_size=36)), checkpoint)
+    root = tmp_path / "data" / "val"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(real_photos()["coffee"][:300, :400]).save(root / name / "good.jpg")
+    wide, tall = _thin(root / "a" / "wide.png", (100_000, 1)), _thin(root / "b" / "tall.png", (1, 100_000))
+    assert wide.stat().st_size < 1000  # a small file asking for gigabytes once resized
+    for path in (wide, tall):
+        with pytest.raises(folders.ImageTooLarge, match="longer than 16:1"):
+            eval_transform(Preprocess(image_size=32, resize_size=36)).decode(path)
+    assert main(["predict", "--checkpoint", str(checkpoint), str(wide)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "wide.png" in err and "longer than 16:1" in err
+    for backend in ("pil", "device"):
+        with pytest.warns(UserWarning, match="skipping unreadable image .*(wide|tall).png"):
+            assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(root.parent), "--runtime", "torch",
+                         "--workers", "0", "--data-backend", backend]) == 0
+        assert "evaluated 2 images, skipped 2 unreadable" in capsys.readouterr().out
+    panorama = _thin(tmp_path / "panorama.png", (2400, 300))  # 8:1 still passes
+    assert eval_transform(Preprocess(image_size=32, resize_size=36)).decode(panorama).size == (288, 36)

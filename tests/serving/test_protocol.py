@@ -215,6 +215,8 @@ def _malformed(images):
                       body[size:])),
         ("binary data and no header length", body, {}),
         ("a gzip body that inflates past the limit", bomb, {"Content-Encoding": "gzip"}),
+        ("bytes after the end of the gzip stream", gzip.compress(body) + b"junk",
+         {"Content-Encoding": "gzip", "Inference-Header-Content-Length": str(size)}),
         ("an unknown content encoding", body, {"Content-Encoding": "br",
                                                "Inference-Header-Content-Length": str(size)}),
     ]
@@ -238,6 +240,15 @@ def test_malformed_binary_requests_are_4xx_and_the_server_stays_ready(served, cl
                      outputs=[grpc_client.InferRequestedOutput("logits", class_count=99)])
     assert rest.is_server_ready() and remote.is_server_ready()
     assert np.abs(rest.infer(NAME, [_input(http, images)]).as_numpy("logits") - expected[1][:2]).max() <= 1e-5
+    # a body compressed in two pieces is two gzip members: read as gzip reads it, the whole body
+    text = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(images.shape),
+                                   "data": images.reshape(-1).tolist()}]}).encode()
+    members = gzip.compress(text[:len(text) // 3]) + gzip.compress(text[len(text) // 3:])
+    status, answer, _ = served.request(f"/v2/models/{NAME}/infer", members,
+                                       {"Content-Encoding": "gzip", "Content-Type": "application/json"}, method="POST")
+    assert status == 200, answer[:300]
+    logits = np.array(json.loads(answer)["outputs"][0]["data"], dtype=np.float32).reshape(len(images), -1)
+    assert np.abs(logits - expected[1][:2]).max() <= 1e-5
 
 
 def test_a_load_with_ten_percent_malformed_requests_has_no_5xx(served, expected):
@@ -283,3 +294,37 @@ def test_the_serving_guides_example_runs_against_the_server(served, tmp_path, mo
     exec(compile(code, "serving.md", "exec"), namespace)  # noqa: S102 - our own docs
     assert namespace["top3"].shape == (1, 3) and namespace["logits"].shape == (1, len(FIVE_CLASSES))
     assert capsys.readouterr().out.strip().endswith(tuple("0123456789"))
+
+
+def test_crafted_requests_get_a_400_with_a_json_error_are_counted_as_failures_and_log_no_traceback(served, clients,
+                                                                                                expected):
+    """What once gave a 500 (or a NaN answered 200): JSON nested 5,000 deep, a number of 400 digits, a header length
+    of '²' (a digit to str.isdigit, not to int), and a tensor sent both as binary contents and as 'data' (Triton
+    refuses it too)."""
+    from pathlib import Path
+
+    rest, _remote = clients
+    images = expected[0][:1]
+    tensor = {"name": "input", "datatype": "FP32", "shape": list(images.shape)}
+    count = int(np.prod(images.shape))
+    body, size = _body(images)
+    both = json.loads(body[:size])
+    both["inputs"][0]["data"] = [0.0] * count
+    both_text = json.dumps(both).encode()
+    cases = {
+        "nested 5,000 deep": (b"[" * 5000 + b"]" * 5000, {}, "nested too deep"),
+        "a 400-digit number": (('{"inputs": [' + json.dumps(tensor)[:-1] + ', "data": [' + "9" * 400
+                                + ", 0" * (count - 1) + "]}]}").encode(), {}, "within float range"),
+        "a superscript digit as the header length": (body, {"Inference-Header-Content-Length": "\u00b2"}, "byte count"),
+        "binary contents and data": (both_text + body[size:], {"Inference-Header-Content-Length": str(len(both_text))},
+                                     "both binary contents and 'data'"),
+    }
+    before = _stats(rest)["inference_stats"]["fail"]["count"]
+    for what, (data, headers, message) in cases.items():
+        status, answer, _ = served.request(f"/v2/models/{NAME}/infer", data,
+                                           {"Content-Type": "application/json", **headers}, method="POST")
+        assert status == 400 and message in json.loads(answer)["error"], (what, status, answer[:300])
+        assert served.get("/v2/health/ready")[0] == 200, what
+    assert _stats(rest)["inference_stats"]["fail"]["count"] - before == len(cases)
+    log = Path(served.stderr).read_text()
+    assert "Traceback" not in log and " 500" not in log, log[-2000:]

@@ -82,9 +82,10 @@ def test_classify_gives_predicts_answer_raw_and_multipart(server, model_file, fi
     boundary = "xYz"
     form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
             f"Content-Type: image/png\r\n\r\n").encode() + paths[0].read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    status, raw, _ = server.request("/v1/classify", form, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    assert status == 200
-    assert json.loads(raw)["predictions"][0]["class"] == expected[0]["predictions"][0]["class"]
+    for media_type in ("multipart/form-data", "Multipart/Form-Data", "MULTIPART/FORM-DATA"):  # case-insensitive
+        status, raw, _ = server.request("/v1/classify", form, {"Content-Type": f"{media_type}; boundary={boundary}"})
+        assert status == 200, (media_type, raw[:200])
+        assert json.loads(raw)["predictions"][0]["class"] == expected[0]["predictions"][0]["class"]
 
 
 def _bomb() -> bytes:
@@ -117,6 +118,24 @@ def test_bad_input_is_a_4xx_with_a_json_error_and_the_server_stays_healthy(serve
         assert server.get("/v2/health/ready")[0] == 200, name
     assert server.request("/v1/classify?topk=0", good, method="POST")[0] == 400
     assert server.request("/v1/classify?topk=x", good, method="POST")[0] == 422
+
+
+def _peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+
+
+def test_a_thin_image_is_refused_with_415_and_costs_the_server_no_memory(server):
+    """A PNG of 100000 x 1 pixels (a few hundred bytes) passes the pixel limit; resized on its short side it would be
+    millions of pixels long. It is refused from its size, and the server's peak memory does not move."""
+    idle = _peak_rss_mb(server.process.pid)
+    for size in ((100_000, 1), (1, 100_000), (60_000, 2)):
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (10, 200, 30)).save(buffer, "PNG")
+        status, body, _ = server.request("/v1/classify", buffer.getvalue(), {"Content-Type": "image/png"})
+        assert status == 415 and "longer than 16:1" in json.loads(body)["error"], (size, status, body[:200])
+        assert server.get("/v2/health/ready")[0] == 200
+    assert _peak_rss_mb(server.process.pid) - idle < 100
 
 
 def test_a_body_over_the_limit_gets_its_413_even_when_the_client_sends_it_slowly(server):

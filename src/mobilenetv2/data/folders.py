@@ -43,7 +43,7 @@ def is_image_file(path: str) -> bool:
 
 
 class ImageTooLarge(ValueError):
-    """An image header declares more pixels than MAX_PIXELS."""
+    """An image header declares more pixels than MAX_PIXELS, or its eval resize would (`transforms.resize_target`)."""
 
 
 # what decoding raises for files that are not images, truncated, corrupt or too large

@@ -68,9 +68,10 @@ def _orientation(data: torch.Tensor, name: str) -> int:
 
 
 def decode_batch(encoded: list[torch.Tensor], device: torch.device, exif: bool = True,
-                 names: list[str] | None = None) -> tuple[list[torch.Tensor], dict[int, str]]:
+                 names: list[str] | None = None, check=None) -> tuple[list[torch.Tensor], dict[int, str]]:
     """Decoded RGB images (uint8, 3 x H x W, on `device`), upright unless `exif` is False, and, for each item that
-    could not be decoded, its position and the reason. `names` name the items in warnings."""
+    could not be decoded (or that `check(image)` refuses with one of DECODE_ERRORS), its position and the reason.
+    `names` name the items in warnings."""
     jpegs = [i for i, data in enumerate(encoded) if bytes(data[:2].tolist()) == JPEG_MAGIC]
     images: list[torch.Tensor | None] = [None] * len(encoded)
     if jpegs:
@@ -83,12 +84,13 @@ def decode_batch(encoded: list[torch.Tensor], device: torch.device, exif: bool =
             pass
     failed = {}
     for i, data in enumerate(encoded):
-        if images[i] is not None:
-            continue
         try:
-            images[i] = _pil_decode(data, exif).to(device, non_blocking=True)
+            if images[i] is None:
+                images[i] = _pil_decode(data, exif).to(device, non_blocking=True)
+            if check is not None:
+                check(images[i])
         except DECODE_ERRORS as exc:
-            failed[i] = str(exc) or exc.__class__.__name__
+            images[i], failed[i] = None, str(exc) or exc.__class__.__name__
     return [image for image in images if image is not None], failed
 
 
@@ -126,6 +128,10 @@ class DeviceEvalTransform:
     def __init__(self, preprocess: Preprocess):
         self.preprocess = preprocess
 
+    def check(self, image: torch.Tensor) -> None:
+        """ImageTooLarge for an image whose resize would be too long (`transforms.resize_target`)."""
+        resize_target(*image.shape[-2:], self.preprocess.resize_size, self.preprocess.resize_mode)
+
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
         size, crop = self.preprocess.resize_size, self.preprocess.image_size
         out = []
@@ -143,7 +149,7 @@ def on_device(batches, transform, device: torch.device):
     files the decoders refuse are skipped with a warning naming them, and counted."""
     exif = transform.preprocess.exif == "apply"
     for encoded, labels, skipped, paths in batches:
-        images, failed = decode_batch(encoded, device, exif, paths)
+        images, failed = decode_batch(encoded, device, exif, paths, getattr(transform, "check", None))
         if failed:
             for i, reason in failed.items():
                 warnings.warn(f"skipping unreadable image {paths[i]}: {reason}", stacklevel=1)

@@ -34,7 +34,7 @@ from torchvision.transforms import v2 as T
 
 from mobilenetv2.config import Preprocess
 from mobilenetv2.data.batched import normalize_bytes
-from mobilenetv2.data.folders import open_image, source_name, to_rgb
+from mobilenetv2.data.folders import ImageTooLarge, open_image, source_name, to_rgb
 from mobilenetv2.data.orientation import pending_orientation, stored_box, upright_image, upright_size, upright_tensor
 
 PIL_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
@@ -184,12 +184,23 @@ class FlipJitter:
         return normalize_bytes(out[None], self.preprocess)[0]
 
 
+# the longest side the eval resize may give, in multiples of its shorter side: a 360-degree panorama (8:1) passes; a
+# 100000 x 1 image, whose 1-pixel side the short-side resize would scale to 256 and its long side to 25.6 million
+# pixels (a 177-byte PNG asking for gigabytes), is refused before anything is allocated
+MAX_RESIZED_ASPECT = 16
+
+
 def resize_target(height: int, width: int, size: int, mode: str) -> tuple[int, int]:
-    """(height, width) after the eval resize: the shorter side to `size` ("short"), or a square ("squash")."""
+    """(height, width) after the eval resize: the shorter side to `size` ("short"), or a square ("squash").
+    Raises ImageTooLarge where the resized image would be more than MAX_RESIZED_ASPECT times longer than wide."""
     if mode == "squash":
         return size, size
     short = min(height, width)
-    return max(1, round(height * size / short)), max(1, round(width * size / short))
+    target = max(1, round(height * size / short)), max(1, round(width * size / short))
+    if max(target) > MAX_RESIZED_ASPECT * size:
+        raise ImageTooLarge(f"{width}x{height} pixels: resized to {size} px on its shorter side it would be "
+                            f"{target[1]}x{target[0]}, longer than {MAX_RESIZED_ASPECT}:1")
+    return target
 
 
 class SeedResize:

@@ -37,6 +37,14 @@ def read_image(path: str | os.PathLike, exif: bool = True):
         raise DataError(f"{path}: not a readable image ({exc.__class__.__name__}: {str(exc)[:120]})") from None
 
 
+def _prepared(transform, image, path) -> torch.Tensor:
+    """`image` through the eval transform; one it refuses (a resize too long) is a DataError naming `path`."""
+    try:
+        return transform(image)
+    except DECODE_ERRORS as exc:
+        raise DataError(f"{path}: {exc}") from None
+
+
 @torch.no_grad()
 def predict(classifier: Classifier | MobileNetV2, images: list[str | os.PathLike], topk: int = 5,
             skip_unreadable: bool = False) -> list[dict]:
@@ -48,7 +56,7 @@ def predict(classifier: Classifier | MobileNetV2, images: list[str | os.PathLike
     inputs, results = [], []
     for path in images:
         try:
-            inputs.append(transform(read_image(path, classifier.preprocess.exif == "apply")))
+            inputs.append(_prepared(transform, read_image(path, classifier.preprocess.exif == "apply"), path))
             results.append({"image": str(path)})
         except DataError as exc:
             if not skip_unreadable:

@@ -11,7 +11,6 @@ import asyncio
 import io
 import json
 import time
-import zlib
 from dataclasses import dataclass
 from importlib import resources
 
@@ -27,8 +26,8 @@ from mobilenetv2.data.folders import DECODE_ERRORS, decode_rgb
 from mobilenetv2.data.transforms import eval_transform
 from mobilenetv2.deploy.predict import Classifier
 from mobilenetv2.serving.batcher import DynamicBatcher, QueueFull, Stopped
-from mobilenetv2.serving.protocol import (EXTENSIONS, ModelInfo, ProtocolError, RequestError, decode_request,
-                                          encode_outputs, split_body)
+from mobilenetv2.serving.protocol import (EXTENSIONS, ModelInfo, ProtocolError, RequestError, byte_count,
+                                          decode_request, encode_outputs, inflated, split_body)
 from mobilenetv2.serving.statistics import Statistics, Timing
 
 DRAIN_FACTOR = 2  # an over-long body is read and dropped up to this many times --max-body-mb before the 413
@@ -127,6 +126,9 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
                 raise RequestError(exc.status, str(exc)) from None
             timing.input_ns = time.perf_counter_ns() - started
             logits = await run(decoded.images, timing)
+            if not np.isfinite(logits).all():  # finite inputs can still overflow inside the network
+                raise RequestError(400, "the network's output is not finite for these inputs (values too large for "
+                                        "float32 arithmetic); the answer would be NaN")
             started = time.perf_counter_ns()
             outputs, buffers = encode_outputs(logits, decoded.outputs, info.class_names)
             answer = {"model_name": info.name, "model_version": info.version, "outputs": outputs}
@@ -186,7 +188,7 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
         to DRAIN_FACTOR times the limit: a client still sending when the server closed would see its connection
         reset instead of the answer. Past that, the answer goes out at once and the connection closes unread."""
         declared = request.headers.get("content-length")
-        declared = int(declared) if declared is not None and declared.isdigit() else None
+        declared = byte_count(declared)
         declared_over = declared is not None and declared > limit
         too_long = RequestError(413, f"body{f' of {declared} bytes' if declared_over else ''} is over --max-body-mb "
                                      f"{options.max_body_mb:g}")
@@ -201,7 +203,7 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
                 chunks.append(chunk)
         if declared_over or total > limit:
             raise too_long
-        return _decoded(b"".join(chunks), request.headers.get("content-encoding", "identity"), limit,
+        return inflated(b"".join(chunks), request.headers.get("content-encoding", "identity"), limit,
                         options.max_body_mb)
 
     def model_named(model_name: str, version: str | None = None) -> None:
@@ -267,7 +269,7 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
         try:
             raw, header_length = await body(request), request.headers.get("inference-header-content-length")
             # a large JSON header (a tensor as text) is parsed off the event loop, which keeps answering meanwhile
-            json_size = int(header_length) if header_length and header_length.strip().isdigit() else len(raw)
+            json_size = byte_count(header_length) or len(raw)
             if min(json_size, len(raw)) > JSON_OFF_LOOP:
                 header, binary = await asyncio.to_thread(split_body, raw, header_length)
             else:
@@ -302,31 +304,11 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
     return app
 
 
-def _decoded(raw: bytes, encoding: str, limit: int, limit_mb: float) -> bytes:
-    """A body sent gzip- or deflate-encoded (tritonclient's request compression), inflated to at most `limit`
-    bytes: a small body must not unpack into gigabytes."""
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return raw
-    if encoding not in ("gzip", "deflate"):
-        raise RequestError(415, f"Content-Encoding {encoding[:40]!r} is not supported (gzip, deflate or none)")
-    inflater = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
-    try:
-        data = inflater.decompress(raw, limit + 1)
-    except zlib.error as exc:
-        raise RequestError(400, f"body is not valid {encoding}: {exc}") from None
-    if len(data) > limit or inflater.unconsumed_tail:
-        raise RequestError(413, f"the decompressed body is over --max-body-mb {limit_mb:g}")
-    if not inflater.eof:
-        raise RequestError(400, f"body is not valid {encoding}: it ends early")
-    return data
-
-
 def _image_bytes(raw: bytes, content_type: str) -> bytes:
     """The image of a /v1/classify body: the body itself, or the first file part of a multipart form."""
     if not raw:
         raise RequestError(400, "empty body: send an image (raw bytes, or a multipart form with a file)")
-    if not content_type.startswith("multipart/form-data"):
+    if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":  # media types ignore case (RFC 9110)
         return raw
     from email.parser import BytesParser
     from email.policy import HTTP

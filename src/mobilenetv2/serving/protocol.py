@@ -7,6 +7,7 @@ answers with; nothing here touches the model."""
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,14 +81,21 @@ class InferRequest:
     outputs: list[Requested] = field(default_factory=lambda: [Requested()])
 
 
+def byte_count(text: str | None) -> int | None:
+    """A header's decimal byte count, or None: ASCII digits only (str.isdigit() also takes '²', which int() does
+    not), at most 18 of them."""
+    text = (text or "").strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
 def split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
     """The JSON header of a REST request and the binary tensors after it (`Inference-Header-Content-Length`)."""
     if header_length is None:
         length = len(body)
-    elif not header_length.strip().isdigit():
+    elif byte_count(header_length) is None:
         raise ProtocolError(400, f"Inference-Header-Content-Length must be a byte count, got {header_length[:40]!r}")
     else:
-        length = int(header_length)
+        length = byte_count(header_length)
         if length > len(body):
             raise ProtocolError(400, f"Inference-Header-Content-Length {length} is past the body's {len(body)} bytes")
         if length > MAX_JSON_HEADER:
@@ -96,6 +104,8 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview
         request = json.loads(bytes(body[:length]))
     except ValueError as exc:
         raise ProtocolError(400, f"malformed JSON: {str(exc)[:200]}") from None
+    except RecursionError:  # arrays nested thousands deep
+        raise ProtocolError(400, "malformed JSON: nested too deep") from None
     if not isinstance(request, dict):
         raise ProtocolError(400, "the request must be a JSON object")
     return request, memoryview(body)[length:]
@@ -145,6 +155,8 @@ def decode_request(request: dict, binary: memoryview | list[bytes], info: ModelI
         if len(binary):
             raise ProtocolError(400, f"{len(binary)} bytes after the JSON header, but no input has binary_data_size")
         raw = None
+    if raw is not None and tensor.get("data") is not None:  # as Triton: one tensor, one source
+        raise ProtocolError(400, "input has both binary contents and 'data': send one")
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
             raise ProtocolError(400, f"input has {len(raw)} bytes; {datatype} of shape {shape} needs "
@@ -153,8 +165,8 @@ def decode_request(request: dict, binary: memoryview | list[bytes], info: ModelI
     else:
         try:
             data = np.asarray(tensor.get("data"), dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ProtocolError(400, "input data must be numbers") from None
+        except (TypeError, ValueError, OverflowError, RecursionError):  # OverflowError: an integer of 400 digits
+            raise ProtocolError(400, "input data must be numbers within float range") from None
         if data.size != count:
             raise ProtocolError(400, f"input data has {data.size} values, shape {shape} needs {count}")
     images = data.astype(np.float32).reshape(shape)
@@ -226,3 +238,33 @@ def encode_outputs(logits: np.ndarray, wanted: list[Requested], names: list) -> 
             entry["data"] = data
         outputs.append(entry)
     return outputs, buffers
+
+
+def inflated(raw: bytes, encoding: str, limit: int, limit_mb: float) -> bytes:
+    """A body sent gzip- or deflate-encoded (tritonclient's request compression), inflated to at most `limit`
+    bytes: a small body must not unpack into gigabytes. Every gzip member is read, as gzip itself reads them (a
+    body compressed in pieces is their concatenation); bytes after the last member, or after a deflate stream, are
+    refused."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding not in ("gzip", "deflate"):
+        raise RequestError(415, f"Content-Encoding {encoding[:40]!r} is not supported (gzip, deflate or none)")
+    pieces, rest, size = [], raw, 0
+    while True:
+        inflater = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
+        try:
+            data = inflater.decompress(rest, limit - size + 1)
+        except zlib.error as exc:
+            raise RequestError(400, f"body is not valid {encoding}: {exc}") from None
+        size += len(data)
+        if size > limit or inflater.unconsumed_tail:
+            raise RequestError(413, f"the decompressed body is over --max-body-mb {limit_mb:g}")
+        if not inflater.eof:
+            raise RequestError(400, f"body is not valid {encoding}: it ends early")
+        pieces.append(data)
+        rest = inflater.unused_data
+        if not rest:
+            return b"".join(pieces)
+        if encoding == "deflate" or rest[:2] != b"\x1f\x8b":  # gzip's magic starts each member
+            raise RequestError(400, f"body is not valid {encoding}: {len(rest)} bytes after the end of its stream")
