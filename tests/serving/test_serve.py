@@ -138,6 +138,45 @@ def test_a_thin_image_is_refused_with_415_and_costs_the_server_no_memory(server)
     assert _peak_rss_mb(server.process.pid) - idle < 100
 
 
+def test_a_form_of_a_hundred_thousand_parts_is_refused_without_stalling_the_server(server, five_data):
+    """A form of about 1 MB (under --max-body-mb 1) made of ~100,000 empty parts, and one of 1,000 files: refused
+    with a 400 after the few parts a classify form may hold, parsed off the event loop, health answering meanwhile
+    within 100 ms; a form with the image and a few fields still classifies."""
+    import threading
+
+    boundary = "b"
+    empty = f"--{boundary}\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n\r\n".encode()
+    bare = f"--{boundary}\r\n\r\n\r\n".encode()  # a part of nine bytes
+    many = bare * ((1 << 20) // len(bare) - 1) + f"--{boundary}--\r\n".encode()
+    image = _val_images(five_data, 1)[0].read_bytes()
+    file_part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a.png\"\r\n"
+                 f"Content-Type: image/png\r\n\r\n").encode() + image + b"\r\n"
+    files = file_part * 1000 + f"--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    assert len(many) < (1 << 20) and many.count(bare) > 100_000
+    for form in (many, files[: (1 << 20) - 100] + f"\r\n--{boundary}--\r\n".encode()):
+        waits, done = [], threading.Event()
+
+        def probe():
+            while not done.is_set():
+                started = time.perf_counter()
+                assert server.get("/v2/health/ready")[0] == 200
+                waits.append(time.perf_counter() - started)
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        try:
+            status, body, _ = server.request("/v1/classify", form, headers, method="POST")
+        finally:
+            done.set()
+            prober.join()
+        assert status == 400 and "multipart" in json.loads(body)["error"], (status, body[:200])
+        assert waits and max(waits) < 0.1, max(waits)
+    small = empty * 3 + file_part + f"--{boundary}--\r\n".encode()
+    assert server.request("/v1/classify", small, headers, method="POST")[0] == 200
+    assert server.request("/v1/classify", b"x" * (3 << 20), headers, method="POST")[0] == 413  # a 3 MB field
+
+
 def test_a_body_over_the_limit_gets_its_413_even_when_the_client_sends_it_slowly(server):
     """The server reads and drops an over-long body (up to twice the limit) before it answers 413: a client still
     sending when it closed would get a reset connection instead of the answer (seen with urllib under load, which

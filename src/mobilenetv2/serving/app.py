@@ -289,7 +289,7 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
         if not 1 <= topk <= MAX_TOPK:
             raise RequestError(400, f"topk must be 1 to {MAX_TOPK}")
         started = time.perf_counter()
-        data = _image_bytes(await body(request), request.headers.get("content-type", ""))
+        data = await _image_bytes(await body(request), request.headers.get("content-type", ""))
         logits = await run(await asyncio.to_thread(prepared, data))  # decoding off the event loop
         probabilities = torch.softmax(torch.from_numpy(logits[0]).double(), dim=0)
         top = torch.topk(probabilities, min(topk, len(names)))
@@ -304,17 +304,37 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
     return app
 
 
-def _image_bytes(raw: bytes, content_type: str) -> bytes:
-    """The image of a /v1/classify body: the body itself, or the first file part of a multipart form."""
+FORM_FILES, FORM_FIELDS = 1, 16  # what a /v1/classify form may hold: one image and a few fields
+
+
+async def _image_bytes(raw: bytes, content_type: str) -> bytes:
+    """The image of a /v1/classify body: the body itself, or the file of a multipart form, parsed by Starlette's
+    form parser (python-multipart) in a worker thread, within FORM_FILES files and FORM_FIELDS fields: a form of a
+    hundred thousand empty parts is refused at its seventeenth, and the event loop answers meanwhile."""
     if not raw:
         raise RequestError(400, "empty body: send an image (raw bytes, or a multipart form with a file)")
     if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":  # media types ignore case (RFC 9110)
         return raw
-    from email.parser import BytesParser
-    from email.policy import HTTP
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
 
-    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
-    for part in message.iter_parts() if message.is_multipart() else ():
-        if part.get_filename() is not None or part.get_content_maintype() == "image":
-            return part.get_payload(decode=True) or b""
-    raise RequestError(400, "multipart form without a file part")
+    async def chunks():
+        yield raw
+
+    async def image() -> bytes:
+        parser = MultiPartParser(Headers({"content-type": content_type}), chunks(), max_files=FORM_FILES,
+                                 max_fields=FORM_FIELDS, max_part_size=len(raw))
+        form = await parser.parse()
+        try:
+            upload = next((value for _key, value in form.multi_items() if isinstance(value, UploadFile)), None)
+            return await upload.read() if upload is not None else b""
+        finally:
+            await form.close()
+
+    try:
+        data = await asyncio.to_thread(asyncio.run, image())
+    except MultiPartException as exc:
+        raise RequestError(400, f"malformed or oversized multipart form: {exc}") from None
+    if not data:
+        raise RequestError(400, "multipart form without a file part")
+    return data
