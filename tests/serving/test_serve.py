@@ -177,6 +177,72 @@ def test_a_form_of_a_hundred_thousand_parts_is_refused_without_stalling_the_serv
     assert server.request("/v1/classify", b"x" * (3 << 20), headers, method="POST")[0] == 413  # a 3 MB field
 
 
+def test_idle_and_slow_clients_are_closed_and_never_lock_out_health_checks(model_file, five_data):
+    """25 sockets that send nothing, against --max-connections 20: closed at --header-timeout-s, after which health
+    and a real request are answered (before, every request got 503 for as long as they stayed open); a head sent a
+    byte at a time is closed the same way; a body sent ten bytes at a time is a 408 at --body-timeout-s."""
+    served = Server(model_file, "--max-connections", "20", "--header-timeout-s", "1", "--idle-timeout-s", "1",
+                    "--body-timeout-s", "1")
+    idle = []
+    try:
+        for _ in range(25):
+            idle.append(socket.create_connection(("127.0.0.1", served.port)))
+        time.sleep(0.3)
+        deadline, status = time.time() + 5, None
+        while time.time() < deadline and status != 200:
+            try:
+                status = served.get("/v2/health/ready")[0]
+            except OSError:
+                status = None
+            time.sleep(0.1)
+        assert status == 200 and time.time() < deadline
+        closed = sum(1 for sock in idle if _closed_by_server(sock))
+        assert closed == 25
+        image = _val_images(five_data, 1)[0].read_bytes()
+        assert served.request("/v1/classify", image, {"Content-Type": "image/png"})[0] == 200
+        slow = socket.create_connection(("127.0.0.1", served.port))  # a head a byte at a time
+        started = time.time()
+        for byte in b"POST /v1/classify HTTP/1.1\r\nHost: x\r\n":
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.1)
+        assert _closed_by_server(slow) and time.time() - started < 4
+        trickle = socket.create_connection(("127.0.0.1", served.port))  # a body ten bytes at a time
+        trickle.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                        f"Content-Length: {len(image)}\r\n\r\n".encode())
+        answer, started = b"", time.time()
+        trickle.settimeout(0.1)
+        for start in range(0, len(image), 10):
+            try:
+                trickle.sendall(image[start:start + 10])
+                answer += trickle.recv(4096)
+            except (socket.timeout, BlockingIOError):
+                pass
+            except OSError:
+                break
+            if answer or time.time() - started > 5:
+                break
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert served.get("/v2/health/ready")[0] == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        served.stop()
+
+
+def _closed_by_server(sock, wait: float = 3.0) -> bool:
+    """Whether the server closed `sock` (an end of file, or a reset) within `wait` seconds."""
+    sock.settimeout(wait)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except (socket.timeout, OSError):
+        return False
+
+
 def test_a_body_over_the_limit_gets_its_413_even_when_the_client_sends_it_slowly(server):
     """The server reads and drops an over-long body (up to twice the limit) before it answers 413: a client still
     sending when it closed would get a reset connection instead of the answer (seen with urllib under load, which

@@ -19,6 +19,7 @@ def _cmd_serve(args) -> int:
         import uvicorn
 
         from mobilenetv2.serving.app import ServeOptions, create_app
+        from mobilenetv2.serving.connections import deadline_protocol
     except ImportError:
         raise UserError("serve needs its extra: pip install 'mobilenetv2[serve]'") from None
     from mobilenetv2.deploy import predict
@@ -28,6 +29,8 @@ def _cmd_serve(args) -> int:
     checks = [(args.max_batch >= 1, "`max_batch` must be >= 1"), (args.max_delay_ms >= 0, "`max_delay_ms` must be >= 0"),
               (args.max_queue >= args.max_batch, "`max_queue` must be >= `max_batch`"),
               (args.max_body_mb > 0, "`max_body_mb` must be > 0"), (args.timeout_s > 0, "`timeout_s` must be > 0"),
+              (min(args.header_timeout_s, args.idle_timeout_s, args.body_timeout_s) > 0,
+               "`header_timeout_s`, `idle_timeout_s` and `body_timeout_s` must be > 0"),
               (0 <= args.port < 65536, "`port` must be 0 to 65535"), (args.threads >= 0, "`threads` must be >= 0"),
               (args.grpc_port is None or 0 < args.grpc_port < 65536, "`grpc_port` must be 1 to 65535"),
               (args.grpc_port != args.port, "`grpc_port` must differ from `port`")]
@@ -50,7 +53,8 @@ def _cmd_serve(args) -> int:
     platform = PLATFORMS[classifier.runtime]
     options = ServeOptions(name=args.name, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
                            max_queue=args.max_queue, timeout_s=args.timeout_s, max_body_mb=args.max_body_mb,
-                           grpc_port=args.grpc_port, grpc_host=args.host, max_connections=args.max_connections)
+                           grpc_port=args.grpc_port, grpc_host=args.host, max_connections=args.max_connections,
+                           body_timeout_s=args.body_timeout_s)
     app = create_app(classifier, options, platform)
     grpc = f" and grpc://{args.host}:{args.grpc_port}" if args.grpc_port is not None else ""
     print(f"serving {args.checkpoint} as {args.name!r} ({classifier.runtime}, {classifier.precision} compute) on "
@@ -60,7 +64,8 @@ def _cmd_serve(args) -> int:
     previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=8,
-                    limit_concurrency=args.max_connections)
+                    limit_concurrency=args.max_connections, http=deadline_protocol(args.header_timeout_s),
+                    timeout_keep_alive=args.idle_timeout_s)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
@@ -100,5 +105,12 @@ def add_serve_command(commands) -> None:
     batching.add_argument("--timeout-s", type=float, default=30.0, help="per request, queue and model together")
     batching.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
     network.add_argument("--max-connections", type=int, default=1024, help="open connections before 503")
+    network.add_argument("--header-timeout-s", type=float, default=10.0, help="a connection's request head must be "
+                         "complete within this of opening or of its last answer, else it is closed (idle and "
+                         "slow clients never hold the connection limit)")
+    network.add_argument("--idle-timeout-s", type=float, default=5.0, help="a kept-alive connection idle this long "
+                         "after an answer is closed")
+    network.add_argument("--body-timeout-s", type=float, default=30.0, help="a request's body must arrive within "
+                         "this (408 otherwise)")
     served.add_argument("--threads", type=int, default=0, help="inference threads (0: torch's default)")
     serve.set_defaults(handler=_cmd_serve)

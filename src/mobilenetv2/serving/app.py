@@ -46,6 +46,7 @@ class ServeOptions:
     grpc_port: int | None = None  # the gRPC service, off unless given
     grpc_host: str = "127.0.0.1"
     max_connections: int = 1024  # concurrent gRPC calls beyond it are refused (RESOURCE_EXHAUSTED)
+    body_timeout_s: float = 30.0  # a request's body must arrive within it (408 otherwise)
 
 
 def _metrics():
@@ -187,20 +188,29 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
         """The request's body, at most --max-body-mb. A longer one is answered 413 after reading (and dropping) up
         to DRAIN_FACTOR times the limit: a client still sending when the server closed would see its connection
         reset instead of the answer. Past that, the answer goes out at once and the connection closes unread."""
-        declared = request.headers.get("content-length")
-        declared = byte_count(declared)
+        declared = byte_count(request.headers.get("content-length"))
         declared_over = declared is not None and declared > limit
         too_long = RequestError(413, f"body{f' of {declared} bytes' if declared_over else ''} is over --max-body-mb "
                                      f"{options.max_body_mb:g}")
         if declared_over and declared > DRAIN_FACTOR * limit:
             raise too_long
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > DRAIN_FACTOR * limit:
-                break
-            if total <= limit:
-                chunks.append(chunk)
+        chunks = []
+
+        async def read() -> int:
+            total = 0
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > DRAIN_FACTOR * limit:
+                    break
+                if total <= limit:
+                    chunks.append(chunk)
+            return total
+
+        try:  # a body sent ten bytes at a time must not hold a connection for as long as the client likes
+            total = await asyncio.wait_for(read(), options.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"the body did not arrive within --body-timeout-s {options.body_timeout_s:g}",
+                               {"Connection": "close"}) from None
         if declared_over or total > limit:
             raise too_long
         return inflated(b"".join(chunks), request.headers.get("content-encoding", "identity"), limit,
