@@ -328,3 +328,40 @@ def test_crafted_requests_get_a_400_with_a_json_error_are_counted_as_failures_an
     assert _stats(rest)["inference_stats"]["fail"]["count"] - before == len(cases)
     log = Path(served.stderr).read_text()
     assert "Traceback" not in log and " 500" not in log, log[-2000:]
+
+
+def test_grpc_refuses_what_rest_refuses(clients, expected):
+    """A classification parameter sent as a string or a bool, an output's shared_memory_region, and an input with
+    raw contents and typed contents both: INVALID_ARGUMENT, as REST's 400 (they were silently resolved)."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    _rest, remote = clients
+    images = np.asarray(expected[0][:1], dtype=np.float32)
+
+    def request(output_parameter=None, typed=False):
+        message = service_pb2.ModelInferRequest(model_name=NAME)
+        tensor = message.inputs.add(name="input", datatype="FP32", shape=list(images.shape))
+        message.raw_input_contents.append(images.tobytes())
+        if typed:
+            tensor.contents.fp32_contents.extend(images.reshape(-1).tolist())
+        output = message.outputs.add(name="logits")
+        if output_parameter is not None:
+            output_parameter(output.parameters)
+        return message
+
+    cases = {
+        "classification as a string": (request(lambda p: setattr(p["classification"], "string_param", "3")),
+                                       "classification"),
+        "classification as a bool": (request(lambda p: setattr(p["classification"], "bool_param", True)),
+                                     "classification"),
+        "shared memory": (request(lambda p: setattr(p["shared_memory_region"], "string_param", "r")), "shared memory"),
+        "raw and typed contents": (request(typed=True), "both"),
+    }
+    for what, (message, said) in cases.items():
+        with pytest.raises(grpc.RpcError) as refused:
+            remote._client_stub.ModelInfer(message)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and said in refused.value.details(), what
+    answer = remote._client_stub.ModelInfer(request(lambda p: setattr(p["classification"], "int64_param", 2)))
+    assert len(answer.raw_output_contents) == 1  # the well-formed request still answers
+    assert remote.is_server_ready()

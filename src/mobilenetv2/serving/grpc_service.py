@@ -28,19 +28,26 @@ def require_grpc():
     return grpc, service_pb2, service_pb2_grpc, model_config_pb2
 
 
+def _parameters(parameters) -> dict:
+    """gRPC's InferParameter map as plain values, each of the type it was sent as (a classification sent as a string
+    or a bool stays one, and is refused as REST refuses it)."""
+    return {key: getattr(value, value.WhichOneof("parameter_choice") or "int64_param")
+            for key, value in parameters.items()}
+
+
 def as_dict(request) -> tuple[dict, list[bytes]]:
-    """A ModelInferRequest in the REST request's shape (every output as raw bytes: gRPC answers in
-    raw_output_contents), and its raw input contents."""
+    """A ModelInferRequest in the REST request's shape, parameters included (every output as raw bytes: gRPC answers
+    in raw_output_contents), and its raw input contents."""
     inputs = []
     for tensor in request.inputs:
-        entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape),
+                 "parameters": _parameters(tensor.parameters)}
         field = TYPED_CONTENTS.get(tensor.datatype)
         if field is not None and tensor.HasField("contents"):
             entry["data"] = list(getattr(tensor.contents, field))
         inputs.append(entry)
-    outputs = [{"name": output.name, "parameters": {
-        "binary_data": True, "classification": output.parameters["classification"].int64_param
-        if "classification" in output.parameters else 0}} for output in request.outputs]
+    outputs = [{"name": output.name, "parameters": {**_parameters(output.parameters), "binary_data": True}}
+               for output in request.outputs]
     converted = {"inputs": inputs, "parameters": {"binary_data_output": True}}
     if outputs:
         converted["outputs"] = outputs

@@ -140,6 +140,8 @@ def decode_request(request: dict, binary: memoryview | list[bytes], info: ModelI
         raise ProtocolError(400, f"{shape[0]} images in one request; this server batches at most {info.max_batch}")
     count, dtype = int(np.prod(shape)), INPUT_DATATYPES[datatype]
     declared = _parameters(tensor, "input").get("binary_data_size")
+    if _parameters(tensor, "input").get("shared_memory_region") is not None:
+        raise ProtocolError(400, "shared memory is not supported by this server")
     if isinstance(binary, list):  # gRPC: raw_input_contents, or the typed contents already in "data"
         raw = binary[0] if binary else None
         if raw is not None and len(binary) != 1:
