@@ -17,7 +17,7 @@ from typing import Any
 
 from mobilenetv2.errors import UserError
 from mobilenetv2.files import read_yaml, write_yaml  # noqa: F401  (part of this module's interface)
-from mobilenetv2.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: F401  (likewise)
+from mobilenetv2.preprocess import EXIF_MODES, IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: F401  (likewise)
 
 # the parameter sets weight decay can apply to (TrainConfig.weight_decay_on); training/recipe.py decides membership
 WEIGHT_DECAY_SETS = ("seed", "weights", "all")
@@ -197,7 +197,7 @@ class TrainConfig:
             (self.train_crop_size == 0 or self.train_crop_size >= 16, "`train_crop_size` must be >= 16 (or 0)"),
             (self.interpolation in ("bilinear", "bicubic"),
              f"`interpolation` must be bilinear or bicubic, got {self.interpolation!r}"),
-            (self.exif in ("apply", "ignore"), f"`exif` must be apply or ignore, got {self.exif!r}"),
+            (self.exif in EXIF_MODES, f"`exif` must be apply or ignore, got {self.exif!r}"),
             (self.auto_augment == "none" or self.auto_augment in TORCHVISION_POLICIES
              or bool(RAND_AUGMENT.match(self.auto_augment)),
              f"`auto_augment` must be none, ta_wide, augmix, imagenet or a RandAugment string such as "
@@ -281,7 +281,7 @@ class TrainConfig:
     @property
     def preprocess(self) -> Preprocess:
         resize = self.resize_size or Preprocess.for_image_size(self.image_size).resize_size
-        return Preprocess(image_size=self.image_size, resize_size=resize, interpolation=self.interpolation, exif=self.exif)
+        return Preprocess(self.image_size, resize, interpolation=self.interpolation, exif=self.exif)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,6 +11,7 @@ from mobilenetv2.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+EXIF_MODES = ("apply", "ignore")  # photos turned upright by their EXIF orientation, or pixels as stored
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,15 @@ class Preprocess:
             raise UserError(f"image size {self.image_size} / resize size {self.resize_size} are not usable")
         if self.resize_mode not in ("short", "squash"):
             raise UserError(f"resize mode must be 'short' or 'squash', got {self.resize_mode!r}")
-        if self.exif not in ("apply", "ignore"):
+        if self.exif not in EXIF_MODES:
             raise UserError(f"exif must be 'apply' or 'ignore', got {self.exif!r}")
         if self.interpolation not in ("bilinear", "bicubic", "nearest"):
             raise UserError(f"interpolation must be bilinear, bicubic or nearest, got {self.interpolation!r}")
+
+    @property
+    def upright(self) -> bool:
+        """Whether decoding turns a photo upright by its EXIF orientation (`exif` "apply")."""
+        return self.exif == "apply"
 
     @classmethod
     def for_image_size(cls, image_size: int, **kwargs) -> Preprocess:

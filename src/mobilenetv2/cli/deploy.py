@@ -7,6 +7,7 @@ import sys
 from mobilenetv2.deploy.formats import FORMATS as EXPORT_FORMATS
 from mobilenetv2.deploy.formats import default_output, require_format
 from mobilenetv2.errors import UserError
+from mobilenetv2.preprocess import EXIF_MODES
 
 EXIF_HELP = ("apply: photos turned upright by their EXIF orientation, as viewers show them; ignore: pixels as stored "
              "(the seed's); default: the checkpoint's (apply for checkpoints that do not say)")
@@ -205,7 +206,7 @@ def add_deploy_commands(commands) -> None:
     evaluating.add_argument("--resize", choices=["short", "squash"], help="short: shorter side then centre crop "
                             "(torchvision/timm); squash: square resize as the seed (default: the checkpoint's)")
     evaluating.add_argument("--runtime", default="auto", help=RUNTIME_HELP)
-    evaluating.add_argument("--exif", choices=["apply", "ignore"], help=EXIF_HELP)
+    evaluating.add_argument("--exif", choices=EXIF_MODES, help=EXIF_HELP)
     evaluating.add_argument("--precision", default="auto", help=PRECISION_HELP)
     evaluating.add_argument("--data-backend", default="pil", help="pil: decode in the loader's workers; device: "
                             "workers read bytes, the device decodes each batch (nvJPEG on a GPU), as in training")
@@ -220,7 +221,7 @@ def add_deploy_commands(commands) -> None:
     predict.add_argument("--topk", type=int, default=5)
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
     predict.add_argument("--runtime", default="auto", help=RUNTIME_HELP)
-    predict.add_argument("--exif", choices=["apply", "ignore"], help=EXIF_HELP)
+    predict.add_argument("--exif", choices=EXIF_MODES, help=EXIF_HELP)
     predict.add_argument("--precision", default="auto", help=PRECISION_HELP)
     predict.set_defaults(handler=_cmd_predict)
 

@@ -3,8 +3,8 @@ TrainConfig field is in exactly one group (a test checks, so a new option cannot
 
 TRAIN_GROUPS = (
     ("data", "where the images come from and how they are read",
-     ("data", "image_size", "resize_size", "interpolation", "exif", "workers", "data_backend", "in_memory", "shard_info",
-      "shuffle_buffer", "skip_bad_shards")),
+     ("data", "image_size", "resize_size", "interpolation", "exif", "workers", "data_backend", "in_memory",
+      "shard_info", "shuffle_buffer", "skip_bad_shards")),
     ("model", "the network, the weights it starts from, what is trained",
      ("width_mult", "num_classes", "dropout", "drop_path", "pretrained", "filter_head", "freeze", "extend_classes")),
     ("schedule", "how long, and the learning rate over the run",

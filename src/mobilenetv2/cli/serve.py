@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mobilenetv2.cli.deploy import EXIF_HELP, PRECISION_HELP
 from mobilenetv2.errors import UserError
+from mobilenetv2.preprocess import EXIF_MODES
 
 SERVE_RUNTIMES = ("onnx", "onnx-int8", "openvino", "torch")
 PLATFORMS = {"onnx": "onnxruntime_onnx", "openvino": "openvino", "torch": "pytorch_eager"}  # Triton's names
@@ -93,7 +94,7 @@ def add_serve_command(commands) -> None:
     served.add_argument("--runtime", default="onnx", help="onnx (ONNX Runtime; a .pt through its checked, cached "
                         "export) | onnx-int8 (an int8 .onnx from quantize) | openvino (a .pt, .onnx or .xml) | torch")
     served.add_argument("--precision", default="auto", help=PRECISION_HELP)
-    served.add_argument("--exif", choices=["apply", "ignore"], help=EXIF_HELP)
+    served.add_argument("--exif", choices=EXIF_MODES, help=EXIF_HELP)
     served.add_argument("--name", default="mobilenetv2", help="the model's name in /v2/models/NAME")
     network.add_argument("--host", default="127.0.0.1")
     network.add_argument("--port", type=int, default=8000)

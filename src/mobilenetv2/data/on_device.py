@@ -147,7 +147,7 @@ class DeviceEvalTransform:
 def on_device(batches, transform, device: torch.device):
     """(encoded list, labels, skipped, paths) batches -> (images on `device`, labels, skipped) through `transform`;
     files the decoders refuse are skipped with a warning naming them, and counted."""
-    exif = transform.preprocess.exif == "apply"
+    exif = transform.preprocess.upright
     for encoded, labels, skipped, paths in batches:
         images, failed = decode_batch(encoded, device, exif, paths, getattr(transform, "check", None))
         if failed:

@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 ORIENTATION_TAG = 0x0112
-EXIF_MODES = ("apply", "ignore")
 
 # the PIL operation that turns a stored image with this orientation upright (PIL's own ImageOps.exif_transpose table)
 TRANSPOSE = {

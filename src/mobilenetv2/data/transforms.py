@@ -245,12 +245,12 @@ def train_transform(preprocess: Preprocess, min_scale: float = 0.08, color_jitte
     size), horizontal flip, ColorJitter, then `policy` when given; normalised floats, or uint8 with
     `normalized=False` (then `batched.normalize_bytes` on the batch, on the device)."""
     crop = SeedRandomResizedCrop(crop_size or preprocess.image_size, (min_scale, 1.0), preprocess.interpolation,
-                                 preprocess.exif == "apply")
+                                 preprocess.upright)
     return ImagePipeline(crop, FlipJitter(color_jitter, preprocess if normalized else None, policy))
 
 
 def eval_transform(preprocess: Preprocess) -> ImagePipeline:
     """Resize (shorter side, or squash to a square as the seed does), centre crop, normalise."""
     resize = SeedResize(preprocess.resize_size, preprocess.resize_mode, preprocess.interpolation,
-                        preprocess.exif == "apply")
+                        preprocess.upright)
     return ImagePipeline(resize, T.Compose([T.CenterCrop(preprocess.image_size)] + _normalize(preprocess)))

@@ -3,9 +3,9 @@
 Each runtime is built from the same checkpoint (fp32 eager PyTorch in channels-last, fp32 ONNX Runtime, int8 ONNX
 Runtime, OpenVINO on the same fp32 and int8 ONNX files (and in bf16 on CPUs with bf16 units), ExecuTorch with
 XNNPACK, LiteRT fp32 and int8) and measured in interleaved rounds, every runtime with the same thread count. Beside
-its speed, each row's top-1 agreement with eager PyTorch on sixteen views of real photos says what it costs. The int8 file is the one given, or one quantized here with real photos as
-calibration (speed does not depend on calibration; for accuracy use `mobilenetv2 quantize`, which measures it). The
-`.pte` is the one given (checked to be this checkpoint's network), or exported here (a minute or two on a small CPU).
+its speed, each row's top-1 agreement with eager PyTorch on sixteen views of real photos says what it costs. The
+int8 file is the one given, or one quantized here with real photos as calibration (speed does not depend on
+calibration; for accuracy use `mobilenetv2 quantize`, which measures it). The `.pte` is the one given (checked to be this checkpoint's network), or exported here (a minute or two on a small CPU).
 """
 
 from __future__ import annotations

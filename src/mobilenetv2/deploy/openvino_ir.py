@@ -12,7 +12,7 @@ import torch
 
 from mobilenetv2.deploy.checks import BF16_TOLERANCE, FP16_TOLERANCE, bf16_compute_error, fp16_weights_error
 from mobilenetv2.engines.onnx_files import ExportCheckError, check_images, compare, float32_error
-from mobilenetv2.engines.onnx_files import installed, torch_onnx_export, write_onnx
+from mobilenetv2.engines.onnx_files import check_onnx, installed, torch_onnx_export
 from mobilenetv2.errors import UserError
 from mobilenetv2.metadata import FORMAT_NAME
 from mobilenetv2.model import MobileNetV2
@@ -30,14 +30,13 @@ def write_ir(model: MobileNetV2, folder: Path, precision: str = "fp32", record: 
     require_openvino()
     if precision not in PRECISIONS:
         raise UserError(f"openvino `precision` must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    import onnx
     import openvino
 
     folder.mkdir(parents=True, exist_ok=True)
     size = model.preprocess.image_size
     onnx_file = folder / "graph.onnx"
     torch_onnx_export(model.eval(), torch.zeros(1, 3, size, size), onnx_file, ["logits"], True, "auto")
-    write_onnx(onnx.load(str(onnx_file)), onnx_file)  # through onnx.checker, as every ONNX file we write
+    check_onnx(onnx_file)  # through onnx.checker, as every ONNX file we write
     network = openvino.convert_model(str(onnx_file))
     onnx_file.unlink()
     network.set_rt_info(json.dumps(model.metadata() if record is None else record), [FORMAT_NAME])

@@ -56,7 +56,7 @@ def predict(classifier: Classifier | MobileNetV2, images: list[str | os.PathLike
     inputs, results = [], []
     for path in images:
         try:
-            inputs.append(_prepared(transform, read_image(path, classifier.preprocess.exif == "apply"), path))
+            inputs.append(_prepared(transform, read_image(path, classifier.preprocess.upright), path))
             results.append({"image": str(path)})
         except DataError as exc:
             if not skip_unreadable:
@@ -116,8 +116,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, folder: str | os.PathLike
     torchrun, counts summed over ranks. `data_backend` pil decodes in the loader's workers; device decodes each batch
     on the runtime's device (nvJPEG on a GPU), as training's. `tta` averages the logits of views of each image
     (evaluation.with_tta; flip-crops cuts its crops from the whole resized square). `resize_mode` and `exif` replace
-    the checkpoint's own; `precision` bf16 runs OpenVINO's bf16 (engines.choose.load_classifier). Returns the result, the class
-    names its rows follow and the classifier (its `runtime` names the engine that ran)."""
+    the checkpoint's own; `precision` bf16 runs OpenVINO's bf16 (engines.choose.load_classifier). Returns the result,
+    the class names its rows follow and the classifier (its `runtime` names the engine that ran)."""
     from mobilenetv2.data import on_device
 
     if data_backend not in DATA_BACKENDS:

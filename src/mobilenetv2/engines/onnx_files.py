@@ -272,15 +272,20 @@ def torch_onnx_export(network: nn.Module, example: torch.Tensor, path: Path, out
                 raise
 
 
-def write_onnx(proto, path: Path) -> None:
-    """`proto` (an onnx.ModelProto) written to `path` once onnx.checker accepts it: a malformed graph is refused
-    here, with the checker's reason, not later by whichever engine first loads it."""
+def check_onnx(model) -> None:
+    """ExportCheckError, with onnx.checker's reason, unless it accepts `model` (an onnx.ModelProto or a file's path):
+    a malformed graph is refused here, not later by whichever engine first loads it."""
     import onnx
 
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(str(model) if isinstance(model, Path) else model)
     except onnx.checker.ValidationError as exc:
         raise ExportCheckError(f"onnx.checker refuses the ONNX graph: {first_line(exc)[:300]}") from None
+
+
+def write_onnx(proto, path: Path) -> None:
+    """`proto` (an onnx.ModelProto) written to `path` once onnx.checker accepts it (`check_onnx`)."""
+    check_onnx(proto)
     path.write_bytes(proto.SerializeToString())
 
 

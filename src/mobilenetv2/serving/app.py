@@ -78,12 +78,12 @@ def create_app(classifier: Classifier, options: ServeOptions, platform: str):
     info = ModelInfo(options.name, platform, preprocess.image_size, list(names), preprocess.to_dict(),
                      options.max_batch, options.max_delay_ms)
     statistics = Statistics(options.name, info.version)
-    transform, upright = eval_transform(preprocess), preprocess.exif == "apply"
+    transform = eval_transform(preprocess)
 
     def prepared(data: bytes) -> np.ndarray:
         """An image file's bytes as the model's (1, 3, size, size) input, decoded within MAX_PIXELS."""
         try:
-            return transform(decode_rgb(io.BytesIO(data), upright))[None].numpy()
+            return transform(decode_rgb(io.BytesIO(data), preprocess.upright))[None].numpy()
         except DECODE_ERRORS as exc:
             raise RequestError(415, f"not a readable image ({exc.__class__.__name__}: {str(exc)[:120]})") from None
 

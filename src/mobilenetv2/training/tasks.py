@@ -233,7 +233,7 @@ def memory_task(config: TrainConfig, model: MobileNetV2, splits: folders.Dataset
     """Train on a dataset decoded once into memory, augmenting whole batches (no per-image DataLoader work)."""
     preprocess, known = model.preprocess, _known_classes(model, splits)
     images, labels, skipped = batched.decode_all(folders.image_folder(splits.train, None, known,
-                                                                       exif=preprocess.exif == "apply"),
+                                                                       exif=preprocess.upright),
                                                  preprocess.resize_size, config.workers)
     sizes = resolution_for(config)
     train_augment = batched.BatchAugment(preprocess, config.min_scale, config.color_jitter, sizes(0),
